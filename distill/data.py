@@ -509,8 +509,11 @@ class Augmenter:
             raise ValueError(f"expected view parameters of shape ({images.shape[0]}, {PARAM_DIM}), got {tuple(params.shape)}")
         x = images.float().div_(255.0)
         p = params.to(device=x.device, dtype=torch.float32)
-        identity = bool((p == self.eval_params(1).to(p.device)).all()) and x.shape[-1] == self.out_size
-        if identity:
+        # Identity rows are copied, not resampled: grid_sample at pixel centres is exact only up to ~3e-6, and a
+        # row must render the same whether its batch is all-identity or mixed.
+        same_size = x.shape[-1] == self.out_size
+        rows_identity = (p == self.eval_params(1).to(p.device)).all(1) if same_size else None
+        if rows_identity is not None and bool(rows_identity.all()):
             return x
         top, left, h, w, flip = p.unbind(1)
         # Map output coords in [-1, 1] to source coords (align_corners=False: [-1, 1] spans pixel edges).
@@ -521,7 +524,10 @@ class Augmenter:
         theta[:, 1, 1] = h
         theta[:, 1, 2] = 2.0 * top + h - 1.0
         grid = F.affine_grid(theta, [x.shape[0], x.shape[1], self.out_size, self.out_size], align_corners=False)
-        return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        out = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        if rows_identity is not None and bool(rows_identity.any()):
+            out[rows_identity] = x[rows_identity]
+        return out
 
     def normalize(self, x: Tensor) -> Tensor:
         return (x - self.mean.to(x.device)) / self.std.to(x.device)

@@ -1,0 +1,726 @@
+"""The soft-label store: K replayable augmented views per training image, with the teacher's logits.
+
+Why: running the teacher on every student batch (DeiT's online distillation) costs a teacher forward
+pass per step; storing one fixed view per image instead makes the student overfit (Beyer et al. 2022,
+"Knowledge distillation: A good teacher is patient and consistent"). FKD (Shen & Xing 2022, "A Fast
+Knowledge Distillation Framework for Visual Recognition") stores, per image, many random views: the
+augmentation parameters with the teacher's output for exactly that view. The student re-renders a
+stored view from its parameters (bit-identical on the same device: :class:`distill.data.Augmenter`
+renders each pixel independently of the rest of the batch) and uses the stored logits, so no teacher
+runs in the student's loop and teacher and student stay consistent.
+
+On-disk layout (a folder, tracked by DVC as one output)::
+
+    soft_labels/
+      meta.json                           # format, provenance, shapes; written last, hashes every file
+      shard-00000.params.npy              # float32 (n_r, K, 5)  view parameters [top, left, h, w, flip]
+      shard-00000.logits.npy              # float16|float32 (n_r, K, C)          (topk=None)
+      shard-00000.topk_values.npy         # float16|float32 (n_r, K, k)          (topk=k)
+      shard-00000.topk_indices.npy        # int16 (C < 32768) else int32 (n_r, K, k)
+      shard-00000.rest_logsumexp.npy      # float32 (n_r, K): logsumexp of the C-k other logits
+      shard-00001.*                       # one shard per generating process, contiguous images
+
+Images are addressed by their position ``0..N-1`` in the training split (``batch["index"]`` of
+:class:`distill.data.ArrayDataset`). Shard ``r`` holds images ``[start_r, stop_r)``. Every ``.npy``
+is opened with ``np.load(mmap_mode="r")``: a lookup reads only the rows it needs, never the store.
+
+``meta.json`` ties the store to what produced it: teacher checkpoint sha256, dataset fingerprint,
+split, N, K, C, top-k, dtype, source image size and channels, the augmentation
+(:meth:`Augmenter.describe`: crop spec, output size, normalisation, resampling), the seed, and per
+shard file names, shapes, dtypes, byte sizes and sha256. :meth:`SoftLabelStore.open` refuses a store
+whose metadata differs from what the caller expects, or whose files are missing, truncated, corrupt
+or of the wrong shape; the error names the store, the field or file, and how to regenerate it.
+
+View parameters: the parameters of image ``i``, view ``k`` depend only on ``(seed, i, k)``. Images
+are grouped in fixed blocks of :data:`PARAM_BLOCK`; block ``b`` draws ``PARAM_BLOCK * K`` rows from
+a generator seeded by ``SeedSequence([seed, b])`` (always the full block, also for the last one), so
+the result does not depend on the batch size, the shard boundaries or the number of processes.
+
+Top-k: with ``topk=k`` a view stores its k largest logits ``v`` (and their class indices) plus
+``r = logsumexp`` of the other ``C - k`` logits (float32). The full logits are rebuilt by putting
+``v`` at its indices and ``r - log(C - k)`` in every other class. Then
+``sum_{j not in top-k} exp(z_j) = (C - k) exp(r - log(C - k)) = exp(r)`` exactly, so the softmax of
+the rebuilt logits reproduces the teacher's top-k probabilities exactly (up to the storage dtype of
+``v``) and spreads the remaining mass uniformly over the other classes; the argmax (what hard
+distillation uses) is kept. At a temperature ``tau != 1`` the rebuilt distribution is only an
+approximation (the true rest is not uniform): the usual top-k trade-off of FKD.
+
+Atomic writes (staging folder + rename swap): everything is written into a sibling staging folder
+``.<name>.tmp-<pid>`` (pid of the main process); ``meta.json`` is written into it last. The main
+process then swaps it in with two renames: ``<name> -> .<name>.old``, ``staging -> <name>``, and
+deletes ``.old``. A crash (exception or kill) before the swap leaves the previous store untouched
+(the staging folder is ignored, and removed by the next generation); a crash between the two renames
+leaves no ``<name>`` but a complete ``.<name>.old``, which :meth:`SoftLabelStore.open` (and the next
+generation) renames back. So a reader sees the previous complete store or a new complete one, never
+a mix. All processes must see the same file system (multi-node: a shared folder).
+
+Sharding: with an :class:`accelerate.Accelerator` of P processes, process ``r`` runs the teacher over
+the contiguous image range ``[r N / P, (r+1) N / P)`` and writes its shard files plus a small
+``shard-<r>.json`` record (hashes, shapes) into the common staging folder; after
+``wait_for_everyone()`` the main process gathers those records into ``meta.json`` and swaps the
+folder in. One process writes one shard. The store is read shard by shard.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from distill.checkpoint import atomic_write_text, file_sha256
+from distill.data import PARAM_DIM
+
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "PARAM_BLOCK",
+    "SoftLabelStoreError",
+    "StoreMeta",
+    "SoftLabelStore",
+    "StoredViews",
+    "generate_store",
+    "view_params",
+    "describe_store",
+]
+
+FORMAT = "distill-soft-labels"
+FORMAT_VERSION = 1  # bump when the layout or the meaning of a stored array changes
+PARAM_BLOCK = 256  # images per view-parameter generator (part of the format: changing it changes the views)
+_PARAM_STREAM = 0x50A7  # separates this stream of seeds from any other use of the same seed
+_REGENERATE = "regenerate it: `dvc repro soft_labels` (or `python -m flows stage soft_labels`)"
+
+
+class SoftLabelStoreError(ValueError):
+    """A soft-label store is missing, corrupt, or was made for another teacher, dataset or augmentation."""
+
+
+@dataclass(frozen=True)
+class StoreMeta:
+    """What a store holds and what produced it (the content of ``meta.json``)."""
+
+    num_images: int
+    views: int
+    num_classes: int
+    topk: Optional[int]
+    dtype: str
+    index_dtype: Optional[str]
+    image_size: int
+    channels: int
+    augment: dict[str, Any]
+    seed: int
+    teacher_sha256: str
+    data_fingerprint: str
+    split: str = "train"
+    param_block: int = PARAM_BLOCK
+    shards: tuple[dict[str, Any], ...] = ()
+    extra: dict[str, Any] = field(default_factory=dict)
+    format: str = FORMAT
+    format_version: int = FORMAT_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["shards"] = list(d["shards"])
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "StoreMeta":
+        return cls(**{**data, "shards": tuple(data.get("shards", ()))})
+
+
+# --------------------------------------------------------------------------------------------------
+# View parameters
+# --------------------------------------------------------------------------------------------------
+
+
+def _block_generator(seed: int, block: int) -> torch.Generator:
+    state = np.random.SeedSequence([_PARAM_STREAM, seed % 2**64, block]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator().manual_seed(int(state))
+
+
+def view_params(augmenter: Any, start: int, stop: int, *, views: int, seed: int) -> Tensor:
+    """The stored view parameters of images ``[start, stop)``: a function of ``(seed, image, view)`` only.
+
+    Args:
+        augmenter: a :class:`distill.data.Augmenter` (its ``sample`` draws the rows).
+        start: first image position.
+        stop: one past the last image position.
+        views: views per image (K).
+        seed: the store's seed.
+
+    Returns:
+        float32 ``(stop - start, views, 5)``.
+    """
+    out = []
+    for block in range(start // PARAM_BLOCK, (stop - 1) // PARAM_BLOCK + 1 if stop > start else start // PARAM_BLOCK):
+        # Always the whole block: the rows of an image must not depend on where the split ends.
+        rows = augmenter.sample(PARAM_BLOCK * views, _block_generator(seed, block)).view(PARAM_BLOCK, views, PARAM_DIM)
+        lo, hi = max(start, block * PARAM_BLOCK), min(stop, (block + 1) * PARAM_BLOCK)
+        out.append(rows[lo - block * PARAM_BLOCK:hi - block * PARAM_BLOCK])
+    return torch.cat(out) if out else torch.empty(0, views, PARAM_DIM)
+
+
+# --------------------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------------------
+
+
+def _old_path(out: Path) -> Path:
+    return out.with_name(f".{out.name}.old")
+
+
+def _recover(out: Path) -> None:
+    """Finish an interrupted swap: a crash between the two renames left only ``.<name>.old``."""
+    old = _old_path(out)
+    if old.is_dir() and not out.exists():
+        with contextlib.suppress(FileNotFoundError):  # another process may have restored it first
+            os.replace(old, out)
+
+
+def _swap_in(staging: Path, out: Path) -> None:
+    old = _old_path(out)
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        os.replace(out, old)
+    # A crash here leaves only .old: open() and the next generation rename it back.
+    os.replace(staging, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _shard_name(rank: int) -> str:
+    return f"shard-{rank:05d}"
+
+
+class _ShardWriter:
+    """Writes one shard's arrays as memory-mapped ``.npy`` files, range by range (bounded RAM).
+
+    The parameters file is created and filled first (it does not need C); the logits files are created
+    once the first teacher batch tells the number of classes.
+    """
+
+    def __init__(self, folder: Path, rank: int, *, start: int, stop: int, views: int, augmenter: Any, seed: int) -> None:
+        self.folder, self.prefix = folder, _shard_name(rank)
+        self.n, self.views = stop - start, views
+        self.num_classes: Optional[int] = None
+        self.topk: Optional[int] = None
+        self.arrays: dict[str, np.ndarray] = {}
+        self._create("params", (self.n, views, PARAM_DIM), "float32")
+        for b0 in range(start - start % PARAM_BLOCK, stop, PARAM_BLOCK):  # one parameter block at a time
+            lo, hi = max(start, b0), min(stop, b0 + PARAM_BLOCK)
+            self.arrays["params"][lo - start:hi - start] = view_params(augmenter, lo, hi, views=views, seed=seed).numpy()
+
+    def _create(self, role: str, shape: tuple[int, ...], dtype: str) -> None:
+        path = self.folder / f"{self.prefix}.{role}.npy"
+        if math.prod(shape) == 0:  # np.memmap cannot map an empty file
+            self.arrays[role] = np.empty(shape, dtype=dtype)
+            np.save(path, self.arrays[role])
+        else:
+            self.arrays[role] = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+
+    def open_logits(self, *, num_classes: int, topk: Optional[int], dtype: str) -> None:
+        if topk is not None and topk >= num_classes:
+            raise ValueError(f"soft_labels.topk={topk} must be below the number of classes ({num_classes}); "
+                             "set topk: null to store all logits")
+        self.num_classes, self.topk, self.dtype = num_classes, topk, np.dtype(dtype)
+        specs = _file_specs(n=self.n, views=self.views, num_classes=num_classes, topk=topk, dtype=dtype)
+        for role, (shape, dt) in specs.items():
+            if role not in self.arrays:
+                self._create(role, shape, dt)
+
+    def flat(self, role: str) -> np.ndarray:
+        a = self.arrays[role]
+        return a.reshape(a.shape[0] * a.shape[1], *a.shape[2:])  # (n*K, ...) view, j = i*K + k
+
+    def write_logits(self, j0: int, j1: int, logits: Tensor) -> None:
+        """Store the float32 logits ``(j1 - j0, C)`` of flat views ``j0..j1``."""
+        if self.topk is None:
+            stored = logits.to(_torch_dtype(self.dtype))
+            _check_finite(stored, logits)
+            self.flat("logits")[j0:j1] = stored.cpu().numpy()
+            return
+        values, indices = logits.topk(self.topk, dim=1)  # (B, k), sorted
+        rest = logits.scatter(1, indices, float("-inf")).logsumexp(dim=1)  # (B,): mass outside the top-k
+        stored = values.to(_torch_dtype(self.dtype))
+        _check_finite(stored, values)
+        self.flat("topk_values")[j0:j1] = stored.cpu().numpy()
+        self.flat("topk_indices")[j0:j1] = indices.cpu().numpy().astype(self.arrays["topk_indices"].dtype)
+        self.flat("rest_logsumexp")[j0:j1] = rest.cpu().numpy()
+
+    def close(self) -> dict[str, dict[str, Any]]:
+        """Flush, close and describe every file (name, shape, dtype, bytes, sha256)."""
+        records = {}
+        for role, arr in self.arrays.items():
+            if isinstance(arr, np.memmap):
+                arr.flush()
+            path = self.folder / f"{self.prefix}.{role}.npy"
+            records[role] = {"file": path.name, "shape": list(arr.shape), "dtype": str(arr.dtype),
+                             "bytes": path.stat().st_size}
+        self.arrays.clear()  # drop the memmaps: the files are complete and closed before hashing
+        for rec in records.values():
+            rec["sha256"] = file_sha256(self.folder / rec["file"])
+        return records
+
+
+def _torch_dtype(dtype: np.dtype) -> torch.dtype:
+    return {np.dtype("float16"): torch.float16, np.dtype("float32"): torch.float32}[np.dtype(dtype)]
+
+
+def _check_finite(stored: Tensor, source: Tensor) -> None:
+    if not bool(torch.isfinite(stored).all()) and bool(torch.isfinite(source).all()):
+        raise ValueError(f"teacher logits up to {source.abs().max().item():.4g} overflow {stored.dtype}; "
+                         "set soft_labels.dtype: float32")
+
+
+def _index_dtype(num_classes: int) -> str:
+    return "int16" if num_classes < 32768 else "int32"
+
+
+def _file_specs(*, n: int, views: int, num_classes: int, topk: Optional[int], dtype: str) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Shape and dtype of every array of a shard of ``n`` images."""
+    specs: dict[str, tuple[tuple[int, ...], str]] = {"params": ((n, views, PARAM_DIM), "float32")}
+    if topk is None:
+        specs["logits"] = ((n, views, num_classes), dtype)
+    else:
+        specs["topk_values"] = ((n, views, topk), dtype)
+        specs["topk_indices"] = ((n, views, topk), _index_dtype(num_classes))
+        specs["rest_logsumexp"] = ((n, views), "float32")
+    return specs
+
+
+def _progress(total: int, desc: str, enabled: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="view", leave=False, dynamic_ncols=True, mininterval=0.5,
+                disable=not enabled or os.environ.get("DISTILL_PROGRESS", "1") == "0")
+
+
+def _staging_token(accelerator: Any) -> str:
+    """The main process's pid, shared with every process so they all write into one staging folder."""
+    token = [str(os.getpid())]
+    if accelerator is not None and accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(token, from_process=0)
+    return token[0]
+
+
+def _run_teacher(teacher: nn.Module, split: Any, augmenter: Any, writer: _ShardWriter, *, start: int, batch_size: int,
+                 device: torch.device, autocast: Any, open_logits: Any, bar: Any) -> None:
+    """Teacher logits of every view of a shard, in flat order ``j = i*K + k``, batch by batch."""
+    views = writer.views
+    flat_params = writer.flat("params")
+    total = flat_params.shape[0]
+    for j0 in range(0, total, batch_size):
+        j1 = min(total, j0 + batch_size)
+        first, last = j0 // views, (j1 - 1) // views + 1
+        # Move each image once, then repeat it per view on the device.
+        images = torch.from_numpy(np.ascontiguousarray(split.images[start + first:start + last])).to(device)
+        sel = torch.from_numpy(np.arange(j0, j1) // views - first).to(device)
+        p = torch.from_numpy(np.array(flat_params[j0:j1])).to(device)
+        x = augmenter(images.index_select(0, sel), p)  # rendered in float32 outside autocast, as the student does
+        with autocast():
+            logits = teacher(x).float()  # (B, C)
+        if writer.num_classes is None:  # C is known from the first batch: no extra probe forward
+            open_logits(logits.shape[1])
+        writer.write_logits(j0, j1, logits)
+        bar.update(j1 - j0)
+
+
+def generate_store(
+    teacher: nn.Module,
+    split: Any,
+    augmenter: Any,
+    *,
+    out_dir: str | Path,
+    views: int,
+    topk: Optional[int] = None,
+    dtype: str = "float16",
+    batch_size: int = 256,
+    seed: int = 0,
+    teacher_sha256: str,
+    data_fingerprint: str,
+    accelerator: Any = None,
+    extra_meta: Optional[dict[str, Any]] = None,
+) -> StoreMeta:
+    """Run the frozen teacher over ``views`` augmented views of every image and write the store atomically.
+
+    Args:
+        teacher: the trained teacher; frozen here (``eval()``, no gradients).
+        split: a :class:`distill.data.Split` (uint8 images ``(N, C, H, W)``); the store is indexed by position.
+        augmenter: the :class:`distill.data.Augmenter` the student will replay the views with.
+        out_dir: the store folder (replaced as a whole).
+        views: K, views per image.
+        topk: store only the k largest logits per view (plus the log of the remaining mass); ``None``: all.
+        dtype: ``"float16"`` or ``"float32"`` for the stored logits.
+        batch_size: views per teacher forward pass.
+        seed: seed of the view parameters (image ``i``, view ``k`` depends on ``(seed, i, k)`` only).
+        teacher_sha256: sha256 of the teacher checkpoint file (checked by the student).
+        data_fingerprint: the prepared dataset's fingerprint (checked by the student).
+        accelerator: an :class:`accelerate.Accelerator`: its device, mixed precision and processes (one shard each).
+        extra_meta: JSON-serialisable extras stored in ``meta.json`` under ``extra``.
+
+    Returns:
+        The :class:`StoreMeta` written (on every process).
+
+    Raises:
+        ValueError: bad ``views`` / ``topk`` / ``dtype`` / ``batch_size``, or logits that overflow float16.
+    """
+    if views < 1 or batch_size < 1:
+        raise ValueError(f"views ({views}) and batch_size ({batch_size}) must be >= 1")
+    if dtype not in ("float16", "float32"):
+        raise ValueError(f"soft-label dtype {dtype!r} is not supported; use 'float16' or 'float32'")
+    if topk is not None and topk < 1:
+        raise ValueError(f"soft_labels.topk={topk} must be >= 1 (or null to store all logits)")
+    from distill.teachers import freeze
+
+    n = len(split)
+    if n == 0:
+        raise ValueError("the training split is empty: nothing to store")
+    rank = accelerator.process_index if accelerator is not None else 0
+    world = accelerator.num_processes if accelerator is not None else 1
+    is_main = rank == 0
+    if accelerator is not None:
+        device, autocast = accelerator.device, accelerator.autocast
+    else:
+        device = next(iter(teacher.parameters()), torch.empty(0)).device
+        autocast = contextlib.nullcontext
+    teacher = freeze(teacher).to(device)
+    wait = accelerator.wait_for_everyone if accelerator is not None else (lambda: None)
+
+    out = Path(out_dir)
+    staging = out.with_name(f".{out.name}.tmp-{_staging_token(accelerator)}")
+    if is_main:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _recover(out)
+        shutil.rmtree(_old_path(out), ignore_errors=True)
+        for stale in out.parent.glob(f".{out.name}.tmp-*"):  # left by killed runs (one generation at a time)
+            shutil.rmtree(stale, ignore_errors=True)
+        staging.mkdir()
+    wait()
+
+    try:
+        lo, hi = rank * n // world, (rank + 1) * n // world
+        writer = _ShardWriter(staging, rank, start=lo, stop=hi, views=views, augmenter=augmenter, seed=seed)
+
+        def open_logits(num_classes: int) -> None:
+            writer.open_logits(num_classes=num_classes, topk=topk, dtype=dtype)
+
+        with torch.inference_mode():
+            with _progress((hi - lo) * views, f"soft labels {rank + 1}/{world}" if world > 1 else "soft labels",
+                           accelerator is None or accelerator.is_local_main_process) as bar:
+                _run_teacher(teacher, split, augmenter, writer, start=lo, batch_size=batch_size, device=device,
+                             autocast=autocast, open_logits=open_logits, bar=bar)
+            if writer.num_classes is None:  # an empty shard (N < processes): C from one forward pass of image 0
+                probe = augmenter(torch.from_numpy(np.array(split.images[:1])).to(device),
+                                  augmenter.eval_params(1).to(device))
+                with autocast():
+                    open_logits(int(teacher(probe).shape[1]))
+        record = {"index": rank, "start": lo, "stop": hi, "num_classes": writer.num_classes, "files": writer.close()}
+        atomic_write_text(staging / f"{_shard_name(rank)}.json", json.dumps(record))
+        wait()
+
+        meta: Optional[StoreMeta] = None
+        if is_main:
+            records = [json.loads((staging / f"{_shard_name(r)}.json").read_text()) for r in range(world)]
+            num_classes = records[0]["num_classes"]
+            meta = StoreMeta(
+                num_images=n, views=views, num_classes=num_classes, topk=topk, dtype=dtype,
+                index_dtype=_index_dtype(num_classes) if topk is not None else None,
+                image_size=int(split.images.shape[-1]), channels=int(split.images.shape[1]),
+                augment=json.loads(json.dumps(augmenter.describe())), seed=seed, teacher_sha256=teacher_sha256,
+                data_fingerprint=data_fingerprint,
+                shards=tuple({k: r[k] for k in ("index", "start", "stop", "files")} for r in records),
+                extra=json.loads(json.dumps(extra_meta or {}, default=str)))
+            for r in range(world):
+                (staging / f"{_shard_name(r)}.json").unlink()
+            # meta.json last: a staging folder without it is never a store.
+            atomic_write_text(staging / "meta.json", json.dumps(meta.to_dict(), indent=2, sort_keys=True) + "\n")
+            _swap_in(staging, out)
+    except BaseException:
+        if is_main:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
+    wait()
+    if meta is None:  # other processes read what the main process wrote
+        meta = StoreMeta.from_dict(json.loads((out / "meta.json").read_text()))
+    return meta
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------------------
+
+
+def _diff(stored: Any, expected: Any, name: str) -> list[str]:
+    """Human-readable differences between a stored and an expected value, by dotted key."""
+    if isinstance(expected, dict) and isinstance(stored, dict):
+        out = []
+        for key in expected:  # the caller states what it relies on; extra stored keys are not its concern
+            sub = f"{name}.{key}"
+            if key not in stored:
+                out.append(f"{sub}: not in the store, expected {expected[key]!r}")
+            else:
+                out.extend(_diff(stored[key], expected[key], sub))
+        return out
+    return [] if stored == expected else [f"{name}: stored {stored!r}, expected {expected!r}"]
+
+
+def _as_index(values: Any) -> np.ndarray:
+    if isinstance(values, Tensor):
+        values = values.detach().cpu().numpy()
+    return np.asarray(values, dtype=np.int64).reshape(-1)
+
+
+class SoftLabelStore:
+    """A verified, memory-mapped soft-label store (open it with :meth:`open`)."""
+
+    def __init__(self, path: Path, meta: StoreMeta, shards: list[dict[str, np.ndarray]]) -> None:
+        self.path = path
+        self.meta = meta
+        self._shards = shards
+        self._starts = np.array([s["start"] for s in meta.shards], dtype=np.int64)
+
+    @classmethod
+    def open(cls, path: str | Path, *, expect: Optional[dict[str, Any]] = None, verify_hashes: bool = True) -> "SoftLabelStore":
+        """Open a store, refusing anything that is not exactly what the caller expects.
+
+        Args:
+            path: the store folder.
+            expect: metadata the caller relies on, e.g. ``teacher_sha256``, ``data_fingerprint``,
+                ``num_images``, ``num_classes``, ``image_size``, ``augment`` (an ``Augmenter.describe()``
+                dict; only the sub-keys given are compared). Any difference is an error.
+            verify_hashes: also check every file's sha256 (sizes and shapes are always checked).
+
+        Raises:
+            SoftLabelStoreError: missing store, metadata mismatch, or a missing / truncated / corrupt file;
+                the message names the store, the field or file, and how to regenerate it.
+        """
+        path = Path(path)
+        _recover(path)
+        meta_file = path / "meta.json"
+        if not meta_file.is_file():
+            raise SoftLabelStoreError(f"no soft-label store at {path.resolve()} (no meta.json); run the soft_labels stage "
+                                      f"first: `dvc repro soft_labels` (or `python -m flows stage soft_labels`)")
+        try:
+            raw = json.loads(meta_file.read_text())
+            if raw.get("format") != FORMAT:
+                raise ValueError(f"format {raw.get('format')!r}, expected {FORMAT!r}")
+            if raw.get("format_version") != FORMAT_VERSION:
+                raise ValueError(f"format_version {raw.get('format_version')!r}, this code reads {FORMAT_VERSION}")
+            meta = StoreMeta.from_dict(raw)
+        except (OSError, ValueError, TypeError, AttributeError) as err:
+            raise SoftLabelStoreError(f"soft-label store {path.resolve()}: meta.json is unreadable or foreign ({err}); "
+                                      f"{_REGENERATE}") from None
+
+        problems: list[str] = []
+        stored = meta.to_dict()
+        for key, want in (expect or {}).items():
+            want = json.loads(json.dumps(want))  # tuples -> lists, as stored
+            if key not in stored:
+                problems.append(f"{key}: not recorded in the store, expected {want!r}")
+            else:
+                problems.extend(_diff(stored[key], want, key))
+        if problems:
+            raise SoftLabelStoreError(f"soft-label store {path.resolve()} was made for something else: "
+                                      + "; ".join(problems) + f". It cannot be used; {_REGENERATE}")
+        try:
+            shards = cls._open_shards(path, meta, verify_hashes)
+        except (KeyError, TypeError) as err:
+            raise SoftLabelStoreError(f"soft-label store {path.resolve()}: meta.json lacks shard field {err}; "
+                                      f"{_REGENERATE}") from None
+        return cls(path, meta, shards)
+
+    @staticmethod
+    def _open_shards(path: Path, meta: StoreMeta, verify_hashes: bool) -> list[dict[str, np.ndarray]]:
+        shards, expected_start = [], 0
+        for shard in meta.shards:
+            n = shard["stop"] - shard["start"]
+            if shard["start"] != expected_start or n < 0:
+                raise SoftLabelStoreError(f"soft-label store {path.resolve()}: shards do not tile the images "
+                                          f"(shard {shard['index']} starts at {shard['start']}); {_REGENERATE}")
+            expected_start = shard["stop"]
+            specs = _file_specs(n=n, views=meta.views, num_classes=meta.num_classes, topk=meta.topk, dtype=meta.dtype)
+            if set(specs) != set(shard["files"]):
+                raise SoftLabelStoreError(f"soft-label store {path.resolve()}: shard {shard['index']} lists files "
+                                          f"{sorted(shard['files'])}, expected {sorted(specs)}; {_REGENERATE}")
+            arrays = {}
+            for role, (shape, dt) in specs.items():
+                arrays[role] = _open_array(path, shard["files"][role], shape, dt, verify_hashes)
+            shards.append(arrays)
+        if expected_start != meta.num_images:
+            raise SoftLabelStoreError(f"soft-label store {path.resolve()}: shards cover {expected_start} images, "
+                                      f"meta.json says {meta.num_images}; {_REGENERATE}")
+        return shards
+
+    @property
+    def num_images(self) -> int:
+        return self.meta.num_images
+
+    @property
+    def views(self) -> int:
+        return self.meta.views
+
+    @property
+    def num_classes(self) -> int:
+        return self.meta.num_classes
+
+    def _locate(self, indices: Any, view_ids: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Shard of each request, its row in that shard, and the view; vectorised."""
+        idx, k = np.broadcast_arrays(_as_index(indices), _as_index(view_ids))
+        if idx.size and (idx.min() < 0 or idx.max() >= self.num_images):
+            raise IndexError(f"image index out of range [0, {self.num_images}) in soft-label store {self.path}")
+        if k.size and (k.min() < 0 or k.max() >= self.views):
+            raise IndexError(f"view id out of range [0, {self.views}) in soft-label store {self.path}")
+        shard = np.searchsorted(self._starts, idx, side="right") - 1
+        return shard, idx - self._starts[shard], k, idx
+
+    def _gather(self, role: str, shard: np.ndarray, rows: np.ndarray, k: np.ndarray) -> np.ndarray:
+        first = self._shards[0][role]
+        if len(self._shards) == 1:
+            return first[rows, k]  # fancy indexing on the memmap reads just these rows
+        out = np.empty((rows.shape[0], *first.shape[2:]), dtype=first.dtype)
+        for s in np.unique(shard):  # a loop over shards (a handful), not over samples
+            m = shard == s
+            out[m] = self._shards[s][role][rows[m], k[m]]
+        return out
+
+    def params(self, indices: Any, view_ids: Any) -> Tensor:
+        """Stored view parameters: float32 ``(B, 5)`` for images ``indices`` and views ``view_ids`` (CPU)."""
+        shard, rows, k, _ = self._locate(indices, view_ids)
+        return torch.from_numpy(np.ascontiguousarray(self._gather("params", shard, rows, k), dtype=np.float32))
+
+    def logits(self, indices: Any, view_ids: Any) -> Tensor:
+        """The teacher's logits for those views: float32 ``(B, C)`` (rebuilt from the top-k if stored so; CPU)."""
+        shard, rows, k, _ = self._locate(indices, view_ids)
+        if self.meta.topk is None:
+            return torch.from_numpy(self._gather("logits", shard, rows, k).astype(np.float32))
+        values = self._gather("topk_values", shard, rows, k).astype(np.float32)  # (B, k)
+        index = self._gather("topk_indices", shard, rows, k).astype(np.int64)
+        rest = self._gather("rest_logsumexp", shard, rows, k)  # (B,)
+        fill = (rest - np.float32(math.log(self.num_classes - self.meta.topk))).astype(np.float32)
+        out = np.repeat(fill[:, None], self.num_classes, axis=1)
+        np.put_along_axis(out, index, values, axis=1)
+        return torch.from_numpy(out)
+
+
+def _open_array(folder: Path, rec: dict[str, Any], shape: tuple[int, ...], dtype: str, verify_hash: bool) -> np.ndarray:
+    """Check one data file against its ``meta.json`` record and the expected shape; return it memory-mapped."""
+    name = rec["file"]
+    file = folder / name
+
+    def fail(what: str) -> SoftLabelStoreError:
+        return SoftLabelStoreError(f"soft-label store {folder.resolve()}: file {name} {what}; {_REGENERATE}")
+
+    if Path(name).name != name:  # meta.json must not point outside the store
+        raise fail("is not a plain file name")
+    if not file.is_file():
+        raise fail("is missing")
+    size = file.stat().st_size
+    if size != rec["bytes"]:
+        raise fail(f"has {size} bytes, meta.json records {rec['bytes']} (truncated or replaced)")
+    if verify_hash and file_sha256(file) != rec["sha256"]:
+        raise fail("does not match its sha256 in meta.json (corrupt)")
+    try:
+        arr = np.load(file, mmap_mode="r" if math.prod(shape) else None, allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise fail(f"is not a readable .npy ({err})") from None
+    if tuple(arr.shape) != tuple(shape) or arr.dtype != np.dtype(dtype) or list(arr.shape) != list(rec["shape"]):
+        raise fail(f"has shape {tuple(arr.shape)} {arr.dtype}, expected {tuple(shape)} {dtype}")
+    return arr
+
+
+# --------------------------------------------------------------------------------------------------
+# Replay in training
+# --------------------------------------------------------------------------------------------------
+
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """A counter-based 64-bit mix (Steele et al. 2014): stateless per-sample randomness, vectorised."""
+    with np.errstate(over="ignore"):
+        z = x.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+class StoredViews:
+    """A view source for :class:`distill.engine.SupervisedTask` that replays the store: no teacher in the loop.
+
+    Each epoch, image ``i`` replays view ``(a_i * (epoch mod K) + b_i) mod K``, where ``b_i`` is uniform in
+    ``[0, K)`` and ``a_i`` is a unit modulo K, both drawn statelessly from ``(seed, epoch // K, i)``. So in any
+    epoch each image's view is uniform over its K views, and every block of K consecutive epochs
+    (``0..K-1``, ``K..2K-1``, ...) shows each image every one of its K views exactly once, in a fresh order
+    per block. Stateless: resume and multi-process training see the same views.
+
+    Args:
+        store: an opened :class:`SoftLabelStore`.
+        seed: the run's seed.
+    """
+
+    def __init__(self, store: SoftLabelStore, *, seed: int = 0) -> None:
+        self.store = store
+        self.seed = int(seed)
+        k = store.views
+        self._units = np.array([a for a in range(1, k + 1) if math.gcd(a, k) == 1], dtype=np.uint64)
+
+    def view_ids(self, indices: Any, epoch: int) -> np.ndarray:
+        """The view each image in ``indices`` replays in ``epoch`` (int64 ``(B,)``)."""
+        k = self.store.views
+        cycle, pos = divmod(int(epoch), k)
+        base = int(_splitmix64(np.array([(self.seed * 0x2545F4914F6CDD1D + cycle) & _MASK64], dtype=np.uint64))[0])
+        h = _splitmix64(_as_index(indices).astype(np.uint64) ^ np.uint64(base))
+        b = h % np.uint64(k)
+        a = self._units[(h >> np.uint64(32)) % np.uint64(len(self._units))]
+        return ((a * np.uint64(pos) + b) % np.uint64(k)).astype(np.int64)
+
+    def __call__(self, batch: dict[str, Tensor], ctx: Any) -> tuple[Tensor, Tensor]:
+        """``(params (B, 5), teacher_logits (B, C) float32)`` for the batch, on the batch's device."""
+        index = batch["index"]
+        device = batch["image"].device
+        idx = _as_index(index)
+        views = self.view_ids(idx, ctx.epoch)
+        params = self.store.params(idx, views)
+        logits = self.store.logits(idx, views)
+        return params.to(device, non_blocking=True), logits.to(device, non_blocking=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Description
+# --------------------------------------------------------------------------------------------------
+
+
+def describe_store(path: str | Path) -> dict[str, Any]:
+    """Size and shape of a store, for metrics (numeric fields) and humans (strings).
+
+    Returns:
+        ``num_images``, ``views``, ``num_classes``, ``shards``, ``store_bytes`` (all files incl. ``meta.json``),
+        ``bytes_per_image``, ``bytes_per_view``, ``dtype`` (str) and ``topk`` (str: ``"all"`` or k).
+
+    Raises:
+        SoftLabelStoreError: the store is missing or broken (sizes and shapes are checked, hashes are not).
+    """
+    store = SoftLabelStore.open(path, verify_hashes=False)
+    m = store.meta
+    data_bytes = sum(f["bytes"] for s in m.shards for f in s["files"].values())
+    total = data_bytes + (Path(path) / "meta.json").stat().st_size
+    return {
+        "num_images": m.num_images,
+        "views": m.views,
+        "num_classes": m.num_classes,
+        "shards": len(m.shards),
+        "store_bytes": total,
+        "bytes_per_image": total / max(m.num_images, 1),
+        "bytes_per_view": data_bytes / max(m.num_images * m.views, 1),
+        "dtype": m.dtype,
+        "topk": "all" if m.topk is None else str(m.topk),
+    }
