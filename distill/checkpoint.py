@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 __all__ = ["CheckpointError", "save_model", "load_model", "read_metadata", "file_sha256", "atomic_write_bytes",
-           "atomic_write_text", "build_model"]
+           "atomic_write_text", "atomic_write_json", "build_model"]
 
 FORMAT_VERSION = "1"
 
@@ -46,10 +46,22 @@ def _atomic_replace(path: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the result the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write_json(path: str | Path, data: dict[str, Any]) -> None:
+    """Write ``data`` as indented, key-sorted JSON, atomically (metrics files DVC compares)."""
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

@@ -1,0 +1,310 @@
+"""Evaluation metrics and cost measurements, pure torch (no MLflow, Prefect or DVC).
+
+What it implements:
+
+* accuracy (top-1, top-5), mean negative log-likelihood and a confusion matrix;
+* expected calibration error (Guo et al. 2017, "On Calibration of Modern Neural Networks", Eq. 3):
+  equal-width bins over the max softmax probability, ``ECE = sum_b |B_b|/N * |acc(B_b) - conf(B_b)|``;
+* agreement, the share of images on which two classifiers predict the same class (DeiT, Touvron et
+  al. 2021, Table 4: class head vs distillation head vs teacher);
+* the cost side of DeiT's Table 1 / Figure 1: parameters, FLOPs per image (torch's own
+  ``FlopCounterMode``, which counts 2 FLOPs per multiply-accumulate) and throughput / latency;
+* mean ± std aggregation of several seeds' metrics.
+
+All accuracies are fractions in ``[0, 1]``; presentation (percentages) is left to :mod:`distill.report`.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from contextlib import contextmanager
+from typing import Any, Iterator, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from distill.models.deit import count_parameters
+from distill.tracking import flatten
+
+__all__ = ["classification_metrics", "topk_accuracy", "agreement", "expected_calibration_error", "confusion_matrix",
+           "count_parameters", "flops_per_image", "measure_throughput", "mean_std", "aggregate_runs"]
+
+
+# ------------------------------------------------------------------------------------------ accuracy
+def _check_logits(logits: Tensor, labels: Tensor) -> None:
+    if logits.ndim != 2 or labels.ndim != 1 or logits.shape[0] != labels.shape[0]:
+        raise ValueError(f"expected logits (N, C) and labels (N,), got {tuple(logits.shape)} and {tuple(labels.shape)}")
+    if labels.numel() == 0:
+        raise ValueError("cannot compute metrics on zero samples")
+
+
+def topk_accuracy(logits: Tensor, labels: Tensor, k: int = 1) -> float:
+    """Share of samples whose true label is among the ``k`` highest logits.
+
+    Args:
+        logits: ``(N, C)`` scores (logits or probabilities: only their order matters).
+        labels: ``(N,)`` true class indices.
+        k: How many top classes count as a hit; ``1 <= k <= C``.
+
+    Returns:
+        Accuracy as a fraction in ``[0, 1]``.
+    """
+    _check_logits(logits, labels)
+    if not 1 <= k <= logits.shape[1]:
+        raise ValueError(f"k={k} must be between 1 and the number of classes ({logits.shape[1]})")
+    top = logits.topk(k, dim=-1).indices  # (N, k)
+    return float((top == labels.to(top.device).unsqueeze(1)).any(dim=1).float().mean())
+
+
+def agreement(logits_a: Tensor, logits_b: Tensor) -> float:
+    """Share of rows on which two classifiers' argmax predictions match (DeiT, Table 4).
+
+    Args:
+        logits_a: ``(N, C)`` scores of the first classifier.
+        logits_b: ``(N, C)`` scores of the second classifier, same samples in the same order.
+
+    Returns:
+        Agreement as a fraction in ``[0, 1]``.
+    """
+    if logits_a.shape != logits_b.shape or logits_a.ndim != 2:
+        raise ValueError(f"expected two (N, C) tensors of one shape, got {tuple(logits_a.shape)} and "
+                         f"{tuple(logits_b.shape)}")
+    if logits_a.shape[0] == 0:
+        raise ValueError("cannot compute agreement on zero samples")
+    return float((logits_a.argmax(-1) == logits_b.argmax(-1).to(logits_a.device)).float().mean())
+
+
+def confusion_matrix(preds: Tensor, labels: Tensor, num_classes: int) -> Tensor:
+    """Count matrix of predictions against true labels.
+
+    Args:
+        preds: ``(N,)`` predicted class indices.
+        labels: ``(N,)`` true class indices.
+        num_classes: Number of classes ``C``.
+
+    Returns:
+        ``LongTensor (C, C)``; entry ``[t, p]`` counts samples of true class ``t`` predicted as ``p``
+        (rows are true classes, columns predictions).
+    """
+    preds, labels = preds.reshape(-1).long().cpu(), labels.reshape(-1).long().cpu()
+    if preds.shape != labels.shape:
+        raise ValueError(f"preds {tuple(preds.shape)} and labels {tuple(labels.shape)} differ in length")
+    for name, t in (("preds", preds), ("labels", labels)):
+        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= num_classes):
+            raise ValueError(f"{name} must lie in [0, {num_classes}), got range [{int(t.min())}, {int(t.max())}]")
+    flat = torch.bincount(labels * num_classes + preds, minlength=num_classes * num_classes)
+    return flat.view(num_classes, num_classes)
+
+
+# --------------------------------------------------------------------------------------- calibration
+def expected_calibration_error(probs: Tensor, labels: Tensor, n_bins: int = 15) -> float:
+    """Expected calibration error of the max-probability prediction (Guo et al. 2017, Eq. 3).
+
+    Confidence is the max probability of a row; its prediction the argmax. Confidences fall into
+    ``n_bins`` equal-width bins ``(0, 1/n], (1/n, 2/n], ...``; ECE is the bin-size weighted mean of
+    ``|accuracy - mean confidence|`` over non-empty bins.
+
+    Args:
+        probs: ``(N, C)`` class probabilities (rows sum to 1): pass ``logits.softmax(-1)``, not logits.
+        labels: ``(N,)`` true class indices.
+        n_bins: Number of equal-width confidence bins.
+
+    Returns:
+        ECE as a fraction in ``[0, 1]``.
+
+    Raises:
+        ValueError: If ``probs`` are not probabilities (e.g. logits were passed).
+    """
+    _check_logits(probs, labels)
+    if n_bins < 1:
+        raise ValueError(f"n_bins must be >= 1, got {n_bins}")
+    probs = probs.detach().double().cpu()
+    if float(probs.min()) < 0 or not torch.allclose(probs.sum(-1), torch.ones(len(probs), dtype=probs.dtype), atol=1e-3):
+        raise ValueError("probs must be probabilities with rows summing to 1 (apply softmax to logits first)")
+    conf, pred = probs.max(dim=-1)
+    correct = (pred == labels.cpu()).double()
+    inner = torch.linspace(0, 1, n_bins + 1, dtype=torch.float64)[1:-1]
+    bins = torch.bucketize(conf, inner)  # bin b holds conf in (b/n, (b+1)/n]
+    count = torch.bincount(bins, minlength=n_bins).double()
+    gap = torch.bincount(bins, weights=correct - conf, minlength=n_bins)  # sum of (acc - conf) per bin
+    return float(gap.abs().sum() / count.sum())
+
+
+def classification_metrics(logits: Tensor, labels: Tensor, n_bins: int = 15) -> dict[str, Any]:
+    """Accuracy, calibration and likelihood of one classifier.
+
+    Args:
+        logits: ``(N, C)`` logits.
+        labels: ``(N,)`` true class indices.
+        n_bins: Confidence bins for the ECE.
+
+    Returns:
+        ``{"top1", "top5" (only when C > 5), "ece", "nll", "num_samples"}``; accuracies and ECE as
+        fractions, ``nll`` the mean cross-entropy in nats.
+    """
+    _check_logits(logits, labels)
+    logits, labels = logits.detach().float().cpu(), labels.long().cpu()
+    out: dict[str, Any] = {"top1": topk_accuracy(logits, labels, 1)}
+    if logits.shape[1] > 5:
+        out["top5"] = topk_accuracy(logits, labels, 5)
+    out["ece"] = expected_calibration_error(logits.softmax(-1), labels, n_bins)
+    out["nll"] = float(F.cross_entropy(logits, labels))
+    out["num_samples"] = int(labels.numel())
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- cost
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Put every submodule in eval mode, then restore each one's own flag (mixed modes survive)."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def _param_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.device, p.dtype
+    return torch.device("cpu"), torch.float32
+
+
+def flops_per_image(model: nn.Module, input_shape: Sequence[int]) -> int:
+    """FLOPs of one forward pass on one image, as counted by ``torch.utils.flop_counter``.
+
+    Counts matmuls, convolutions and attention at 2 FLOPs per multiply-accumulate (torch's
+    convention, as in DeiT's Table 1 "FLOPs" being ~2x the MACs of fvcore). Elementwise ops, norms and
+    softmax are not counted. Attention runs on the math SDPA backend while counting, so the count is
+    the same on CPU and GPU and with every torch version (fused kernels are not registered in older
+    counters).
+
+    Args:
+        model: Any module taking ``(B, *input_shape)``; evaluated in eval mode under ``no_grad`` on its
+            own device. Its train/eval flags are restored afterwards.
+        input_shape: ``(C, H, W)`` of one image.
+
+    Returns:
+        FLOPs per image.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    device, dtype = _param_device_dtype(model)
+    x = torch.zeros(1, *input_shape, device=device, dtype=dtype)
+    counter = FlopCounterMode(display=False)
+    with _eval_mode(model), torch.no_grad(), sdpa_kernel(SDPBackend.MATH), counter:
+        model(x)
+    return int(counter.get_total_flops())
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed_calls(model: nn.Module, x: Tensor, n: int) -> list[float]:
+    """Wall-clock seconds of ``n`` forward passes, each synchronised with the device."""
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        model(x)
+        _sync(x.device)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def measure_throughput(model: nn.Module, input_shape: Sequence[int], *, batch_size: int, iters: int,
+                       device: str | torch.device, warmup: int = 5) -> dict[str, Any]:
+    """Throughput: mean images/s over `iters` batches and median batch-1 latency, after `warmup` untimed calls.
+
+    Both timings run in eval mode under ``torch.inference_mode`` in the model's own dtype, on random
+    inputs, with ``torch.cuda.synchronize`` after every call on a GPU (so queued kernels are timed).
+    Throughput is ``batch_size * iters / total time`` (DeiT Table 1 / Figure 1 measure it the same way,
+    with the largest batch that fits); latency is the median of ``iters`` single-image calls. The model
+    is moved to ``device`` for the measurement and back afterwards, and its train/eval flags restored.
+
+    Args:
+        model: The classifier to time.
+        input_shape: ``(C, H, W)`` of one image.
+        batch_size: Images per call for the throughput timing.
+        iters: Timed calls for each of the two measurements.
+        device: Where to run, e.g. ``"cpu"`` or ``"cuda:0"``.
+        warmup: Untimed calls before each measurement (allocator, cuDNN autotuning, caches).
+
+    Returns:
+        ``{"images_per_sec", "latency_ms_batch1", "method"}``; ``method`` is a sentence stating how the
+        numbers were measured (warm-up, iterations, batch size, device, statistic).
+    """
+    if batch_size < 1 or iters < 1 or warmup < 0:
+        raise ValueError(f"need batch_size >= 1, iters >= 1, warmup >= 0; got {batch_size}, {iters}, {warmup}")
+    device = torch.device(device)
+    home, dtype = _param_device_dtype(model)
+    gen = torch.Generator().manual_seed(0)
+    batch = torch.randn(batch_size, *input_shape, generator=gen).to(device=device, dtype=dtype)
+    single = batch[:1].clone()
+    model.to(device)
+    try:
+        with _eval_mode(model), torch.inference_mode():
+            _timed_calls(model, batch, warmup)
+            images_per_sec = batch_size * iters / sum(_timed_calls(model, batch, iters))
+            _timed_calls(model, single, warmup)
+            latency_ms = 1000 * statistics.median(_timed_calls(model, single, iters))
+    finally:
+        model.to(home)
+    threads = f", {torch.get_num_threads()} CPU threads" if device.type == "cpu" else ""
+    method = (f"{warmup} warm-up calls, then mean images/s over {iters} batches of {batch_size} and median "
+              f"latency over {iters} batch-1 calls; eval mode, torch.inference_mode, {str(dtype).removeprefix('torch.')}, "
+              f"random inputs, device {device}{threads}" + (", CUDA synchronised per call" if device.type == "cuda" else ""))
+    return {"images_per_sec": float(images_per_sec), "latency_ms_batch1": float(latency_ms), "method": method}
+
+
+# ------------------------------------------------------------------------------------- multi-seed
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (``ddof=1``; 0 for a single value).
+
+    Args:
+        values: One number per run (e.g. per seed).
+
+    Returns:
+        ``(mean, std)``.
+    """
+    vals = [float(v) for v in values]
+    if not vals:
+        raise ValueError("mean_std needs at least one value")
+    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def aggregate_runs(runs: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Mean ± std of every numeric metric over several runs (seeds), for "mean ± std" reporting.
+
+    Nested dicts are flattened with dots (``{"student": {"top1": x}}`` -> ``"student.top1"``);
+    non-numeric, boolean and non-finite values are skipped. A key missing from some runs is
+    aggregated over the runs that have it (its ``n`` says how many).
+
+    Args:
+        runs: One metrics dict per run, e.g. the contents of several ``metrics/evaluate.json``.
+
+    Returns:
+        ``{key: {"mean", "std", "n", "values"}}`` in first-seen key order.
+    """
+    values: dict[str, list[float]] = {}
+    for run in runs:
+        for key, v in flatten(dict(run)).items():
+            if _is_number(v):
+                values.setdefault(key, []).append(float(v))
+    out: dict[str, dict[str, Any]] = {}
+    for key, vals in values.items():
+        mean, std = mean_std(vals)
+        out[key] = {"mean": mean, "std": std, "n": len(vals), "values": vals}
+    return out
