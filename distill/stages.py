@@ -1,0 +1,365 @@
+"""The pipeline's stages as plain functions: the logic of each stage lives here once.
+
+``data -> teacher -> soft_labels -> student``, ``data -> baseline``, then ``evaluate``. Each
+function takes the validated :class:`~distill.config.Params`, a :class:`Paths` layout and a
+:class:`~distill.tracking.Tracker`; it reads its inputs from files and writes its outputs to files,
+so DVC can version them and Prefect flows only pass paths. Nothing here knows about Prefect, DVC
+or a CLI: ``flows/`` wraps these, and ``bench/pipeline_overhead.py`` calls them directly.
+
+Each stage writes its metrics to a JSON file (DVC ``metrics``) and per-epoch curves to a CSV
+(DVC ``plots``) *before* logging them to MLflow, so a tracking outage loses nothing.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from distill.checkpoint import atomic_write_json, atomic_write_text, file_sha256, load_model, save_model
+from distill.config import Params, TrainParams
+from distill.engine import OnlineTeacher, RandomViews, SupervisedTask, fit, make_accelerator
+from distill.losses import DistillationLoss
+from distill.tracking import NullTracker, Tracker
+
+__all__ = ["Paths", "STAGES", "run_data", "run_teacher", "run_soft_labels", "run_student", "run_baseline",
+           "run_evaluate", "stage_params"]
+
+STAGES = ("data", "teacher", "soft_labels", "student", "baseline", "evaluate")
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Where every stage reads and writes, relative to the project root (mirrors ``dvc.yaml``)."""
+
+    root: Path = Path(".")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data" / "prepared"
+
+    def model(self, name: str) -> Path:
+        return self.root / "models" / f"{name}.safetensors"
+
+    @property
+    def soft_labels(self) -> Path:
+        return self.root / "soft_labels"
+
+    def metrics(self, stage: str) -> Path:
+        return self.root / "metrics" / f"{stage}.json"
+
+    def curves(self, stage: str) -> Path:
+        return self.root / "plots" / f"{stage}.csv"
+
+    @property
+    def reports(self) -> Path:
+        return self.root / "reports"
+
+    def state(self, stage: str, key: str) -> Path:
+        """Resume state: outside every DVC output, so ``dvc repro`` does not delete it before a rerun."""
+        return self.root / ".state" / stage / key
+
+
+def stage_params(params: Params, stage: str) -> dict[str, Any]:
+    """The parameters a stage reads (what it logs, and what keys its resume state)."""
+    p = params.model_dump(mode="json")
+    sections = {
+        "data": ["data"],
+        "teacher": ["data", "teacher"],
+        "soft_labels": ["data", "soft_labels"],
+        "student": ["data", "student"],
+        "baseline": ["data", "student", "baseline"],
+        "evaluate": ["data", "evaluate"],
+    }[stage]
+    out: dict[str, Any] = {"seed": p["seed"]}
+    for s in sections:
+        out[s] = p[s]
+    if stage == "baseline":  # the baseline reads the student's model and recipe, not its distillation knobs
+        out["student"] = {"model": p["student"]["model"], "train": p["student"]["train"]}
+    return out
+
+
+def _key(obj: Any, *files: Path) -> str:
+    h = hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode())
+    for f in files:
+        if f.is_file():
+            h.update(file_sha256(f).encode())
+        elif f.is_dir():
+            meta = f / "meta.json"
+            if meta.is_file():
+                h.update(meta.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _write_curves(path: Path, history: list[dict[str, float]]) -> None:
+    if not history:
+        return
+    keys = list(history[0].keys())
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=keys)
+    writer.writeheader()
+    for rec in history:
+        writer.writerow({k: (round(v, 6) if isinstance(v, float) else v) for k, v in rec.items()})
+    atomic_write_text(path, buf.getvalue())
+
+
+def _augmenter(params: Params, meta: Any) -> Any:
+    from distill.data import Augmenter, AugmentSpec
+
+    a = params.data.augment
+    spec = AugmentSpec(scale=tuple(a.scale), ratio=tuple(a.ratio), hflip=a.hflip)
+    return Augmenter(spec=spec, out_size=meta.image_size, mean=meta.mean, std=meta.std)
+
+
+def _load_data(paths: Paths) -> Any:
+    from distill.data import load_prepared
+
+    return load_prepared(paths.data)
+
+
+def _datasets(data: Any) -> tuple[Any, Any]:
+    from distill.data import ArrayDataset
+
+    return ArrayDataset(data.train), ArrayDataset(data.val)
+
+
+def _train(model: torch.nn.Module, *, stage: str, params: Params, train_params: TrainParams, data: Any, paths: Paths,
+           criterion: DistillationLoss, views_factory: Any, tracker: Tracker, key: str, accelerator: Any = None) -> Any:
+    """Shared by teacher, baseline and student: build the task, fit, write curves."""
+    accelerator = accelerator or make_accelerator(grad_accum=train_params.grad_accum)
+    augmenter = _augmenter(params, data.meta)
+    views = views_factory(augmenter, accelerator)
+    task = SupervisedTask(model=model, augmenter=augmenter, criterion=criterion, views=views)
+    train_set, val_set = _datasets(data)
+
+    def log_epoch(rec: dict[str, float]) -> None:
+        tracker.log_metrics({k: v for k, v in rec.items() if k != "epoch"}, step=int(rec["epoch"]))
+
+    state_dir = paths.state(stage, key)
+    result = fit(task, train_set=train_set, val_set=val_set, params=train_params, seed=params.seed,
+                 accelerator=accelerator, state_dir=state_dir, on_epoch_end=log_epoch, desc=stage)
+    if accelerator.is_main_process:
+        _write_curves(paths.curves(stage), result.history)
+    return result, accelerator, state_dir
+
+
+def _finish(accelerator: Any, state_dir: Path) -> None:
+    """The stage's outputs are written: its resume state is no longer needed."""
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(state_dir, ignore_errors=True)
+
+
+def _fit_summary(history: list[dict[str, float]]) -> dict[str, float]:
+    last = history[-1]
+    out = {k: last[k] for k in ("train_loss", "val_acc", "val_loss") if k in last}
+    out["epochs"] = last["epoch"]
+    out["train_images_per_sec"] = sum(h["train_images_per_sec"] for h in history) / len(history)
+    out["train_time_s"] = sum(h["epoch_time_s"] for h in history)
+    return out
+
+
+# --------------------------------------------------------------------------------------------- data
+def run_data(params: Params, paths: Paths, tracker: Tracker = NullTracker()) -> dict[str, Any]:
+    """Materialise the dataset as versioned arrays with a fixed, seeded train/val/test split."""
+    from distill.data import prepare_dataset, save_prepared
+
+    d = params.data
+    t0 = time.perf_counter()
+    data = prepare_dataset(d.name, root=d.root, image_size=d.image_size, val_fraction=d.val_fraction,
+                           test_fraction=d.test_fraction, seed=params.seed, download=d.download,
+                           max_per_class=d.max_per_class)
+    save_prepared(data, paths.data)
+    meta = data.meta
+    metrics = {"num_train": len(data.train.labels), "num_val": len(data.val.labels), "num_test": len(data.test.labels),
+               "num_classes": meta.num_classes, "image_size": meta.image_size, "time_s": time.perf_counter() - t0}
+    atomic_write_json(paths.metrics("data"), {**metrics, "fingerprint": meta.fingerprint})
+    tracker.log_metrics(metrics)
+    tracker.log_dict(meta.to_dict(), "dataset_meta.json")
+    tracker.log_dataset(name=d.name, digest=meta.fingerprint, source=f"file://{paths.data.resolve()}", context="prepared")
+    return {**metrics, "fingerprint": meta.fingerprint}
+
+
+# ------------------------------------------------------------------------------------------ teacher
+def _teacher_config(params: Params, meta: Any) -> dict[str, Any]:
+    t = params.teacher
+    cfg: dict[str, Any] = {"arch": t.arch, "num_classes": meta.num_classes, "in_chans": meta.channels}
+    if t.arch == "resnet_small":
+        cfg.update(width=t.width, blocks=t.blocks)
+    return cfg
+
+
+def run_teacher(params: Params, paths: Paths, tracker: Tracker = NullTracker(), accelerator: Any = None) -> dict[str, Any]:
+    """Train the CNN teacher with the one engine (labels only)."""
+    from distill.checkpoint import build_model
+    from distill.teachers import load_pretrained
+
+    data = _load_data(paths)
+    cfg = _teacher_config(params, data.meta)
+    model = build_model("teacher", cfg)
+    if params.teacher.pretrained_path:
+        info = load_pretrained(model, params.teacher.pretrained_path)
+        tracker.log_dict(info, "pretrained_load.json")
+    tp = params.teacher.train
+    crit = DistillationLoss(mode="none", label_smoothing=tp.label_smoothing)
+    key = _key(stage_params(params, "teacher"), paths.data)
+    tracker.log_dataset(name=data.meta.name, digest=data.meta.fingerprint, source=f"file://{paths.data.resolve()}", context="train")
+    result, acc, state_dir = _train(model, stage="teacher", params=params, train_params=tp, data=data, paths=paths,
+                                    criterion=crit, views_factory=lambda aug, _acc: RandomViews(aug), tracker=tracker,
+                                    key=key, accelerator=accelerator)
+    summary = _fit_summary(result.history)
+    if acc.is_main_process:
+        save_model(paths.model("teacher"), result.model, kind="teacher", config=cfg,
+                   extra=_extra(params, data.meta, "teacher", summary))
+        atomic_write_json(paths.metrics("teacher"), summary)
+        tracker.log_metrics({f"final_{k}": v for k, v in summary.items()})
+    _finish(acc, state_dir)
+    return summary
+
+
+def _extra(params: Params, meta: Any, stage: str, summary: dict[str, float]) -> dict[str, Any]:
+    return {"stage": stage, "image_size": meta.image_size, "mean": meta.mean, "std": meta.std,
+            "num_classes": meta.num_classes, "class_names": meta.class_names, "data_fingerprint": meta.fingerprint,
+            "params": stage_params(params, stage), "metrics": summary}
+
+
+def load_teacher(paths: Paths, meta: Any) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Load the trained teacher and check it fits the current dataset (classes, channels)."""
+    model, info = load_model(paths.model("teacher"))
+    n = info["config"].get("num_classes")
+    if n != meta.num_classes:
+        raise ValueError(f"teacher checkpoint {paths.model('teacher')} has {n} classes but dataset {meta.name!r} has "
+                         f"{meta.num_classes}: retrain the teacher on this dataset (`dvc repro teacher`)")
+    return model, info
+
+
+# ------------------------------------------------------------------------------------- soft labels
+def _store_expectations(paths: Paths, params: Params, meta: Any, num_images: int) -> dict[str, Any]:
+    """What a soft-label store must have been generated from for the current teacher, data and augmentation."""
+    return {"teacher_sha256": file_sha256(paths.model("teacher")), "data_fingerprint": meta.fingerprint,
+            "image_size": meta.image_size, "num_classes": meta.num_classes, "num_images": num_images,
+            "augment": _augmenter(params, meta).describe()}
+
+
+def run_soft_labels(params: Params, paths: Paths, tracker: Tracker = NullTracker(), accelerator: Any = None) -> dict[str, Any]:
+    """Run the frozen teacher once over K augmented views of every training image and store the results."""
+    from distill.soft_labels import describe_store, generate_store
+
+    data = _load_data(paths)
+    teacher, _ = load_teacher(paths, data.meta)
+    accelerator = accelerator or make_accelerator()
+    teacher.to(accelerator.device)
+    s = params.soft_labels
+    t0 = time.perf_counter()
+    meta = generate_store(teacher, data.train, _augmenter(params, data.meta), out_dir=paths.soft_labels, views=s.views,
+                          topk=s.topk, dtype=s.dtype, batch_size=s.batch_size, seed=params.seed,
+                          teacher_sha256=file_sha256(paths.model("teacher")), data_fingerprint=data.meta.fingerprint,
+                          accelerator=accelerator)
+    elapsed = time.perf_counter() - t0
+    metrics: dict[str, Any] = {}
+    if accelerator.is_main_process:
+        desc = describe_store(paths.soft_labels)
+        n_views = len(data.train.labels) * s.views
+        metrics = {"views_per_sec": n_views / max(elapsed, 1e-9), "time_s": elapsed,
+                   **{k: v for k, v in desc.items() if isinstance(v, (int, float))}}
+        atomic_write_json(paths.metrics("soft_labels"), metrics)
+        tracker.log_metrics(metrics)
+        tracker.log_dict(meta.to_dict() if hasattr(meta, "to_dict") else dict(meta), "soft_label_store_meta.json")
+    accelerator.wait_for_everyone()
+    return metrics
+
+
+# ---------------------------------------------------------------------------------- student / baseline
+def _student_config(params: Params, meta: Any, *, distilled: bool) -> dict[str, Any]:
+    from distill.models.deit import PRESETS, DeiTConfig
+
+    m = params.student.model
+    if m.preset not in PRESETS:
+        raise ValueError(f"student.model.preset {m.preset!r} is unknown; choose one of {', '.join(PRESETS)}")
+    cfg = {**PRESETS[m.preset].to_dict(), **m.overrides(), "img_size": meta.image_size, "in_chans": meta.channels,
+           "num_classes": meta.num_classes, "distilled": distilled}
+    try:
+        return DeiTConfig.from_dict(cfg).to_dict()
+    except ValueError as err:
+        raise ValueError(f"student.model: {err} (data.image_size={meta.image_size})") from None
+
+
+def run_student(params: Params, paths: Paths, tracker: Tracker = NullTracker(), accelerator: Any = None) -> dict[str, Any]:
+    """Train the DeiT student with its distillation token (DeiT's hard/soft/none losses)."""
+    from distill.checkpoint import build_model
+
+    data = _load_data(paths)
+    sp = params.student
+    cfg = _student_config(params, data.meta, distilled=True)
+    model = build_model("deit", cfg)
+    crit = DistillationLoss(mode=sp.distillation, alpha=sp.alpha, tau=sp.tau, label_smoothing=sp.train.label_smoothing)
+    extra_inputs: list[Path] = [paths.data]
+
+    if sp.distillation == "none":
+        views_factory = lambda aug, _acc: RandomViews(aug)  # noqa: E731
+    elif sp.teacher_mode == "stored":
+        from distill.soft_labels import SoftLabelStore, StoredViews
+
+        store = SoftLabelStore.open(paths.soft_labels,
+                                    expect=_store_expectations(paths, params, data.meta, len(data.train)))
+        views_factory = lambda aug, _acc: StoredViews(store, seed=params.seed)  # noqa: E731
+        extra_inputs.append(paths.soft_labels)
+    else:
+        teacher, _ = load_teacher(paths, data.meta)
+        views_factory = lambda aug, acc: OnlineTeacher(teacher.to(acc.device), aug, autocast=acc.autocast)  # noqa: E731
+        extra_inputs.append(paths.model("teacher"))
+    key = _key(stage_params(params, "student"), *extra_inputs)
+    tracker.log_dataset(name=data.meta.name, digest=data.meta.fingerprint, source=f"file://{paths.data.resolve()}", context="train")
+    result, acc, state_dir = _train(model, stage="student", params=params, train_params=sp.train, data=data, paths=paths,
+                                    criterion=crit, views_factory=views_factory, tracker=tracker, key=key,
+                                    accelerator=accelerator)
+    summary = _fit_summary(result.history)
+    if acc.is_main_process:
+        save_model(paths.model("student"), result.model, kind="deit", config=cfg,
+                   extra=_extra(params, data.meta, "student", summary))
+        atomic_write_json(paths.metrics("student"), summary)
+        tracker.log_metrics({f"final_{k}": v for k, v in summary.items()})
+    _finish(acc, state_dir)
+    return summary
+
+
+def run_baseline(params: Params, paths: Paths, tracker: Tracker = NullTracker(), accelerator: Any = None) -> dict[str, Any]:
+    """The same student, same recipe and budget, trained on labels only (what distillation is measured against)."""
+    from distill.checkpoint import build_model
+
+    data = _load_data(paths)
+    sp = params.student
+    cfg = _student_config(params, data.meta, distilled=params.baseline.dist_token)
+    model = build_model("deit", cfg)
+    crit = DistillationLoss(mode="none", label_smoothing=sp.train.label_smoothing)
+    key = _key(stage_params(params, "baseline"), paths.data)
+    result, acc, state_dir = _train(model, stage="baseline", params=params, train_params=sp.train, data=data, paths=paths,
+                                    criterion=crit, views_factory=lambda aug, _acc: RandomViews(aug), tracker=tracker,
+                                    key=key, accelerator=accelerator)
+    summary = _fit_summary(result.history)
+    if acc.is_main_process:
+        save_model(paths.model("baseline"), result.model, kind="deit", config=cfg,
+                   extra=_extra(params, data.meta, "baseline", summary))
+        atomic_write_json(paths.metrics("baseline"), summary)
+        tracker.log_metrics({f"final_{k}": v for k, v in summary.items()})
+    _finish(acc, state_dir)
+    return summary
+
+
+# ---------------------------------------------------------------------------------------- evaluate
+def run_evaluate(params: Params, paths: Paths, tracker: Tracker = NullTracker()) -> dict[str, Any]:
+    """Teacher, baseline and distilled student side by side on the test split (see distill/evaluate_stage.py)."""
+    from distill.evaluate_stage import evaluate_all
+
+    return evaluate_all(params, paths, tracker)

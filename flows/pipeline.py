@@ -1,0 +1,118 @@
+"""The whole pipeline as one Prefect flow, run *through DVC*.
+
+The stage graph is written down once, in ``dvc.yaml``. This flow runs ``dvc repro`` (or, with
+parameter overrides, ``dvc exp run -S key=value ...``), so DVC alone decides which stages are out of
+date; every stage DVC runs is itself a Prefect flow run (``python -m flows stage <name>``).
+
+It also opens the MLflow *parent* run of this execution and hands its id to the stage processes
+(``DISTILL_PARENT_RUN_ID``), and hands them this flow's Prefect API URL so they do not each start a
+temporary Prefect server (about 10 s each).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+from typing import Any, Optional
+
+from prefect import flow, get_run_logger
+
+from distill.tracking import create_pipeline_run, open_experiment, tracking_uri
+from flows.stages import publish_report
+
+
+class StageFailed(RuntimeError):
+    """A DVC command run by the pipeline exited non-zero."""
+
+
+def _stream(cmd: list[str], *, cwd: Path, env: dict[str, str], logger: Any) -> None:
+    logger.info("$ %s", " ".join(cmd))
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        line = line.rstrip()
+        if line and "\r" not in line:  # progress-bar redraws are noise in a log
+            logger.info(line)  # the flow run's log, which Prefect also echoes to the console
+    rc = proc.wait()
+    if rc != 0:
+        raise StageFailed(f"`{' '.join(cmd)}` exited with status {rc}; see the log above for the failing stage")
+
+
+def _api_url() -> Optional[str]:
+    url = os.environ.get("PREFECT_API_URL")
+    if url:
+        return url
+    try:
+        from prefect.client.orchestration import get_client
+
+        with get_client(sync_client=True) as client:
+            return str(client.api_url)
+    except Exception:  # noqa: BLE001 - no API at all: stages fall back to their own
+        return None
+
+
+def _open_parent_run(root: Path, overrides: list[str], exp_name: Optional[str]) -> str:
+    client, experiment_id = open_experiment(root)
+    return create_pipeline_run(client, experiment_id, root, run_name=exp_name or "pipeline",
+                               tags={"overrides": " ".join(overrides), "dvc_exp_name": exp_name or "",
+                                     "prefect_flow_run_id": _flow_run_id()})
+
+
+def _flow_run_id() -> str:
+    from prefect.runtime import flow_run
+
+    return str(flow_run.id or "")
+
+
+@flow(name="distill-pipeline", log_prints=True, persist_result=False)
+def pipeline_flow(overrides: Optional[list[str]] = None, project_root: str = ".", exp_name: Optional[str] = None,
+                  force: bool = False) -> dict[str, Any]:
+    """Run the pipeline through DVC.
+
+    Args:
+        overrides: ``key=value`` parameter overrides (e.g. ``student.distillation=soft``); when given,
+            the run is a DVC experiment (``dvc exp run -S ...``): DVC saves it as an experiment ref, and the
+            workspace is left with its params and results (``dvc exp apply`` / ``git checkout`` to go back).
+        project_root: the DVC repository.
+        exp_name: experiment name (with overrides).
+        force: rerun every stage (``dvc repro -f``).
+
+    Returns:
+        ``{"evaluate": <metrics/evaluate.json or {}>, "mlflow_parent_run_id": ...}``.
+    """
+    import json
+
+    logger = get_run_logger()
+    root = Path(project_root).resolve()
+    overrides = list(overrides or [])
+    env = dict(os.environ)
+    parent = _open_parent_run(root, overrides, exp_name)
+    status = "FAILED"
+    try:
+        env["DISTILL_PARENT_RUN_ID"] = parent
+        env["MLFLOW_TRACKING_URI"] = tracking_uri(root)  # stages log to this store even from an experiment's temp dir
+        api = _api_url()
+        if api:
+            env["PREFECT_API_URL"] = api
+        if overrides or exp_name:
+            cmd = ["dvc", "exp", "run"] + [a for o in overrides for a in ("-S", o)] + (["--name", exp_name] if exp_name else [])
+        else:
+            cmd = ["dvc", "repro"]
+        if force:
+            cmd.append("-f")
+        _stream(cmd, cwd=root, env=env, logger=logger)
+        status = "FINISHED"
+    finally:
+        if parent:
+            import mlflow
+
+            mlflow.MlflowClient().set_terminated(parent, status=status)
+
+    result: dict[str, Any] = {"mlflow_parent_run_id": parent}
+    metrics_file = root / "metrics" / "evaluate.json"
+    if metrics_file.is_file() and not overrides:
+        result["evaluate"] = json.loads(metrics_file.read_text())
+    if not overrides:
+        publish_report(root)
+    return result
