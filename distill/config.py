@@ -31,6 +31,7 @@ __all__ = [
     "Params",
     "load_params",
     "parse_params",
+    "apply_overrides",
 ]
 
 
@@ -244,3 +245,33 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     except yaml.YAMLError as err:
         raise ParamsError(f"{path}: not valid YAML: {err}") from None
     return parse_params(raw, source=str(path))
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key.path=value`` overrides (DVC's ``-S`` syntax; values parsed as YAML) to a params mapping.
+
+    Args:
+        raw: params as read from YAML (not modified).
+        overrides: e.g. ``["student.alpha=0.7", "data.augment.scale=[0.2, 1.0]"]``.
+
+    Returns:
+        A new mapping; validate it with :func:`parse_params`, which names any unknown key.
+
+    Raises:
+        ParamsError: an override without ``=``, or one that descends into a non-mapping value.
+    """
+    import copy
+
+    out = copy.deepcopy(raw)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ParamsError(f"override {item!r} is not of the form key.path=value")
+        node = out
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ParamsError(f"override {item!r}: {part} is not a group of parameters")
+        node[leaf] = yaml.safe_load(value)
+    return out

@@ -322,7 +322,7 @@ def _run_teacher(teacher: nn.Module, split: Any, augmenter: Any, writer: _ShardW
         j1 = min(total, j0 + batch_size)
         first, last = j0 // views, (j1 - 1) // views + 1
         # Move each image once, then repeat it per view on the device.
-        images = torch.from_numpy(np.ascontiguousarray(split.images[start + first:start + last])).to(device)
+        images = torch.from_numpy(np.array(split.images[start + first:start + last], copy=True)).to(device)
         sel = torch.from_numpy(np.arange(j0, j1) // views - first).to(device)
         p = torch.from_numpy(np.array(flat_params[j0:j1])).to(device)
         x = augmenter(images.index_select(0, sel), p)  # rendered in float32 outside autocast, as the student does

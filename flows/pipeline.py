@@ -67,7 +67,7 @@ def _flow_run_id() -> str:
 
 @flow(name="distill-pipeline", log_prints=True, persist_result=False)
 def pipeline_flow(overrides: Optional[list[str]] = None, project_root: str = ".", exp_name: Optional[str] = None,
-                  force: bool = False) -> dict[str, Any]:
+                  force: bool = False, temp: bool = False) -> dict[str, Any]:
     """Run the pipeline through DVC.
 
     Args:
@@ -77,6 +77,8 @@ def pipeline_flow(overrides: Optional[list[str]] = None, project_root: str = "."
         project_root: the DVC repository.
         exp_name: experiment name (with overrides).
         force: rerun every stage (``dvc repro -f``).
+        temp: run the experiment in a temporary copy (``dvc exp run --temp``): the workspace keeps its params and
+            results, and the experiment's metrics are read with ``dvc exp show``.
 
     Returns:
         ``{"evaluate": <metrics/evaluate.json or {}>, "mlflow_parent_run_id": ...}``.
@@ -95,8 +97,9 @@ def pipeline_flow(overrides: Optional[list[str]] = None, project_root: str = "."
         api = _api_url()
         if api:
             env["PREFECT_API_URL"] = api
-        if overrides or exp_name:
-            cmd = ["dvc", "exp", "run"] + [a for o in overrides for a in ("-S", o)] + (["--name", exp_name] if exp_name else [])
+        if overrides or exp_name or temp:
+            cmd = (["dvc", "exp", "run"] + (["--temp"] if temp else []) + [a for o in overrides for a in ("-S", o)]
+                   + (["--name", exp_name] if exp_name else []))
         else:
             cmd = ["dvc", "repro"]
         if force:
@@ -111,8 +114,9 @@ def pipeline_flow(overrides: Optional[list[str]] = None, project_root: str = "."
 
     result: dict[str, Any] = {"mlflow_parent_run_id": parent}
     metrics_file = root / "metrics" / "evaluate.json"
-    if metrics_file.is_file() and not overrides:
+    in_workspace = not temp
+    if metrics_file.is_file() and in_workspace:
         result["evaluate"] = json.loads(metrics_file.read_text())
-    if not overrides:
+    if in_workspace:
         publish_report(root)
     return result

@@ -49,3 +49,19 @@ def test_round_trip_defaults(tmp_path):
     f = tmp_path / "params.yaml"
     f.write_text(yaml.safe_dump(p.model_dump(mode="json")))
     assert load_params(f) == p
+
+
+def test_overrides_use_dvc_syntax_and_are_validated():
+    from distill.config import apply_overrides
+
+    raw = {"student": {"alpha": 0.5}}
+    out = apply_overrides(raw, ["student.alpha=0.7", "data.augment.scale=[0.2, 1.0]", "student.distillation=soft"])
+    assert raw == {"student": {"alpha": 0.5}}  # input untouched
+    p = parse_params(out)
+    assert (p.student.alpha, p.data.augment.scale, p.student.distillation) == (0.7, (0.2, 1.0), "soft")
+    with pytest.raises(ParamsError, match="student.alpah"):
+        parse_params(apply_overrides(raw, ["student.alpah=1"]))
+    with pytest.raises(ParamsError, match="key.path=value"):
+        apply_overrides(raw, ["student.alpha"])
+    with pytest.raises(ParamsError, match="not a group"):
+        apply_overrides(raw, ["student.alpha.x=1"])
