@@ -134,9 +134,16 @@ def _datasets(data: Any) -> tuple[Any, Any]:
     return ArrayDataset(data.train), ArrayDataset(data.val)
 
 
-def _train(model: torch.nn.Module, *, stage: str, params: Params, train_params: TrainParams, data: Any, paths: Paths,
-           criterion: DistillationLoss, views_factory: Any, tracker: Tracker, key: str, accelerator: Any = None) -> Any:
-    """Shared by teacher, baseline and student: build the task, fit, write curves."""
+def _train(model: torch.nn.Module, *, stage: str, kind: str, config: dict[str, Any], params: Params,
+           train_params: TrainParams, data: Any, paths: Paths, criterion: DistillationLoss, views_factory: Any,
+           tracker: Tracker, key: str, accelerator: Any = None) -> dict[str, Any]:
+    """Shared by teacher, baseline and student: fit with the one engine, then write curves, checkpoint and metrics.
+
+    The resume state lives in ``paths.state(stage, key)`` (outside DVC's outputs) until the outputs are written.
+
+    Returns:
+        The stage summary (last epoch's losses and accuracy, mean throughput, training time).
+    """
     accelerator = accelerator or make_accelerator(grad_accum=train_params.grad_accum)
     augmenter = _augmenter(params, data.meta)
     views = views_factory(augmenter, accelerator)
@@ -149,16 +156,17 @@ def _train(model: torch.nn.Module, *, stage: str, params: Params, train_params: 
     state_dir = paths.state(stage, key)
     result = fit(task, train_set=train_set, val_set=val_set, params=train_params, seed=params.seed,
                  accelerator=accelerator, state_dir=state_dir, on_epoch_end=log_epoch, desc=stage)
+    summary = _fit_summary(result.history)
     if accelerator.is_main_process:
         _write_curves(paths.curves(stage), result.history)
-    return result, accelerator, state_dir
-
-
-def _finish(accelerator: Any, state_dir: Path) -> None:
-    """The stage's outputs are written: its resume state is no longer needed."""
+        save_model(paths.model(stage), result.model, kind=kind, config=config,
+                   extra=_extra(params, data.meta, stage, summary))
+        atomic_write_json(paths.metrics(stage), summary)
+        tracker.log_metrics({f"final_{k}": v for k, v in summary.items()})
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
+    if accelerator.is_main_process:  # the outputs are written: the resume state is no longer needed
         shutil.rmtree(state_dir, ignore_errors=True)
+    return summary
 
 
 def _fit_summary(history: list[dict[str, float]]) -> dict[str, float]:
@@ -215,17 +223,9 @@ def run_teacher(params: Params, paths: Paths, tracker: Tracker = NullTracker(), 
     crit = DistillationLoss(mode="none", label_smoothing=tp.label_smoothing)
     key = _key(stage_params(params, "teacher"), paths.data)
     tracker.log_dataset(name=data.meta.name, digest=data.meta.fingerprint, source=f"file://{paths.data.resolve()}", context="train")
-    result, acc, state_dir = _train(model, stage="teacher", params=params, train_params=tp, data=data, paths=paths,
-                                    criterion=crit, views_factory=lambda aug, _acc: RandomViews(aug), tracker=tracker,
-                                    key=key, accelerator=accelerator)
-    summary = _fit_summary(result.history)
-    if acc.is_main_process:
-        save_model(paths.model("teacher"), result.model, kind="teacher", config=cfg,
-                   extra=_extra(params, data.meta, "teacher", summary))
-        atomic_write_json(paths.metrics("teacher"), summary)
-        tracker.log_metrics({f"final_{k}": v for k, v in summary.items()})
-    _finish(acc, state_dir)
-    return summary
+    return _train(model, stage="teacher", kind="teacher", config=cfg, params=params, train_params=tp, data=data,
+                  paths=paths, criterion=crit, views_factory=lambda aug, _acc: RandomViews(aug), tracker=tracker,
+                  key=key, accelerator=accelerator)
 
 
 def _extra(params: Params, meta: Any, stage: str, summary: dict[str, float]) -> dict[str, Any]:
@@ -321,17 +321,9 @@ def run_student(params: Params, paths: Paths, tracker: Tracker = NullTracker(), 
         extra_inputs.append(paths.model("teacher"))
     key = _key(stage_params(params, "student"), *extra_inputs)
     tracker.log_dataset(name=data.meta.name, digest=data.meta.fingerprint, source=f"file://{paths.data.resolve()}", context="train")
-    result, acc, state_dir = _train(model, stage="student", params=params, train_params=sp.train, data=data, paths=paths,
-                                    criterion=crit, views_factory=views_factory, tracker=tracker, key=key,
-                                    accelerator=accelerator)
-    summary = _fit_summary(result.history)
-    if acc.is_main_process:
-        save_model(paths.model("student"), result.model, kind="deit", config=cfg,
-                   extra=_extra(params, data.meta, "student", summary))
-        atomic_write_json(paths.metrics("student"), summary)
-        tracker.log_metrics({f"final_{k}": v for k, v in summary.items()})
-    _finish(acc, state_dir)
-    return summary
+    return _train(model, stage="student", kind="deit", config=cfg, params=params, train_params=sp.train, data=data,
+                  paths=paths, criterion=crit, views_factory=views_factory, tracker=tracker, key=key,
+                  accelerator=accelerator)
 
 
 def run_baseline(params: Params, paths: Paths, tracker: Tracker = NullTracker(), accelerator: Any = None) -> dict[str, Any]:
@@ -344,17 +336,9 @@ def run_baseline(params: Params, paths: Paths, tracker: Tracker = NullTracker(),
     model = build_model("deit", cfg)
     crit = DistillationLoss(mode="none", label_smoothing=sp.train.label_smoothing)
     key = _key(stage_params(params, "baseline"), paths.data)
-    result, acc, state_dir = _train(model, stage="baseline", params=params, train_params=sp.train, data=data, paths=paths,
-                                    criterion=crit, views_factory=lambda aug, _acc: RandomViews(aug), tracker=tracker,
-                                    key=key, accelerator=accelerator)
-    summary = _fit_summary(result.history)
-    if acc.is_main_process:
-        save_model(paths.model("baseline"), result.model, kind="deit", config=cfg,
-                   extra=_extra(params, data.meta, "baseline", summary))
-        atomic_write_json(paths.metrics("baseline"), summary)
-        tracker.log_metrics({f"final_{k}": v for k, v in summary.items()})
-    _finish(acc, state_dir)
-    return summary
+    return _train(model, stage="baseline", kind="deit", config=cfg, params=params, train_params=sp.train, data=data,
+                  paths=paths, criterion=crit, views_factory=lambda aug, _acc: RandomViews(aug), tracker=tracker,
+                  key=key, accelerator=accelerator)
 
 
 # ---------------------------------------------------------------------------------------- evaluate
