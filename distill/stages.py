@@ -20,15 +20,16 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 
 from distill.checkpoint import atomic_write_json, atomic_write_text, file_sha256, load_model, save_model
 from distill.config import Params, TrainParams
-from distill.engine import OnlineTeacher, RandomViews, SupervisedTask, fit, make_accelerator
-from distill.losses import DistillationLoss
 from distill.tracking import NullTracker, Tracker
+
+if TYPE_CHECKING:  # training modules are imported where used: the data stage does not depend on them
+    from distill.losses import DistillationLoss
 
 __all__ = ["Paths", "STAGES", "run_data", "run_teacher", "run_soft_labels", "run_student", "run_baseline",
            "run_evaluate", "stage_params"]
@@ -144,6 +145,8 @@ def _train(model: torch.nn.Module, *, stage: str, kind: str, config: dict[str, A
     Returns:
         The stage summary (last epoch's losses and accuracy, mean throughput, training time).
     """
+    from distill.engine import SupervisedTask, fit, make_accelerator
+
     accelerator = accelerator or make_accelerator(grad_accum=train_params.grad_accum)
     augmenter = _augmenter(params, data.meta)
     views = views_factory(augmenter, accelerator)
@@ -211,6 +214,8 @@ def _teacher_config(params: Params, meta: Any) -> dict[str, Any]:
 def run_teacher(params: Params, paths: Paths, tracker: Tracker = NullTracker(), accelerator: Any = None) -> dict[str, Any]:
     """Train the CNN teacher with the one engine (labels only)."""
     from distill.checkpoint import build_model
+    from distill.engine import RandomViews
+    from distill.losses import DistillationLoss
     from distill.teachers import load_pretrained
 
     data = _load_data(paths)
@@ -254,6 +259,7 @@ def _store_expectations(paths: Paths, params: Params, meta: Any, num_images: int
 
 def run_soft_labels(params: Params, paths: Paths, tracker: Tracker = NullTracker(), accelerator: Any = None) -> dict[str, Any]:
     """Run the frozen teacher once over K augmented views of every training image and store the results."""
+    from distill.engine import make_accelerator
     from distill.soft_labels import describe_store, generate_store
 
     data = _load_data(paths)
@@ -298,6 +304,8 @@ def _student_config(params: Params, meta: Any, *, distilled: bool) -> dict[str, 
 def run_student(params: Params, paths: Paths, tracker: Tracker = NullTracker(), accelerator: Any = None) -> dict[str, Any]:
     """Train the DeiT student with its distillation token (DeiT's hard/soft/none losses)."""
     from distill.checkpoint import build_model
+    from distill.engine import OnlineTeacher, RandomViews
+    from distill.losses import DistillationLoss
 
     data = _load_data(paths)
     sp = params.student
@@ -329,6 +337,8 @@ def run_student(params: Params, paths: Paths, tracker: Tracker = NullTracker(), 
 def run_baseline(params: Params, paths: Paths, tracker: Tracker = NullTracker(), accelerator: Any = None) -> dict[str, Any]:
     """The same student, same recipe and budget, trained on labels only (what distillation is measured against)."""
     from distill.checkpoint import build_model
+    from distill.engine import RandomViews
+    from distill.losses import DistillationLoss
 
     data = _load_data(paths)
     sp = params.student
