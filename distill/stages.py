@@ -156,12 +156,15 @@ def _train(model: torch.nn.Module, *, stage: str, kind: str, config: dict[str, A
     def log_epoch(rec: dict[str, float]) -> None:
         tracker.log_metrics({k: v for k, v in rec.items() if k != "epoch"}, step=int(rec["epoch"]))
 
+    tracker.log_dataset(name=data.meta.name, digest=data.meta.fingerprint, source=f"file://{paths.data.resolve()}",
+                        context="train")
     state_dir = paths.state(stage, key)
     result = fit(task, train_set=train_set, val_set=val_set, params=train_params, seed=params.seed,
                  accelerator=accelerator, state_dir=state_dir, on_epoch_end=log_epoch, desc=stage)
     summary = _fit_summary(result.history)
     if accelerator.is_main_process:
         _write_curves(paths.curves(stage), result.history)
+        tracker.log_artifact(paths.curves(stage), "curves")
         save_model(paths.model(stage), result.model, kind=kind, config=config,
                    extra=_extra(params, data.meta, stage, summary))
         atomic_write_json(paths.metrics(stage), summary)
@@ -227,7 +230,6 @@ def run_teacher(params: Params, paths: Paths, tracker: Tracker = NullTracker(), 
     tp = params.teacher.train
     crit = DistillationLoss(mode="none", label_smoothing=tp.label_smoothing)
     key = _key(stage_params(params, "teacher"), paths.data)
-    tracker.log_dataset(name=data.meta.name, digest=data.meta.fingerprint, source=f"file://{paths.data.resolve()}", context="train")
     return _train(model, stage="teacher", kind="teacher", config=cfg, params=params, train_params=tp, data=data,
                   paths=paths, criterion=crit, views_factory=lambda aug, _acc: RandomViews(aug), tracker=tracker,
                   key=key, accelerator=accelerator)
@@ -328,7 +330,6 @@ def run_student(params: Params, paths: Paths, tracker: Tracker = NullTracker(), 
         views_factory = lambda aug, acc: OnlineTeacher(teacher.to(acc.device), aug, autocast=acc.autocast)  # noqa: E731
         extra_inputs.append(paths.model("teacher"))
     key = _key(stage_params(params, "student"), *extra_inputs)
-    tracker.log_dataset(name=data.meta.name, digest=data.meta.fingerprint, source=f"file://{paths.data.resolve()}", context="train")
     return _train(model, stage="student", kind="deit", config=cfg, params=params, train_params=sp.train, data=data,
                   paths=paths, criterion=crit, views_factory=views_factory, tracker=tracker, key=key,
                   accelerator=accelerator)

@@ -12,12 +12,15 @@ temporary Prefect server (about 10 s each).
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from pathlib import Path
 from typing import Any, Optional
 
+import mlflow
 from prefect import flow, get_run_logger
 
+from distill.config import apply_overrides, load_params, parse_params
 from distill.tracking import create_pipeline_run, open_experiment, tracking_uri
 from flows.stages import publish_report
 
@@ -26,17 +29,21 @@ class StageFailed(RuntimeError):
     """A DVC command run by the pipeline exited non-zero."""
 
 
-def _stream(cmd: list[str], *, cwd: Path, env: dict[str, str], logger: Any) -> None:
+def _stream(cmd: list[str], *, cwd: Path, env: dict[str, str], logger: Any) -> list[str]:
+    """Run ``cmd``, logging its output line by line into the flow run; returns the lines. Fails on non-zero exit."""
     logger.info("$ %s", " ".join(cmd))
+    lines: list[str] = []
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
     assert proc.stdout is not None
     for line in proc.stdout:
         line = line.rstrip()
         if line and "\r" not in line:  # progress-bar redraws are noise in a log
             logger.info(line)  # the flow run's log, which Prefect also echoes to the console
+            lines.append(line)
     rc = proc.wait()
     if rc != 0:
         raise StageFailed(f"`{' '.join(cmd)}` exited with status {rc}; see the log above for the failing stage")
+    return lines
 
 
 def _api_url() -> Optional[str]:
@@ -88,6 +95,9 @@ def pipeline_flow(overrides: Optional[list[str]] = None, project_root: str = "."
     logger = get_run_logger()
     root = Path(project_root).resolve()
     overrides = list(overrides or [])
+    # A deployment run starts here, not in the CLI: check params and overrides before anything is opened or run.
+    parse_params(apply_overrides(load_params(root / "params.yaml").model_dump(mode="json"), overrides),
+                 source="params.yaml with the overrides " + " ".join(overrides) if overrides else "params.yaml")
     env = dict(os.environ)
     parent = _open_parent_run(root, overrides, exp_name)
     status = "FAILED"
@@ -104,13 +114,13 @@ def pipeline_flow(overrides: Optional[list[str]] = None, project_root: str = "."
             cmd = ["dvc", "repro"]
         if force:
             cmd.append("-f")
-        _stream(cmd, cwd=root, env=env, logger=logger)
+        lines = _stream(cmd, cwd=root, env=env, logger=logger)
+        ran = [m.group(1) for m in map(re.compile(r"Ran experiment\(s\): (\S+)").search, lines) if m]
+        if ran:  # DVC names experiments it runs unnamed: record the name on the parent run too
+            mlflow.MlflowClient().set_tag(parent, "dvc_exp_name", ran[-1])
         status = "FINISHED"
     finally:
-        if parent:
-            import mlflow
-
-            mlflow.MlflowClient().set_terminated(parent, status=status)
+        mlflow.MlflowClient().set_terminated(parent, status=status)
 
     result: dict[str, Any] = {"mlflow_parent_run_id": parent}
     metrics_file = root / "metrics" / "evaluate.json"

@@ -39,7 +39,8 @@ def test_every_imported_library_file_is_a_dep_of_its_stage(tmp_path):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     env = {**os.environ, "DISTILL_PROGRESS": "0", "PYTHONPATH": str(ROOT)}
     deps = {name: set(stage.get("deps", [])) for name, stage in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"].items()}
-    assert set(deps) == set(STAGES)
+    assert set(deps) == {"check_params", *STAGES}
+    assert deps["check_params"] == {"params.yaml", "distill/config.py"}  # it imports nothing else
     missing = {}
     for stage in STAGES:  # in pipeline order: each stage reads what the previous ones wrote
         res = subprocess.run([sys.executable, "-c", PROBE, stage], cwd=tmp_path, env=env, capture_output=True, text=True,

@@ -1,0 +1,92 @@
+"""The README's Prefect section, for real: work pool, ``prefect deploy --all``, a process worker, deployment runs.
+
+It uses the session's ``prefect server start`` and reuses ``built_project`` (conftest.py), where the
+pipeline has already run: the ``default`` deployment's run is then a quick no-op ``dvc repro``, and
+the ``experiment`` deployment's run with ``overrides=["student.alpha=0.6"]`` reruns ``student`` and
+``evaluate`` as a DVC experiment, on the worker.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from conftest import PipelineRun, describe, dvc_experiments, mlflow_client, mlflow_runs, stop_process_group
+
+pytestmark = pytest.mark.slow
+
+POOL = "distill-process"
+WATCH_TIMEOUT_S = 600
+
+
+@pytest.fixture
+def deployed(built_project: PipelineRun, run_cmd: Any) -> dict[str, str]:
+    """The work pool and the deployments of prefect.yaml, registered on the session's server."""
+    assert built_project.proc.returncode == 0, describe(built_project.proc)
+    env = {"DISTILL_PROJECT_DIR": str(built_project.project)}
+    run_cmd(["prefect", "work-pool", "create", POOL, "--type", "process"], built_project.project, env=env, timeout=120)
+    run_cmd(["prefect", "deploy", "--all", "--no-prompt"], built_project.project, env=env, timeout=300)
+    return env
+
+
+@pytest.fixture
+def worker(deployed: dict[str, str], built_project: PipelineRun, sub_env: dict[str, str],
+           tmp_path: Path) -> Iterator[Path]:
+    """A real ``prefect worker start --pool distill-process``; yields its log file. Always stopped."""
+    log = tmp_path / "worker.log"
+    env = {**sub_env, **deployed, "PREFECT_WORKER_QUERY_SECONDS": "2"}  # poll often: shorter test
+    with open(log, "w") as out:
+        proc = subprocess.Popen(["prefect", "worker", "start", "--pool", POOL, "--limit", "1"],
+                                cwd=built_project.project, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        yield log
+    finally:
+        stop_process_group(proc)
+
+
+def run_deployment(run_cmd: Any, project: Path, worker_log: Path, name: str, *params: str) -> dict[str, Any]:
+    """``prefect deployment run <name> --watch``; returns the flow run as the API reports it (``inspect -o json``)."""
+    args = ["prefect", "deployment", "run", name, "--watch", "--watch-timeout", str(WATCH_TIMEOUT_S)]
+    for p in params:
+        args += ["-p", p]
+    proc = run_cmd(args, project, timeout=WATCH_TIMEOUT_S + 60, check=False)
+    context = f"{describe(proc)}\n--- worker log ---\n{worker_log.read_text()[-8000:]}"
+    match = re.search(r"UUID:\s*([0-9a-f-]{36})", proc.stdout)
+    assert match, context
+    inspected = run_cmd(["prefect", "flow-run", "inspect", match.group(1), "-o", "json"], project, timeout=120)
+    flow_run = json.loads(inspected.stdout)
+    assert flow_run["state"]["type"] == "COMPLETED", f"{flow_run['state']}\n{context}"
+    assert proc.returncode == 0, context
+    return flow_run
+
+
+def stage_runs_of(project: Path, flow_run: dict[str, Any]) -> list[Any]:
+    """The MLflow child runs under the parent run the pipeline flow run opened (tagged with its id)."""
+    client = mlflow_client(project)
+    parents = mlflow_runs(client, f"tags.prefect_flow_run_id = '{flow_run['id']}'")
+    assert len(parents) == 1, parents
+    assert parents[0].info.status == "FINISHED"
+    return mlflow_runs(client, f"tags.`mlflow.parentRunId` = '{parents[0].info.run_id}'")
+
+
+def test_deployments_run_on_a_worker(built_project: PipelineRun, run_cmd: Any, worker: Path) -> None:
+    project = built_project.project
+    default = run_deployment(run_cmd, project, worker, "distill-pipeline/default")
+    assert default["parameters"]["overrides"] == []
+    assert stage_runs_of(project, default) == []  # `dvc repro` of an up-to-date project runs no stage
+
+    experiments_before = dvc_experiments(project, run_cmd)
+    experiment = run_deployment(run_cmd, project, worker, "distill-pipeline/experiment",
+                                'overrides=["student.alpha=0.6"]')
+    assert experiment["parameters"]["overrides"] == ["student.alpha=0.6"]
+    new = {name: p for name, p in dvc_experiments(project, run_cmd).items() if name not in experiments_before}
+    assert [p["student"]["alpha"] for p in new.values()] == [0.6], new  # the override ran as a DVC experiment
+    children = stage_runs_of(project, experiment)
+    assert sorted(r.data.tags["distill.stage"] for r in children) == ["evaluate", "student"]
+    assert {r.data.tags["dvc_exp_name"] for r in children} == set(new)
