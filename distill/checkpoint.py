@@ -72,8 +72,24 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
-def build_model(kind: str, config: dict[str, Any]) -> nn.Module:
-    """Rebuild an untrained model from a checkpoint's ``kind`` and ``config``."""
+def build_model(kind: str, config: dict[str, Any], *, seed: int | None = None) -> nn.Module:
+    """Rebuild an untrained model from a checkpoint's ``kind`` and ``config``.
+
+    Args:
+        kind: ``'deit'`` or ``'teacher'``.
+        config: the keyword config saved in the checkpoint.
+        seed: initialise the weights from this seed, leaving the global RNG as it was. Training
+            stages pass ``params.seed``: without it the initialisation depends on whatever the global
+            RNG holds, and two processes with the same params train different models.
+    """
+    if seed is None:
+        return _build_model(kind, config)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _build_model(kind, config)
+
+
+def _build_model(kind: str, config: dict[str, Any]) -> nn.Module:
     if kind == "deit":
         from distill.models.deit import DeiT, DeiTConfig
 

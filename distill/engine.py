@@ -10,6 +10,19 @@ Shuffling uses :class:`EpochSampler` (a permutation seeded by ``seed + epoch``),
 parameters come from a generator seeded per step (:meth:`StepContext.generator`), and the global
 RNGs (dropout, DropPath) are re-seeded at every epoch start. A run resumed from the state saved at
 the end of epoch ``k`` therefore replays epochs ``k+1 ...`` exactly as an uninterrupted run would.
+Across processes this also needs the model's *initialisation* seeded (``build_model(..., seed=)``)
+and the same number of CPU threads (``OMP_NUM_THREADS``): reductions split over a different number
+of threads round differently.
+
+Crash safety (docs/reliability.md): the state of every finished epoch is written by
+``accelerator.save_state`` into a temporary folder that is renamed into place, so a kill leaves the
+previous epoch's state or the new one, never half of one. Everything in it is read back without
+unpickling code: weights from safetensors, optimizer and RNG states with ``torch.load(weights_only=True)``,
+the scheduler and the history from JSON. A state folder that is there but unreadable is an error
+that names it, never a silent restart.
+
+Testing hook: ``DISTILL_FAULT=[<stage>:]<action>@<step>`` injects a fault when ``<step>`` optimizer
+steps are done (see :func:`_fault`); it exists for ``tests/test_reliability*.py``.
 """
 
 from __future__ import annotations
@@ -18,6 +31,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -28,6 +42,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from distill.checkpoint import CheckpointError
 from distill.config import TrainParams
 from distill.losses import DistillationLoss
 
@@ -40,6 +55,7 @@ __all__ = [
     "EpochSampler",
     "NonFiniteLossError",
     "FitResult",
+    "discard_state",
     "make_accelerator",
     "build_optimizer",
     "warmup_cosine",
@@ -183,9 +199,17 @@ def make_accelerator(*, grad_accum: int = 1, cpu: Optional[bool] = None) -> Any:
     """
     from accelerate import Accelerator
 
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if cpu is None:
         cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
-    return Accelerator(gradient_accumulation_steps=grad_accum, cpu=cpu)
+        # torchrun / `accelerate launch --multi_gpu` on a machine without GPUs: accelerate forms the (gloo)
+        # process group only when told to use the CPU; otherwise every rank would train alone.
+        cpu = cpu or (world > 1 and not torch.cuda.is_available())
+    accelerator = Accelerator(gradient_accumulation_steps=grad_accum, cpu=cpu)
+    if world > 1 and accelerator.num_processes != world:
+        raise RuntimeError(f"{world} processes were launched (WORLD_SIZE) but accelerate formed a group of "
+                           f"{accelerator.num_processes}: set ACCELERATE_USE_CPU=1 on machines without GPUs")
+    return accelerator
 
 
 def build_optimizer(model: nn.Module, *, lr: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -216,25 +240,59 @@ class FitResult:
     resumed_from_epoch: Optional[int] = None
 
 
+STATE_META = "distill_state.json"
+
+
 def _latest_state(state_dir: Path) -> tuple[Optional[Path], Optional[dict]]:
+    """The newest complete ``epoch_*`` folder and its metadata, or ``(None, None)``.
+
+    A folder only gets its final name once fully written (see :func:`_save_state`), and is renamed
+    away before it is deleted (:func:`discard_state`), so a damaged ``epoch_*`` folder is an error
+    naming it, not a silent restart. Leftovers of a kill (``.tmp_*`` / ``.trash_*``) are ignored, and
+    so is an ``epoch_*`` folder with no metadata at all: what a plain ``rm -r`` killed midway leaves.
+    """
     best: tuple[int, Optional[Path], Optional[dict]] = (-1, None, None)
     if not state_dir.is_dir():
         return None, None
     for d in state_dir.glob("epoch_*"):
-        meta_file = d / "distill_state.json"
-        if not meta_file.is_file():  # incomplete (crashed mid-save): ignore
+        if not (d / STATE_META).exists():
+            print(f"warning: ignoring incomplete resume state {d} (no {STATE_META})", file=sys.stderr)
             continue
         try:
-            meta = json.loads(meta_file.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        if meta["epoch"] > best[0]:
-            best = (meta["epoch"], d, meta)
+            meta = json.loads((d / STATE_META).read_text())
+            epoch = int(meta["epoch"])
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise CheckpointError(_bad_state(d, f"{STATE_META} is missing or unreadable: {err}")) from None
+        if epoch > best[0]:
+            best = (epoch, d, meta)
     return best[1], best[2]
 
 
-def _save_state(accelerator: Any, state_dir: Path, epoch: int, history: list[dict]) -> Path:
-    """Save full training state for ``epoch`` atomically: write to a temp dir, then rename."""
+def discard_state(path: Path) -> None:
+    """Delete a state folder so that a kill midway cannot leave a half-deleted ``epoch_*`` behind.
+
+    It is renamed to a hidden ``.trash_*`` sibling first (atomic), then removed; leftovers of earlier
+    kills next to it go too.
+    """
+    trash = path.with_name(f".trash_{path.name}_{os.getpid()}")
+    if path.exists():
+        os.replace(path, trash)
+    for old in path.parent.glob(f".trash_{path.name}_*"):
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _bad_state(folder: Path, why: str) -> str:
+    return (f"resume state {folder} is corrupt or truncated ({why}). Delete it (`rm -r {folder.parent}`) to "
+            "restart this stage from scratch; the stage's outputs are untouched.")
+
+
+def _save_state(accelerator: Any, state_dir: Path, epoch: int, history: list[dict], scheduler: Any,
+                global_step: int) -> Path:
+    """Save full training state for ``epoch`` atomically: write to a temp dir, then rename.
+
+    accelerate writes model (safetensors), optimizer and RNG states; the scheduler (a JSON-able
+    dict) and the history go into ``distill_state.json``, so nothing needs unpickling on resume.
+    """
     final = state_dir / f"epoch_{epoch:05d}"
     tmp = state_dir / f".tmp_epoch_{epoch:05d}"
     if accelerator.is_main_process:
@@ -244,14 +302,71 @@ def _save_state(accelerator: Any, state_dir: Path, epoch: int, history: list[dic
     accelerator.save_state(str(tmp), safe_serialization=True)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (tmp / "distill_state.json").write_text(json.dumps({"epoch": epoch, "history": history}))
-        shutil.rmtree(final, ignore_errors=True)
+        meta = {"epoch": epoch, "global_step": global_step, "history": history, "scheduler": scheduler.state_dict()}
+        (tmp / STATE_META).write_text(json.dumps(meta))
+        discard_state(final)
         os.replace(tmp, final)
         for old in state_dir.glob("epoch_*"):
             if old != final:
-                shutil.rmtree(old, ignore_errors=True)
+                discard_state(old)
     accelerator.wait_for_everyone()
     return final
+
+
+def _load_state(accelerator: Any, folder: Path, meta: dict, scheduler: Any) -> None:
+    """Restore what :func:`_save_state` wrote; any failure names the folder and how to recover."""
+    try:
+        accelerator.load_state(str(folder))  # accelerate loads with weights_only=True
+        scheduler.load_state_dict(meta["scheduler"])
+    except Exception as err:  # noqa: BLE001 - any reader failure means a damaged state folder
+        raise CheckpointError(_bad_state(folder, f"{type(err).__name__}: {err}")) from None
+
+
+_FAULTS_FIRED: set[str] = set()
+
+
+def _fault(desc: str, global_step: int) -> bool:
+    """Testing hook: ``DISTILL_FAULT=[<stage>:]<action>@<step>`` fires once ``<step>`` optimizer steps are done.
+
+    Actions: ``kill`` (SIGKILL this very process: a real crash), ``raise`` (a ``RuntimeError``),
+    ``nan`` (the next loss is NaN), ``wait`` (touch ``$DISTILL_FAULT_FILE.waiting``, then block until
+    ``$DISTILL_FAULT_FILE`` exists). Each fires at most once per process, so a Prefect retry in the same
+    process runs on. With ``<stage>:`` only that stage's training (``fit``'s ``desc``) is affected.
+
+    Returns:
+        True when the next loss must be replaced by NaN.
+    """
+    spec = os.environ.get("DISTILL_FAULT", "")
+    if not spec or spec in _FAULTS_FIRED:
+        return False
+    stage, _, rule = spec.rpartition(":")
+    action, _, step = rule.partition("@")
+    if (stage and stage != desc) or not step.isdigit() or global_step != int(step):
+        return False
+    _FAULTS_FIRED.add(spec)
+    print(f"[{desc}] DISTILL_FAULT: {action} after {global_step} steps", file=sys.stderr, flush=True)
+    if action == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif action == "raise":
+        raise RuntimeError(f"[{desc}] injected fault (DISTILL_FAULT={spec})")
+    elif action == "wait":
+        release = Path(os.environ["DISTILL_FAULT_FILE"])
+        Path(f"{release}.waiting").touch()
+        while not release.exists():
+            time.sleep(0.1)
+    return action == "nan"
+
+
+def _non_finite_message(desc: str, loss: Tensor, epoch: int, step: int, state_path: Optional[Path]) -> str:
+    """Why training stopped, where (1-based epoch and step), and what is kept."""
+    msg = f"[{desc}] loss is {loss.item()} at epoch {epoch + 1}, step {step + 1}; training stopped. "
+    if state_path is not None and epoch > 0:
+        msg += (f"The last good training state (end of epoch {epoch}) is kept in {state_path / f'epoch_{epoch - 1:05d}'}; "
+                "rerunning the stage resumes from it. ")
+    elif state_path is not None:
+        msg += "No epoch had finished, so there is no training state to resume from. "
+    msg += "Earlier outputs of the stage are untouched. Lower the learning rate, enable grad_clip, or check the inputs for NaNs."
+    return msg
 
 
 def _progress(iterable: Any, *, total: int, desc: str, enabled: bool) -> Any:
@@ -285,7 +400,8 @@ def fit(
         seed: global seed; all randomness derives from it.
         accelerator: an :class:`accelerate.Accelerator`; one is made from the environment if None.
         state_dir: where full training state is saved every epoch and resumed from. ``None``: no resume.
-        on_epoch_end: called on the main process with each epoch's record (e.g. MLflow logging).
+        on_epoch_end: called on the main process with each epoch's record (e.g. MLflow logging). After a
+            resume it is first called with the records of the epochs restored from the state.
         desc: progress-bar label.
         num_workers: DataLoader workers.
         stop_after_steps: testing hook: raise ``KeyboardInterrupt`` after this many optimizer steps.
@@ -295,6 +411,7 @@ def fit(
 
     Raises:
         NonFiniteLossError: NaN/inf loss (names epoch and step; the last good state is kept).
+        CheckpointError: the resume state in ``state_dir`` is there but damaged (names it and how to recover).
     """
     from accelerate.utils import set_seed
 
@@ -316,9 +433,9 @@ def fit(
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: warmup_cosine(s, warmup_steps=params.warmup_epochs * steps_per_epoch, total_steps=total_steps,
                                            min_ratio=params.min_lr / params.lr))
-    # Not passed to prepare(): accelerate would step it num_processes times per step. Registered so
-    # save_state/load_state carry it.
-    accelerator.register_for_checkpointing(scheduler)
+    # Not passed to prepare(): accelerate would step it num_processes times per step. Nor registered
+    # for checkpointing: accelerate reloads registered objects with pickle (weights_only=False); its
+    # state is a small dict that _save_state keeps as JSON instead.
 
     history: list[dict[str, float]] = []
     start_epoch, resumed = 0, None
@@ -326,10 +443,13 @@ def fit(
     if state_path is not None:
         latest, meta = _latest_state(state_path)
         if latest is not None and meta is not None:
-            accelerator.load_state(str(latest))
+            _load_state(accelerator, latest, meta, scheduler)
             history = meta["history"]
             start_epoch = resumed = meta["epoch"] + 1
-            accelerator.print(f"[{desc}] resuming from {latest} (epochs 0..{meta['epoch']} done)")
+            accelerator.print(f"[{desc}] resuming from {latest} (epochs 1..{start_epoch} of {params.epochs} done)")
+            if accelerator.is_main_process and on_epoch_end is not None:
+                for record in history:  # a fresh tracking run gets the whole curve, not only the epochs after the crash
+                    on_epoch_end(record)
 
     global_step = start_epoch * steps_per_epoch
     for epoch in range(start_epoch, params.epochs):
@@ -342,15 +462,12 @@ def fit(
         bar = _progress(loader, total=len(loader), desc=f"{desc} {epoch + 1}/{params.epochs}", enabled=accelerator.is_local_main_process)
         for i, batch in enumerate(bar):
             ctx = StepContext(seed=seed, epoch=epoch, step=i, process_index=accelerator.process_index)
+            inject_nan = _fault(desc, global_step)
             with accelerator.accumulate(model):
                 out = task.training_step(batch, ctx)
-                loss = out["loss"]
+                loss = out["loss"] * float("nan") if inject_nan else out["loss"]
                 if not torch.isfinite(loss.detach()).all():
-                    raise NonFiniteLossError(
-                        f"[{desc}] loss is {loss.item()} at epoch {epoch + 1}, step {i + 1}; stopped. "
-                        + (f"The last good training state (end of epoch {start_epoch if resumed else epoch}) is kept in {state_path}. "
-                           if state_path else "")
-                        + "Lower the learning rate, enable grad_clip, or check the inputs for NaNs.")
+                    raise NonFiniteLossError(_non_finite_message(desc, loss, epoch, i, state_path))
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     if params.grad_clip:
@@ -371,13 +488,16 @@ def fit(
             if stop_after_steps is not None and global_step >= stop_after_steps:
                 raise KeyboardInterrupt(f"stop_after_steps={stop_after_steps} reached")
         elapsed = time.perf_counter() - t0
+        # Means over every process's batches (what one process would log), not the main process's alone.
+        totals = torch.tensor([sums["loss"], sums["base"], sums["distill"], n_batches, seen], device=accelerator.device)
+        loss_sum, base_sum, distill_sum, n_all, seen_all = accelerator.reduce(totals, reduction="sum").tolist()
         record: dict[str, float] = {
             "epoch": epoch + 1,
-            "train_loss": sums["loss"] / max(n_batches, 1),
-            "train_base_loss": sums["base"] / max(n_batches, 1),
-            "train_distill_loss": sums["distill"] / max(n_batches, 1),
+            "train_loss": loss_sum / max(n_all, 1),
+            "train_base_loss": base_sum / max(n_all, 1),
+            "train_distill_loss": distill_sum / max(n_all, 1),
             "lr": scheduler.get_last_lr()[0],
-            "train_images_per_sec": seen * accelerator.num_processes / max(elapsed, 1e-9),
+            "train_images_per_sec": seen_all / max(elapsed, 1e-9),
             "epoch_time_s": elapsed,
         }
         if val_loader is not None:
@@ -389,10 +509,13 @@ def fit(
             if on_epoch_end is not None:
                 on_epoch_end(record)
         if state_path is not None:
-            _save_state(accelerator, state_path, epoch, history)
+            _save_state(accelerator, state_path, epoch, history, scheduler, global_step)
 
     accelerator.wait_for_everyone()
-    return FitResult(model=accelerator.unwrap_model(model), history=history, resumed_from_epoch=resumed)
+    # Without DDP, the mixed-precision forward wrapper and torch.compile's wrapper (accelerate's dynamo
+    # backend): a compiled module's state_dict would prefix every key with "_orig_mod.".
+    model = accelerator.unwrap_model(model, keep_fp32_wrapper=False, keep_torch_compile=False)
+    return FitResult(model=model, history=history, resumed_from_epoch=resumed)
 
 
 @torch.no_grad()

@@ -134,7 +134,8 @@ def evaluate_all(params: Params, paths: Any, tracker: Tracker = NullTracker()) -
             tracker.log_artifact(f, "figures")
         tracker.log_artifact(report_md)
         run_id = getattr(tracker, "run_id", None)
-        if ep.register_model and run_id:
+        # A tracking server gone mid-stage (tracker offline, docs/reliability.md): no registry, the stage goes on.
+        if ep.register_model and run_id and not getattr(tracker, "offline", False):
             from distill.registry import register_student
 
             tracker.log_artifact(paths.model("student"), "student_model")

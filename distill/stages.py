@@ -16,7 +16,6 @@ import csv
 import hashlib
 import io
 import json
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,7 +144,7 @@ def _train(model: torch.nn.Module, *, stage: str, kind: str, config: dict[str, A
     Returns:
         The stage summary (last epoch's losses and accuracy, mean throughput, training time).
     """
-    from distill.engine import SupervisedTask, fit, make_accelerator
+    from distill.engine import SupervisedTask, discard_state, fit, make_accelerator
 
     accelerator = accelerator or make_accelerator(grad_accum=train_params.grad_accum)
     augmenter = _augmenter(params, data.meta)
@@ -171,7 +170,7 @@ def _train(model: torch.nn.Module, *, stage: str, kind: str, config: dict[str, A
         tracker.log_metrics({f"final_{k}": v for k, v in summary.items()})
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:  # the outputs are written: the resume state is no longer needed
-        shutil.rmtree(state_dir, ignore_errors=True)
+        discard_state(state_dir)
     return summary
 
 
@@ -223,7 +222,7 @@ def run_teacher(params: Params, paths: Paths, tracker: Tracker = NullTracker(), 
 
     data = _load_data(paths)
     cfg = _teacher_config(params, data.meta)
-    model = build_model("teacher", cfg)
+    model = build_model("teacher", cfg, seed=params.seed)
     if params.teacher.pretrained_path:
         info = load_pretrained(model, params.teacher.pretrained_path)
         tracker.log_dict(info, "pretrained_load.json")
@@ -312,7 +311,7 @@ def run_student(params: Params, paths: Paths, tracker: Tracker = NullTracker(), 
     data = _load_data(paths)
     sp = params.student
     cfg = _student_config(params, data.meta, distilled=True)
-    model = build_model("deit", cfg)
+    model = build_model("deit", cfg, seed=params.seed)
     crit = DistillationLoss(mode=sp.distillation, alpha=sp.alpha, tau=sp.tau, label_smoothing=sp.train.label_smoothing)
     extra_inputs: list[Path] = [paths.data]
 
@@ -344,7 +343,7 @@ def run_baseline(params: Params, paths: Paths, tracker: Tracker = NullTracker(),
     data = _load_data(paths)
     sp = params.student
     cfg = _student_config(params, data.meta, distilled=params.baseline.dist_token)
-    model = build_model("deit", cfg)
+    model = build_model("deit", cfg, seed=params.seed)
     crit = DistillationLoss(mode="none", label_smoothing=sp.train.label_smoothing)
     key = _key(stage_params(params, "baseline"), paths.data)
     return _train(model, stage="baseline", kind="deit", config=cfg, params=params, train_params=sp.train, data=data,

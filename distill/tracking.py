@@ -13,8 +13,18 @@ separate processes under DVC, so they find their parent by:
    gets a parent of its own.
 
 Tracking URI: ``MLFLOW_TRACKING_URI`` from the environment, else ``sqlite:///<project>/mlflow.db``
-(an absolute path, MLflow 3's default backend). An unreachable server fails the stage within ~30 s
-with a message naming the URI (see :func:`check_tracking_server`), before any work is done.
+(an absolute path, MLflow 3's default backend; inside a ``dvc exp run --temp`` workspace, the
+``mlflow.db`` of the repository the experiment belongs to, since DVC deletes the temporary copy).
+
+Outages (docs/reliability.md): a configured server that does not answer at stage start fails the
+stage before any work, within about 3 s (8 s with the Prefect retry), naming the URI. A server that
+goes away *during* a stage does not stop it: :class:`MlflowTracker` warns once, naming the URI, and
+logs nothing more; the stage finishes, and its DVC metrics and plots files hold every figure.
+
+Concurrency: several pipelines may share one SQLite store. MLflow creates the tables of a fresh
+store with migrations that break when two processes run them at once, so the first access is
+serialised with a file lock (:func:`_store_init_lock`); calls that meet ``database is locked`` are
+retried.
 """
 
 from __future__ import annotations
@@ -23,12 +33,14 @@ import hashlib
 import json
 import os
 import subprocess
+import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Optional, Protocol
+from typing import Any, Callable, Iterator, Optional, Protocol
 
 __all__ = ["Tracker", "NullTracker", "MlflowTracker", "TrackingUnavailableError", "tracking_uri",
            "check_tracking_server", "open_experiment", "create_pipeline_run", "stage_run", "git_commit",
@@ -69,45 +81,122 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 class MlflowTracker:
-    """Logs to one active MLflow run (a stage's child run)."""
+    """Logs to one MLflow run (a stage's child run); a tracking outage never stops the stage.
 
-    def __init__(self, run_id: str) -> None:
+    The first call that cannot reach the tracking store prints one warning naming the URI and
+    turns this tracker off: training goes on, and the stage's DVC metrics and plots files, written
+    before anything goes to MLflow, keep every figure. Other MLflow errors are warned about and
+    skipped (MLflow records, it never decides). ``database is locked`` from a busy SQLite store is
+    retried first.
+    """
+
+    def __init__(self, run_id: str, *, uri: Optional[str] = None, stage: str = "") -> None:
         import mlflow
 
         self.run_id = run_id
-        self._client = mlflow.MlflowClient()
+        self.uri = uri or mlflow.get_tracking_uri()
+        self.stage = stage
+        self.offline = False
+        self._client = mlflow.MlflowClient(tracking_uri=self.uri)
+
+    def _call(self, what: str, fn: Callable[[], Any]) -> None:
+        if self.offline:
+            return
+        try:
+            _retry_locked(fn)
+        except Exception as err:  # noqa: BLE001 - tracking must not stop training
+            if _is_unreachable(err):
+                self.offline = True
+                where = f"metrics/{self.stage}.json and plots/{self.stage}.csv" if self.stage else "the DVC metrics files"
+                _warn(f"MLflow tracking server {self.uri} is unreachable ({_first_line(err)}). The stage goes on "
+                      f"without MLflow: nothing more is logged to run {self.run_id}, and every metric is still in {where}.")
+            else:
+                _warn(f"MLflow {what} failed for run {self.run_id} at {self.uri}: {_first_line(err)}; skipped.")
 
     def log_params(self, params: dict[str, Any]) -> None:
         import mlflow
 
         flat = {k: ("null" if v is None else v) for k, v in flatten(params).items()}
-        mlflow.log_params(flat, run_id=self.run_id)
+        self._call("log_params", lambda: self._client.log_batch(
+            self.run_id, params=[mlflow.entities.Param(k, str(v)) for k, v in flat.items()]))
 
     def log_metrics(self, metrics: dict[str, float], step: Optional[int] = None) -> None:
         import mlflow
 
         clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         if clean:
-            mlflow.log_metrics(clean, step=step, run_id=self.run_id)
+            ts = int(time.time() * 1000)
+            self._call("log_metrics", lambda: self._client.log_batch(
+                self.run_id, metrics=[mlflow.entities.Metric(k, v, ts, step or 0) for k, v in clean.items()]))
 
     def log_artifact(self, path: str | Path, artifact_path: Optional[str] = None) -> None:
-        self._client.log_artifact(self.run_id, str(path), artifact_path)
+        self._call("log_artifact", lambda: self._client.log_artifact(self.run_id, str(path), artifact_path))
 
     def log_dict(self, data: dict[str, Any], name: str) -> None:
-        self._client.log_dict(self.run_id, data, name)
+        self._call("log_dict", lambda: self._client.log_dict(self.run_id, data, name))
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        for k, v in tags.items():
-            self._client.set_tag(self.run_id, k, str(v))
+        import mlflow
+
+        self._call("set_tags", lambda: self._client.log_batch(
+            self.run_id, tags=[mlflow.entities.RunTag(k, str(v)) for k, v in tags.items()]))
 
     def log_dataset(self, *, name: str, digest: str, source: str, context: str) -> None:
         import mlflow
         from mlflow.data.http_dataset_source import HTTPDatasetSource
         from mlflow.data.meta_dataset import MetaDataset
 
-        ds = MetaDataset(source=HTTPDatasetSource(url=source), name=name, digest=digest[:36])
-        with _activate(self.run_id):
-            mlflow.log_input(ds, context=context)
+        def log() -> None:
+            ds = MetaDataset(source=HTTPDatasetSource(url=source), name=name, digest=digest[:36])
+            with _activate(self.run_id):
+                mlflow.log_input(ds, context=context)
+
+        self._call("log_dataset", log)
+
+    def terminate(self, status: str, *more_run_ids: str) -> None:
+        """End this run (and ``more_run_ids``) with ``status``; skipped while the server is unreachable."""
+        for run_id in (self.run_id, *more_run_ids):
+            self._call("set_terminated", lambda run_id=run_id: self._client.set_terminated(run_id, status=status))
+
+
+def _warn(message: str) -> None:
+    import logging
+
+    logging.getLogger("distill.tracking").warning(message)
+    print(f"WARNING: {message}", file=sys.stderr, flush=True)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}"[:300]
+
+
+def _is_unreachable(err: BaseException) -> bool:
+    """A connection-level failure (refused, reset, timed out, retries exhausted), anywhere in the cause chain."""
+    import requests
+
+    seen: Optional[BaseException] = err
+    while seen is not None:
+        if isinstance(seen, (requests.exceptions.ConnectionError, requests.exceptions.Timeout, ConnectionError,
+                             TimeoutError, urllib.error.URLError)):
+            return True
+        text = str(seen)
+        if "API request to" in text and ("failed with exception" in text or "Max retries exceeded" in text):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _retry_locked(fn: Callable[[], Any], *, attempts: int = 6, delay: float = 0.2) -> Any:
+    """Call ``fn``, retrying with backoff while SQLite says ``database is locked`` (concurrent writers)."""
+    for i in range(attempts):
+        try:
+            return fn()
+        except Exception as err:  # noqa: BLE001
+            if "database is locked" not in str(err) or i == attempts - 1:
+                raise
+            time.sleep(delay * 2 ** i)
+    return None
 
 
 @contextmanager
@@ -123,30 +212,52 @@ def _activate(run_id: str) -> Iterator[None]:
 
 
 def tracking_uri(project_root: str | Path = ".") -> str:
-    """``MLFLOW_TRACKING_URI`` if set, else an absolute SQLite store in the project."""
+    """``MLFLOW_TRACKING_URI`` if set, else an absolute SQLite store in the project.
+
+    In a ``dvc exp run --temp`` workspace (``<repo>/.dvc/tmp/exps/...``) the store is the repository's:
+    DVC deletes the temporary copy, and a store inside it would go with it.
+    """
     env = os.environ.get("MLFLOW_TRACKING_URI")
     if env:
         return env
-    return f"sqlite:///{Path(project_root).resolve() / 'mlflow.db'}"
+    root = Path(project_root).resolve()
+    parts = root.parts
+    for i in range(len(parts) - 3):
+        if parts[i:i + 3] == (".dvc", "tmp", "exps"):
+            root = Path(*parts[:i])
+            break
+    return f"sqlite:///{root / 'mlflow.db'}"
 
 
-def check_tracking_server(uri: str, *, timeout: float = 5.0, attempts: int = 3) -> None:
-    """Fail fast (well under 30 s) if an HTTP tracking server does not answer ``/health``.
+def check_tracking_server(uri: str, *, budget: float = 3.0) -> None:
+    """Fail fast if an HTTP tracking server does not answer ``/health`` within ``budget`` seconds.
+
+    A few attempts (a server that is just starting gets a second chance), never more than
+    ``budget`` seconds in all, so a stage and its one Prefect retry fail well within 30 s.
 
     Raises:
         TrackingUnavailableError: naming the URI and what to do.
     """
     if not uri.startswith(("http://", "https://")):
         return
-    last: Exception | None = None
-    for i in range(attempts):
+    deadline = time.monotonic() + budget
+    last: Exception | str | None = None
+    while True:
+        left = deadline - time.monotonic()
         try:
-            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as resp:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=max(0.5, min(left, 4.0))) as resp:
                 if resp.status < 500:
                     return
+                last = f"HTTP {resp.status}"
+        except urllib.error.HTTPError as err:
+            if err.code < 500:  # it answers: not our /health, but a server
+                return
+            last = err
         except (urllib.error.URLError, OSError) as err:
             last = err
-        time.sleep(min(1.0 * (i + 1), 2.0))
+        if deadline - time.monotonic() < 1.5:
+            break
+        time.sleep(1.0)
     raise TrackingUnavailableError(
         f"MLflow tracking server {uri} is unreachable ({last}). Start it (`mlflow server ...`), fix "
         "MLFLOW_TRACKING_URI, or unset it to track into the local sqlite store. Nothing was run; "
@@ -154,10 +265,38 @@ def check_tracking_server(uri: str, *, timeout: float = 5.0, attempts: int = 3) 
 
 
 def _set_http_defaults() -> None:
-    # MLflow retries HTTP calls for minutes by default; a dead server should fail a stage quickly.
+    # MLflow retries HTTP calls for minutes by default (7 retries, backoff factor 2, 120 s timeout):
+    # a server that dies mid-stage would stall a single log call for many minutes. Two retries within
+    # about 3 s, and 10 s per request, keep it to one short stall before MlflowTracker goes offline.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+
+
+@contextmanager
+def _store_init_lock(uri: str) -> Iterator[None]:
+    """Hold an exclusive lock per SQLite store while MLflow opens it (and may create its tables).
+
+    MLflow creates a fresh store's tables with migrations that fail, and can leave the schema half
+    made, when two processes run them at once (two pipelines started together). The lock file lives
+    in the temporary folder, keyed by the store's path, so the project gains no file.
+    """
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        yield
+        return
+    db = Path(uri[len("sqlite:///"):]).resolve()
+    lock = Path(tempfile.gettempdir()) / f"distill-mlflow-{hashlib.sha256(str(db).encode()).hexdigest()[:16]}.lock"
+    with open(lock, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def git_commit(project_root: str | Path = ".") -> str:
@@ -243,25 +382,25 @@ def open_experiment(project_root: str | Path = ".") -> tuple[Any, str]:
     uri = tracking_uri(project_root)
     check_tracking_server(uri)
     mlflow.set_tracking_uri(uri)
-    client = mlflow.MlflowClient()
-    exp = client.get_experiment_by_name(EXPERIMENT)
-    if exp is not None:
-        return client, exp.experiment_id
-    try:
-        return client, client.create_experiment(EXPERIMENT)
-    except Exception:  # noqa: BLE001 - another process created it first
-        exp = client.get_experiment_by_name(EXPERIMENT)
+    with _store_init_lock(uri):  # opening a fresh store creates its tables (MlflowClient() opens it)
+        client = mlflow.MlflowClient()
+        exp = _retry_locked(lambda: client.get_experiment_by_name(EXPERIMENT))
         if exp is None:
-            raise
-        return client, exp.experiment_id
+            try:
+                return client, _retry_locked(lambda: client.create_experiment(EXPERIMENT))
+            except Exception:  # noqa: BLE001 - another process (another store client) created it first
+                exp = client.get_experiment_by_name(EXPERIMENT)
+                if exp is None:
+                    raise
+    return client, exp.experiment_id
 
 
 def create_pipeline_run(client: Any, experiment_id: str, project_root: Path, *, run_name: str,
                         tags: Optional[dict[str, str]] = None) -> str:
     """Create the parent run of one pipeline execution; returns its id."""
-    run = client.create_run(experiment_id, run_name=run_name,
-                            tags={"distill.role": "pipeline", "git_commit": git_commit(project_root),
-                                  "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""), **(tags or {})})
+    all_tags = {"distill.role": "pipeline", "git_commit": git_commit(project_root),
+                "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""), **(tags or {})}
+    run = _retry_locked(lambda: client.create_run(experiment_id, run_name=run_name, tags=all_tags))
     return run.info.run_id
 
 
@@ -269,8 +408,9 @@ def _find_or_create_parent(client: Any, experiment_id: str, project_root: Path) 
     key = _pipeline_key(project_root)
     if key is None:  # a stage run by hand: it is its own execution
         return create_pipeline_run(client, experiment_id, project_root, run_name="stage-by-hand")
-    found = client.search_runs([experiment_id], filter_string=f"tags.`distill.pipeline_key` = '{key}'",
-                               max_results=1, order_by=["attributes.start_time DESC"])
+    found = _retry_locked(lambda: client.search_runs(
+        [experiment_id], filter_string=f"tags.`distill.pipeline_key` = '{key}'", max_results=1,
+        order_by=["attributes.start_time DESC"]))
     if found:
         return found[0].info.run_id
     return create_pipeline_run(client, experiment_id, project_root, run_name=f"dvc-{key[:8]}",
@@ -284,7 +424,10 @@ def stage_run(stage: str, *, project_root: str | Path = ".", params: Optional[di
 
     Yields:
         A :class:`MlflowTracker` bound to the child run. The run ends FINISHED, or FAILED if the
-        stage raised.
+        stage raised (left RUNNING if the tracking server went away during the stage).
+
+    Raises:
+        TrackingUnavailableError: a configured tracking server does not answer at the start.
     """
     root = Path(project_root).resolve()
     client, experiment_id = open_experiment(root)
@@ -299,8 +442,8 @@ def stage_run(stage: str, *, project_root: str | Path = ".", params: Optional[di
         **{f"dvc_hash.{k}": v for k, v in dvc_input_hashes(stage, root).items()},
         **(extra_tags or {}),
     }
-    run = client.create_run(experiment_id, run_name=stage, tags=tags)
-    tracker = MlflowTracker(run.info.run_id)
+    run = _retry_locked(lambda: client.create_run(experiment_id, run_name=stage, tags=tags))
+    tracker = MlflowTracker(run.info.run_id, uri=tracking_uri(root), stage=stage)
     if params:
         tracker.log_params(params)
     status = "FAILED"
@@ -308,6 +451,5 @@ def stage_run(stage: str, *, project_root: str | Path = ".", params: Optional[di
         yield tracker
         status = "FINISHED"
     finally:
-        client.set_terminated(run.info.run_id, status=status)
-        if not given_parent:  # under plain `dvc repro` no flow owns the parent: each stage closes it as it ends
-            client.set_terminated(parent_id, status=status)
+        # Under plain `dvc repro` no flow owns the parent: each stage closes it as it ends.
+        tracker.terminate(status, *([] if given_parent else [parent_id]))

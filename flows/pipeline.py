@@ -17,11 +17,10 @@ import subprocess
 from pathlib import Path
 from typing import Any, Optional
 
-import mlflow
 from prefect import flow, get_run_logger
 
 from distill.config import apply_overrides, load_params, parse_params
-from distill.tracking import create_pipeline_run, open_experiment, tracking_uri
+from distill.tracking import MlflowTracker, create_pipeline_run, open_experiment, tracking_uri
 from flows.stages import publish_report
 
 
@@ -100,6 +99,8 @@ def pipeline_flow(overrides: Optional[list[str]] = None, project_root: str = "."
                  source="params.yaml with the overrides " + " ".join(overrides) if overrides else "params.yaml")
     env = dict(os.environ)
     parent = _open_parent_run(root, overrides, exp_name)
+    # Through MlflowTracker: a tracking outage during the run must not fail a pipeline whose stages finished.
+    parent_run = MlflowTracker(parent, uri=tracking_uri(root))
     status = "FAILED"
     try:
         env["DISTILL_PARENT_RUN_ID"] = parent
@@ -117,10 +118,10 @@ def pipeline_flow(overrides: Optional[list[str]] = None, project_root: str = "."
         lines = _stream(cmd, cwd=root, env=env, logger=logger)
         ran = [m.group(1) for m in map(re.compile(r"Ran experiment\(s\): (\S+)").search, lines) if m]
         if ran:  # DVC names experiments it runs unnamed: record the name on the parent run too
-            mlflow.MlflowClient().set_tag(parent, "dvc_exp_name", ran[-1])
+            parent_run.set_tags({"dvc_exp_name": ran[-1]})
         status = "FINISHED"
     finally:
-        mlflow.MlflowClient().set_terminated(parent, status=status)
+        parent_run.terminate(status)
 
     result: dict[str, Any] = {"mlflow_parent_run_id": parent}
     metrics_file = root / "metrics" / "evaluate.json"

@@ -1,0 +1,318 @@
+"""Reliability, in process: bad input fails clearly before it destroys anything; faults keep what was done.
+
+Every test does the fault for real (truncates the file, deletes it, makes the loss NaN, points at a
+closed port) and checks that no earlier output changed: not its bytes, not its inode, not its mtime.
+The slow, multi-process half (SIGKILL, ``dvc repro``, Prefect retries, a real ``mlflow server``, two
+pipelines at once) is ``tests/test_reliability_e2e.py``; the fault matrix is ``docs/reliability.md``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from distill import engine
+from distill.checkpoint import CheckpointError, build_model, save_model
+from distill.config import TrainParams, parse_params
+from distill.data import DatasetNotFoundError
+from distill.engine import NonFiniteLossError, RandomViews, SupervisedTask, fit, make_accelerator
+from distill.losses import DistillationLoss
+from distill.soft_labels import SoftLabelStoreError
+from distill.stages import Paths, run_baseline, run_data, run_soft_labels, run_student, run_teacher
+from distill.teachers import load_weights_file
+from distill.tracking import MlflowTracker, TrackingUnavailableError, _retry_locked, check_tracking_server, tracking_uri
+from test_engine import Blobs, ToyAugmenter, _deit
+
+# Seconds on a laptop CPU: 120 training images, a 4-wide ResNet, a 3-block DeiT, 2 epochs each.
+TINY = {
+    "data": {"max_per_class": 12},
+    "teacher": {"width": 4, "blocks": 1, "train": {"epochs": 2, "warmup_epochs": 1, "batch_size": 32}},
+    "soft_labels": {"views": 2},
+    "student": {"model": {"preset": "deit_nano"}, "train": {"epochs": 2, "warmup_epochs": 1, "batch_size": 32}},
+}
+
+
+def tiny_params(**sections: Any) -> Any:
+    raw = {k: dict(v) for k, v in TINY.items()}
+    for key, value in sections.items():
+        raw[key] = {**raw.get(key, {}), **value}
+    return parse_params(raw)
+
+
+def snapshot(root: Path) -> dict[str, tuple[int, int, int, str]]:
+    """Every file under ``root``: inode, mtime, size and sha256 (a rewrite with equal bytes still shows)."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            st = p.stat()
+            out[str(p.relative_to(root))] = (st.st_ino, st.st_mtime_ns, st.st_size,
+                                             hashlib.sha256(p.read_bytes()).hexdigest())
+    return out
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """data -> teacher -> soft_labels -> student, run once with the tiny params (global RNG seeded)."""
+    root = tmp_path_factory.mktemp("built")
+    params, paths = tiny_params(), Paths(root)
+    for run in (run_data, run_teacher, run_soft_labels, run_student):
+        torch.manual_seed(0)
+        run(params, paths)
+    return root
+
+
+@pytest.fixture()
+def project(built: Path, tmp_path: Path) -> Path:
+    """A private copy of the built project, to break."""
+    dst = tmp_path / "project"
+    shutil.copytree(built, dst)
+    return dst
+
+
+# ------------------------------------------------------------------------------------------ params
+@pytest.mark.parametrize("argv, text, key", [
+    (["stage", "student", "--no-prefect"], "student:\n  alpah: 0.3\n", "student.alpah: unknown key"),
+    (["stage", "teacher", "--no-prefect"], "teacher:\n  train:\n    epochs: many\n", "teacher.train.epochs"),
+    (["stage", "student", "--no-prefect"], "student:\n  alpha: 1.5\n", "student.alpha = 1.5"),
+    (["pipeline", "-S", "student.tua=2"], "{}\n", "student.tua: unknown key"),
+    (["pipeline", "-S", "soft_labels.views=0"], "{}\n", "soft_labels.views = 0"),
+])
+def test_bad_params_name_the_key_before_any_work(project, monkeypatch, capsys, argv, text, key):
+    from flows.__main__ import main
+
+    (project / "params.yaml").write_text(text)
+    before = snapshot(project)
+    monkeypatch.chdir(project)
+    assert main(argv) == 2
+    assert key in capsys.readouterr().err
+    assert snapshot(project) == before
+
+
+def test_patch_size_that_does_not_divide_image_size(project):
+    before = snapshot(project)
+    params = tiny_params(student={"model": {"preset": "deit_nano", "patch_size": 5}})
+    for run in (run_student, run_baseline):
+        with pytest.raises(ValueError, match=r"student\.model: image size 16 is not divisible by patch size 5"):
+            run(params, Paths(project))
+    assert snapshot(project) == before
+
+
+# ------------------------------------------------------------------------------------------ inputs
+def test_teacher_with_other_number_of_classes(project):
+    teacher = build_model("teacher", {"arch": "resnet_small", "num_classes": 5, "in_chans": 1, "width": 4, "blocks": 1})
+    save_model(Paths(project).model("teacher"), teacher, kind="teacher",
+               config={"arch": "resnet_small", "num_classes": 5, "in_chans": 1, "width": 4, "blocks": 1})
+    before = snapshot(project)
+    with pytest.raises(ValueError, match=r"teacher\.safetensors has 5 classes but dataset 'digits' has 10: retrain"):
+        run_soft_labels(tiny_params(), Paths(project))
+    with pytest.raises(ValueError, match=r"has 5 classes but dataset 'digits' has 10"):
+        run_student(tiny_params(student={"teacher_mode": "online"}), Paths(project))
+    assert snapshot(project) == before
+
+
+def test_missing_prepared_dataset_file(project):
+    (project / "data" / "prepared" / "train_labels.npy").unlink()
+    before = snapshot(project)
+    with pytest.raises(DatasetNotFoundError, match=r"train_labels\.npy.*rerun the data stage: `dvc repro -f data`"):
+        run_teacher(tiny_params(), Paths(project))
+    assert snapshot(project) == before
+
+
+def test_missing_source_dataset(project, tmp_path):
+    before = snapshot(project)
+    params = tiny_params(data={"name": "imagefolder", "root": str(tmp_path / "nowhere")})
+    with pytest.raises(DatasetNotFoundError, match=r"nowhere does not exist; set data\.root"):
+        run_data(params, Paths(project))
+    assert snapshot(project) == before
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])
+def test_corrupt_teacher_checkpoint(project, damage):
+    ckpt = Paths(project).model("teacher")
+    data = ckpt.read_bytes()
+    ckpt.write_bytes({"truncate": data[: len(data) // 2], "garbage": os.urandom(len(data)), "empty": b""}[damage])
+    before = snapshot(project)
+    with pytest.raises(CheckpointError, match=rf"{re.escape(str(ckpt))}.*(corrupt or truncated|not a distill checkpoint)"):
+        run_soft_labels(tiny_params(), Paths(project))
+    assert snapshot(project) == before
+
+
+def test_truncated_soft_label_store(project):
+    logits = sorted((project / "soft_labels").rglob("*logits*.npy"))[0]
+    logits.write_bytes(logits.read_bytes()[:-100])
+    before = snapshot(project)
+    with pytest.raises(SoftLabelStoreError, match=rf"file {logits.name} has \d+ bytes.*truncated"):
+        run_student(tiny_params(), Paths(project))
+    assert snapshot(project) == before
+
+
+def test_pickle_payload_in_teacher_weights_is_never_run(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    evil = tmp_path / "weights.pt"
+    torch.save({"fc.weight": Payload()}, evil)  # what a hostile "state dict" file looks like
+    with pytest.raises(ValueError, match=rf"cannot read weights from {re.escape(str(evil))}"):
+        load_weights_file(evil)
+    assert not marker.exists()
+
+
+# ------------------------------------------------------------------------------------ NaN / resume
+def test_nan_loss_stops_with_epoch_and_step_and_keeps_last_good_state(project, built, monkeypatch, capsys):
+    from distill.data import load_prepared
+    from safetensors.torch import load_file
+
+    paths = Paths(project)
+    before = snapshot(project)
+    steps_per_epoch = len(load_prepared(paths.data).train) // 32  # drop_last
+    monkeypatch.setenv("DISTILL_FAULT", f"teacher:nan@{steps_per_epoch + 1}")
+    monkeypatch.setattr(engine, "_FAULTS_FIRED", set())
+    torch.manual_seed(0)
+    with pytest.raises(NonFiniteLossError, match=r"at epoch 2, step 2; training stopped\. The last good training "
+                                                 r"state \(end of epoch 1\) is kept in .*epoch_00000"):
+        run_teacher(tiny_params(), paths)
+    assert snapshot(project).items() >= before.items()  # nothing rewritten; only the resume state is new
+    (state,) = (project / ".state" / "teacher").glob("*/epoch_00000")
+
+    monkeypatch.delenv("DISTILL_FAULT")
+    torch.manual_seed(1)  # another global RNG state: the result must come from the saved state, not from it
+    run_teacher(tiny_params(), paths)
+    assert f"resuming from {state}" in capsys.readouterr().out
+    assert not state.exists()  # the finished stage drops its resume state
+    resumed, reference = load_file(paths.model("teacher")), load_file(Paths(built).model("teacher"))
+    assert all(torch.equal(resumed[k], reference[k]) for k in reference)
+
+
+def _fit(state_dir, stop_after=None):
+    aug = ToyAugmenter()
+    task = SupervisedTask(model=_deit(False), augmenter=aug, criterion=DistillationLoss(mode="none"), views=RandomViews(aug))
+    return fit(task, train_set=Blobs(64), val_set=None, params=TrainParams(epochs=3, batch_size=16, warmup_epochs=1),
+               seed=7, accelerator=make_accelerator(cpu=True), state_dir=state_dir, stop_after_steps=stop_after)
+
+
+@pytest.fixture()
+def saved_state(tmp_path) -> Path:
+    with pytest.raises(KeyboardInterrupt):
+        _fit(tmp_path / "state", stop_after=6)  # 4 steps per epoch: epoch 1 saved, killed in epoch 2
+    (folder,) = (tmp_path / "state").glob("epoch_*")
+    return folder
+
+
+@pytest.mark.parametrize("damage", ["model.safetensors", "optimizer.bin", "distill_state.json"])
+def test_corrupt_resume_state_is_an_error_not_a_silent_restart(saved_state, damage):
+    f = saved_state / damage
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 3])
+    with pytest.raises(CheckpointError, match=rf"resume state {re.escape(str(saved_state))} is corrupt or truncated .*rm -r"):
+        _fit(saved_state.parent)
+
+
+def test_state_deletion_killed_midway_is_not_mistaken_for_damage(saved_state, monkeypatch, capsys):
+    from distill.engine import _latest_state, discard_state
+
+    monkeypatch.setattr(shutil, "rmtree", lambda *a, **k: None)  # killed right after the rename
+    discard_state(saved_state)
+    assert _latest_state(saved_state.parent) == (None, None)
+    monkeypatch.undo()
+    discard_state(saved_state)  # the next deletion sweeps the leftovers
+    assert list(saved_state.parent.iterdir()) == []
+    (saved_state.parent / "epoch_00003").mkdir()  # what a killed plain `rm -r` leaves: no metadata
+    assert _latest_state(saved_state.parent) == (None, None)
+    assert "ignoring incomplete resume state" in capsys.readouterr().err
+
+
+def test_resume_never_unpickles_code(saved_state, monkeypatch):
+    calls = []
+    real_load = torch.load
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("weights_only"))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", spy)
+    assert _fit(saved_state.parent).resumed_from_epoch == 1
+    assert calls and all(w is True for w in calls), calls
+    assert not list(saved_state.parent.rglob("*custom_checkpoint*"))
+
+
+def test_resume_replays_restored_epochs_to_the_tracker(saved_state):
+    aug = ToyAugmenter()
+    logged = []
+    task = SupervisedTask(model=_deit(False), augmenter=aug, criterion=DistillationLoss(mode="none"), views=RandomViews(aug))
+    fit(task, train_set=Blobs(64), val_set=None, params=TrainParams(epochs=3, batch_size=16, warmup_epochs=1), seed=7,
+        accelerator=make_accelerator(cpu=True), state_dir=saved_state.parent, on_epoch_end=logged.append)
+    assert [r["epoch"] for r in logged] == [1, 2, 3]
+
+
+def test_build_model_seed_fixes_init_and_leaves_global_rng_alone():
+    cfg = {"arch": "resnet_small", "num_classes": 3, "in_chans": 1, "width": 4, "blocks": 1}
+    torch.manual_seed(1)
+    a = build_model("teacher", cfg, seed=5)
+    state = torch.get_rng_state()
+    torch.manual_seed(2)
+    b = build_model("teacher", cfg, seed=5)
+    torch.manual_seed(1)
+    build_model("teacher", cfg, seed=5)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+# ---------------------------------------------------------------------------------------- tracking
+def _closed_port_uri() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+def test_unreachable_tracking_server_fails_fast_naming_it():
+    uri = _closed_port_uri()
+    t0 = time.monotonic()
+    with pytest.raises(TrackingUnavailableError, match=rf"MLflow tracking server {uri} is unreachable"):
+        check_tracking_server(uri, budget=2.0)
+    assert time.monotonic() - t0 < 4
+
+
+def test_tracker_warns_once_and_goes_offline_when_server_is_gone(monkeypatch, capsys):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    uri = _closed_port_uri()
+    tracker = MlflowTracker("0123456789abcdef", uri=uri, stage="student")
+    tracker.log_metrics({"val_acc": 0.5}, step=1)
+    t0 = time.monotonic()
+    tracker.log_metrics({"val_acc": 0.6}, step=2)
+    tracker.terminate("FINISHED")
+    assert time.monotonic() - t0 < 0.1 and tracker.offline
+    err = capsys.readouterr().err
+    assert err.count(f"MLflow tracking server {uri} is unreachable") == 1
+    assert "metrics/student.json and plots/student.csv" in err
+
+
+def test_busy_sqlite_store_is_retried():
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise RuntimeError("(sqlite3.OperationalError) database is locked")
+        return "ok"
+
+    assert _retry_locked(flaky, delay=0.01) == "ok" and len(calls) == 3
+    with pytest.raises(RuntimeError, match="no such table"):
+        _retry_locked(lambda: (_ for _ in ()).throw(RuntimeError("no such table")))
+
+
+def test_temp_experiment_workspace_tracks_into_the_repository_store(monkeypatch, tmp_path):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    temp = tmp_path / "repo" / ".dvc" / "tmp" / "exps" / "standalone" / "tmpab12"
+    assert tracking_uri(temp) == f"sqlite:///{tmp_path / 'repo' / 'mlflow.db'}"
+    assert tracking_uri(tmp_path) == f"sqlite:///{tmp_path / 'mlflow.db'}"

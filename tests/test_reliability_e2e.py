@@ -1,0 +1,329 @@
+"""Reliability with real processes: SIGKILL and rerun, ``dvc repro`` after a kill, a Prefect retry, a real
+``mlflow server`` that is down or stops mid-run, and two pipelines at once on one MLflow store.
+
+All of them run in copies of one small DVC project (``reference``: ``dvc repro`` ran in it once, through
+the Prefect stage flows, into its own MLflow store). Its student is the *uninterrupted run*: every
+interrupted run must end with the same weights, metrics and curves, bit for bit, on CPU. Subprocesses use
+one thread (``OMP_NUM_THREADS=1``): reductions split over another number of threads round differently.
+
+Faults are real: the stage process is SIGKILLed (by the test, or by itself through the ``DISTILL_FAULT``
+hook at an exact step, see ``distill/engine.py``), the tracking server is stopped. ``docs/reliability.md``
+lists what each test shows.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+import yaml
+
+from conftest import (REPO, RunCmd, _free_port, _healthy, background_server, describe, mlflow_client, mlflow_runs,
+                      set_param, stop_process_group)
+
+pytestmark = pytest.mark.slow
+
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+# Small enough for a shared CPU, long enough that a student epoch has many steps to die in.
+PARAMS = {"teacher.width": 8, "teacher.blocks": 1, "teacher.train.epochs": 2, "teacher.train.warmup_epochs": 1,
+          "student.train.epochs": 3, "student.train.warmup_epochs": 1, "soft_labels.views": 2}
+TIMING = {"train_images_per_sec", "epoch_time_s", "train_time_s"}  # wall-clock figures differ run to run
+STUDENT = ["python", "-m", "flows", "stage", "student"]
+
+
+@pytest.fixture(scope="module")
+def env(sub_env: dict[str, str]) -> dict[str, str]:
+    """The environment of the processes started in the background."""
+    return {**sub_env, **ONE_THREAD}
+
+
+@pytest.fixture(scope="module")
+def run(run_cmd: RunCmd) -> Callable[..., subprocess.CompletedProcess]:
+    """``run(args, cwd, check=True, **env)``: ``run_cmd`` with one thread and extra environment variables."""
+    def call(args: list[str], cwd: Path, *, check: bool = True, timeout: float = 900, **extra: str) -> Any:
+        return run_cmd(args, cwd, check=check, timeout=timeout, env={**ONE_THREAD, **extra})
+    return call
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_project: Path, tmp_path_factory: pytest.TempPathFactory, run) -> Path:
+    """A clone of the tiny project with the whole pipeline run once by ``dvc repro`` and committed."""
+    project = tmp_path_factory.mktemp("reliability") / "reference"
+    run(["git", "clone", "-q", str(tiny_project), str(project)], tiny_project.parent)
+    for dotted, value in PARAMS.items():
+        set_param(project, dotted, value)
+    run(["dvc", "repro"], project, timeout=1500)
+    run(["git", "add", "-A"], project)
+    run(["git", "commit", "-qm", "reference run"], project)
+    return project
+
+
+@pytest.fixture()
+def copy(reference: Path, tmp_path: Path) -> Callable[[str], Path]:
+    def make(name: str) -> Path:
+        dst = tmp_path / name
+        shutil.copytree(reference, dst, symlinks=True)
+        return dst
+    return make
+
+
+def steps_per_epoch(project: Path, stage: str = "student") -> int:
+    from distill.data import load_prepared
+
+    p = yaml.safe_load((project / "params.yaml").read_text())
+    return len(load_prepared(project / "data" / "prepared").train) // p[stage]["train"]["batch_size"]
+
+
+def assert_same_result(project: Path, reference: Path, stage: str = "student") -> None:
+    """Same weights (every tensor), same metrics and same per-epoch curves, wall-clock figures aside."""
+    from safetensors.torch import load_file
+
+    a, b = load_file(project / "models" / f"{stage}.safetensors"), load_file(reference / "models" / f"{stage}.safetensors")
+    assert a.keys() == b.keys()
+    assert [k for k in a if not (a[k] == b[k]).all()] == []
+    drop = lambda d: {k: v for k, v in d.items() if k not in TIMING}  # noqa: E731
+    metrics = [drop(json.loads((p / "metrics" / f"{stage}.json").read_text())) for p in (project, reference)]
+    assert metrics[0] == metrics[1]
+    curves = [[drop(r) for r in csv.DictReader(open(p / "plots" / f"{stage}.csv"))] for p in (project, reference)]
+    assert curves[0] == curves[1] and len(curves[0]) == PARAMS[f"{stage}.train.epochs"]
+
+
+def stat(path: Path) -> tuple[int, int, int]:
+    st = path.stat()
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+def outputs(project: Path, stage: str = "student") -> dict[str, tuple[int, int, int]]:
+    return {p: stat(project / p) for p in (f"models/{stage}.safetensors", f"metrics/{stage}.json", f"plots/{stage}.csv")}
+
+
+@pytest.fixture()
+def background() -> Iterator[Callable[..., subprocess.Popen]]:
+    """Start processes in their own session (killable as a group); all are stopped at the end."""
+    procs: list[subprocess.Popen] = []
+
+    def start(args: list[str], cwd: Path, env: dict[str, str], log: Path) -> subprocess.Popen:
+        with open(log, "w") as out:
+            procs.append(subprocess.Popen(args, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                          start_new_session=True))
+        return procs[-1]
+
+    yield start
+    for proc in procs:
+        stop_process_group(proc)
+
+
+def wait_for(done: Callable[[], bool], proc: subprocess.Popen, log: Path, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while not done():
+        assert proc.poll() is None, f"exited {proc.returncode} too early:\n{log.read_text()[-6000:]}"
+        assert time.monotonic() < deadline, f"timed out:\n{log.read_text()[-6000:]}"
+        time.sleep(0.2)
+
+
+def stage_runs(client: Any, stage: str) -> list[Any]:
+    """The MLflow child runs of ``stage``, oldest first."""
+    return sorted(mlflow_runs(client, f"tags.`distill.stage` = '{stage}'"), key=lambda r: r.info.start_time)
+
+
+# -------------------------------------------------------------------------------------------- resume
+def test_sigkill_mid_epoch_then_rerun_matches_uninterrupted(reference, copy, run, env, background, tmp_path):
+    """SIGKILL from outside while the student is in the middle of epoch 2; the same command again resumes."""
+    project = copy("killed")
+    before = outputs(project)
+    n = steps_per_epoch(project)
+    release, log = tmp_path / "never-released", tmp_path / "killed.log"
+    proc = background(STUDENT + ["--no-prefect"], project, {**env, "DISTILL_FAULT": f"student:wait@{n + n // 2}",
+                                                             "DISTILL_FAULT_FILE": str(release)}, log)
+    wait_for(lambda: Path(f"{release}.waiting").exists(), proc, log)
+    os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.wait(timeout=30) == -signal.SIGKILL
+    assert outputs(project) == before, "a killed run must not touch the previous outputs"
+    assert [p.name for p in (project / ".state" / "student").glob("*/epoch_*")] == ["epoch_00000"]
+
+    rerun = run(STUDENT + ["--no-prefect"], project)
+    assert "resuming from" in rerun.stdout and "epochs 1..1 of 3 done" in rerun.stdout, describe(rerun)
+    assert_same_result(project, reference)
+    assert not list((project / ".state").glob("student/*")), "a finished stage drops its resume state"
+
+
+def test_sigkill_at_random_moments_then_rerun_matches_uninterrupted(reference, copy, run, env, background, tmp_path):
+    """Killed twice at arbitrary moments (start-up, training, saving: wherever it falls), then run to the end."""
+    project = copy("random-kills")
+    rng = random.Random(int(time.time()))
+    delays = []
+    for attempt in range(2):
+        delays.append(round(rng.uniform(3.0, 25.0), 1))
+        log = tmp_path / f"attempt{attempt}.log"
+        proc = background(STUDENT + ["--no-prefect"], project, env, log)
+        time.sleep(delays[-1])
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    final = run(STUDENT + ["--no-prefect"], project)
+    assert final.returncode == 0, (delays, describe(final))
+    assert_same_result(project, reference)
+
+
+def test_dvc_repro_after_sigkill_resumes(copy, run):
+    """``dvc repro`` deletes the student's outputs before it reruns it; the resume state outside them survives.
+
+    ``student.alpha`` is changed first, so DVC has to run the stage (with unchanged inputs it would check
+    out the cached outputs instead). The uninterrupted run with the same change is made in another copy.
+    """
+    project, uninterrupted = copy("dvc"), copy("dvc-uninterrupted")
+    for p in (project, uninterrupted):
+        set_param(p, "student.alpha", 0.3)
+    run(STUDENT + ["--no-prefect"], uninterrupted)
+    n = steps_per_epoch(project)
+    killed = run(["dvc", "repro"], project, check=False, DISTILL_FAULT=f"student:kill@{2 * n + 3}")
+    assert killed.returncode != 0, describe(killed)
+    assert not (project / "models" / "student.safetensors").exists()  # DVC removed it before running the stage
+    assert [p.name for p in (project / ".state" / "student").glob("*/epoch_*")] == ["epoch_00001"]
+
+    again = run(["dvc", "repro"], project)
+    out = again.stdout + again.stderr
+    assert "Running stage 'student'" in out and "epochs 1..2 of 3 done" in out, describe(again)
+    assert_same_result(project, uninterrupted)
+    assert "up to date" in run(["dvc", "status"], project).stdout
+    # The new MLflow child run has the whole curve: restored epochs are logged again.
+    client = mlflow_client(project)
+    last = stage_runs(client, "student")[-1]
+    history = client.get_metric_history(last.info.run_id, "val_acc")
+    assert sorted(m.step for m in history) == [1, 2, 3] and last.info.status == "FINISHED"
+
+
+def test_prefect_retry_resumes_from_the_last_epoch(reference, copy, run):
+    """The student flow fails mid-epoch 3 (an exception); Prefect retries once, in the same process, and resumes."""
+    project = copy("retry")
+    n = steps_per_epoch(project)
+    proc = run(STUDENT, project, DISTILL_FAULT=f"student:raise@{2 * n + 2}")
+    out = proc.stdout + proc.stderr
+    assert "injected fault" in out and "Received non-final state 'AwaitingRetry'" in out, describe(proc)
+    assert "epochs 1..2 of 3 done" in out.split("AwaitingRetry")[1], describe(proc)
+    assert_same_result(project, reference)
+    runs = stage_runs(mlflow_client(project), "student")[-2:]
+    assert [r.info.status for r in runs] == ["FAILED", "FINISHED"]
+
+
+# ------------------------------------------------------------------------------------------ tracking
+def test_tracking_server_down_at_start_fails_fast_and_touches_nothing(copy, run):
+    project = copy("no-server")
+    uri = f"http://127.0.0.1:{_free_port()}"
+    before = outputs(project, "teacher")
+    t0 = time.monotonic()
+    proc = run(["python", "-m", "flows", "stage", "teacher"], project, check=False, MLFLOW_TRACKING_URI=uri)
+    elapsed = time.monotonic() - t0
+    assert proc.returncode != 0
+    assert f"MLflow tracking server {uri} is unreachable" in proc.stdout + proc.stderr, describe(proc)
+    assert elapsed < 30, f"took {elapsed:.1f} s"
+    assert outputs(project, "teacher") == before
+
+
+@pytest.fixture()
+def mlflow_server(tmp_path: Path, env: dict[str, str]) -> Iterator[tuple[str, subprocess.Popen, Path]]:
+    """A real ``mlflow server`` with its own store in ``<folder>/mlflow.db``; yields (URI, process, folder)."""
+    port, folder = _free_port(), tmp_path / "server"
+    uri = f"http://127.0.0.1:{port}"
+    folder.mkdir()
+    with background_server(["mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+                            "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
+                            "--artifacts-destination", str(folder / "artifacts")],
+                           uri + "/health", env=env, log=tmp_path / "mlflow-server.log", timeout=180) as proc:
+        yield uri, proc, folder
+
+
+def test_tracking_server_stopping_mid_run_loses_no_metric(copy, env, background, mlflow_server, tmp_path):
+    """Policy: the stage goes on with one warning naming the URI; DVC's metrics and plots files have everything."""
+    uri, server, store = mlflow_server
+    project = copy("outage")
+    n = steps_per_epoch(project, "teacher")
+    release, log = tmp_path / "release", tmp_path / "outage.log"
+    proc = background(["python", "-m", "flows", "stage", "teacher"], project,
+                      {**env, "MLFLOW_TRACKING_URI": uri, "DISTILL_FAULT": f"teacher:wait@{n + 2}",
+                       "DISTILL_FAULT_FILE": str(release)}, log)
+    wait_for(lambda: Path(f"{release}.waiting").exists(), proc, log)  # epoch 1 logged, epoch 2 under way
+    stop_process_group(server)
+    assert not _healthy(uri + "/health")
+    t0 = time.monotonic()
+    release.touch()
+    assert proc.wait(timeout=300) == 0, log.read_text()[-6000:]
+    assert time.monotonic() - t0 < 120, "a dead server must not stall the stage"
+    text = log.read_text()
+    assert text.count(f"MLflow tracking server {uri} is unreachable") >= 1
+    assert "every metric is still in metrics/teacher.json and plots/teacher.csv" in text
+
+    assert [int(r["epoch"]) for r in csv.DictReader(open(project / "plots" / "teacher.csv"))] == [1, 2]
+    assert json.loads((project / "metrics" / "teacher.json").read_text())["epochs"] == 2
+    client = mlflow_client(store)  # the stopped server's own store, read directly
+    (teacher_run,) = stage_runs(client, "teacher")
+    history = client.get_metric_history(teacher_run.info.run_id, "val_acc")
+    assert [m.step for m in history] == [1]
+
+
+# --------------------------------------------------------------------------------------- concurrency
+def test_fresh_sqlite_store_opened_by_many_processes_at_once(tmp_path, env, background):
+    """MLflow's table creation races on a fresh store (``table _alembic_tmp_experiments already exists``)."""
+    n, store = 4, tmp_path / "fresh"
+    script = ("import sys, time; from pathlib import Path; from distill.tracking import open_experiment, create_pipeline_run\n"
+              "root = Path(sys.argv[1]); (root / f'ready{sys.argv[2]}').touch()\n"
+              f"while len(list(root.glob('ready*'))) < {n}: time.sleep(0.01)\n"  # all imports done: start together
+              "client, exp = open_experiment(root)\n"
+              "run = create_pipeline_run(client, exp, root, run_name='p')\n"
+              "[client.log_metric(run, 'm', i, step=i) for i in range(20)]\n")
+    store.mkdir()
+    procs = [background([sys.executable, "-c", script, str(store), str(i)], REPO, {**env, "PYTHONPATH": str(REPO)},
+                        tmp_path / f"p{i}.log") for i in range(n)]
+    for i, proc in enumerate(procs):
+        assert proc.wait(timeout=300) == 0, (tmp_path / f"p{i}.log").read_text()[-4000:]
+    with sqlite3.connect(store / "mlflow.db") as con:
+        assert con.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        assert con.execute("SELECT COUNT(*) FROM runs").fetchone() == (n,)
+        assert con.execute("SELECT COUNT(*) FROM metrics").fetchone() == (20 * n,)
+
+
+def test_two_experiments_at_once_share_one_store_without_damage(copy, run, env, background, tmp_path):
+    """Two ``dvc exp run --temp`` started together, on a fresh MLflow store both create at once."""
+    project = copy("concurrent")
+    (project / "mlflow.db").unlink()
+    workspace = {p: stat(project / p) for p in ("models/student.safetensors", "metrics/evaluate.json", "dvc.lock")}
+    alphas = {"exp-a": 0.2, "exp-b": 0.8}
+    procs = {name: background(["dvc", "exp", "run", "--temp", "--name", name, "-S", f"student.alpha={alpha}"],
+                              project, env, tmp_path / f"{name}.log") for name, alpha in alphas.items()}
+    for name, proc in procs.items():
+        assert proc.wait(timeout=1500) == 0, (tmp_path / f"{name}.log").read_text()[-6000:]
+    assert {p: stat(project / p) for p in workspace} == workspace, "the workspace's outputs were touched"
+
+    shown = json.loads(run(["dvc", "exp", "show", "--json"], project).stdout)
+    found = {rev["name"]: rev["data"] for c in shown for e in c.get("experiments") or [] for rev in e["revs"]
+             if rev.get("name") in alphas}
+    assert {n: d["params"]["params.yaml"]["data"]["student"]["alpha"] for n, d in found.items()} == alphas
+    student = {n: d["metrics"]["metrics/student.json"]["data"] for n, d in found.items()}
+    assert student["exp-a"] != student["exp-b"]
+
+    with sqlite3.connect(project / "mlflow.db") as con:
+        assert con.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    client = mlflow_client(project)
+    parents = mlflow_runs(client, "tags.`distill.role` = 'pipeline'")
+    assert len(parents) == 2 and all(p.info.status == "FINISHED" for p in parents)
+    by_alpha = {}
+    for parent in parents:
+        children = mlflow_runs(client, f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+        by_stage = {c.data.tags["distill.stage"]: c for c in children}
+        assert len(children) == 2 and set(by_stage) == {"student", "evaluate"}
+        assert all(c.info.status == "FINISHED" for c in children)
+        by_alpha[float(by_stage["student"].data.params["student.alpha"])] = by_stage["student"].data.metrics
+    assert set(by_alpha) == set(alphas.values())
+    for name, alpha in alphas.items():  # each run logged its own experiment's figures: no crossover
+        assert by_alpha[alpha]["final_val_acc"] == pytest.approx(student[name]["val_acc"])
+    assert len(client.search_model_versions("name = 'deit-student'")) == 2
