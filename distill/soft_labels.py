@@ -27,7 +27,10 @@ is opened with ``np.load(mmap_mode="r")``: a lookup reads only the rows it needs
 ``meta.json`` ties the store to what produced it: teacher checkpoint sha256, dataset fingerprint,
 split, N, K, C, top-k, dtype, source image size and channels, the augmentation
 (:meth:`Augmenter.describe`: crop spec, output size, normalisation, resampling), the seed, and per
-shard file names, shapes, dtypes, byte sizes and sha256. :meth:`SoftLabelStore.open` refuses a store
+shard file names, shapes, dtypes, byte sizes and sha256; also, for people only, how the logits were
+computed (``runtime``: mixed precision, processes, device type, torch.compile backend). Under an
+accelerator the teacher runs in its ``autocast`` (bf16/fp16 mixed precision) and, when accelerate's
+dynamo backend is set, under ``torch.compile``. :meth:`SoftLabelStore.open` refuses a store
 whose metadata differs from what the caller expects, or whose files are missing, truncated, corrupt
 or of the wrong shape; the error names the store, the field or file, and how to regenerate it.
 
@@ -123,6 +126,9 @@ class StoreMeta:
     param_block: int = PARAM_BLOCK
     shards: tuple[dict[str, Any], ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
+    # How the logits were computed (mixed precision, processes, device type, dynamo backend): provenance
+    # for people, never checked (a store made on 8 GPUs in bf16 serves a CPU student).
+    runtime: dict[str, Any] = field(default_factory=dict)
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 
@@ -302,6 +308,31 @@ def _progress(total: int, desc: str, enabled: bool) -> Any:
                 disable=not enabled or os.environ.get("DISTILL_PROGRESS", "1") == "0")
 
 
+def _dynamo_backend(accelerator: Any) -> str:
+    plugin = getattr(getattr(accelerator, "state", None), "dynamo_plugin", None)
+    return "no" if plugin is None else str(plugin.backend.value).lower()
+
+
+def _compiled(teacher: nn.Module, accelerator: Any) -> nn.Module:
+    """The teacher under ``torch.compile`` when accelerate's dynamo backend asks for it, else unchanged.
+
+    accelerate compiles what it ``prepare``s; the frozen teacher is not prepared (no DDP wrapper for a model
+    that never trains), so it is compiled here with the same settings (``--dynamo_backend``,
+    ``ACCELERATE_DYNAMO_BACKEND`` / ``_MODE``).
+    """
+    if _dynamo_backend(accelerator) == "no":
+        return teacher
+    return torch.compile(teacher, **accelerator.state.dynamo_plugin.to_kwargs())
+
+
+def _runtime(accelerator: Any) -> dict[str, Any]:
+    """How the logits were computed (``StoreMeta.runtime``)."""
+    if accelerator is None:
+        return {"mixed_precision": "no", "processes": 1, "dynamo_backend": "no"}
+    return {"mixed_precision": str(accelerator.mixed_precision), "processes": accelerator.num_processes,
+            "device_type": accelerator.device.type, "dynamo_backend": _dynamo_backend(accelerator)}
+
+
 def _staging_token(accelerator: Any) -> str:
     """The main process's pid, shared with every process so they all write into one staging folder."""
     token = [str(os.getpid())]
@@ -392,7 +423,7 @@ def generate_store(
     else:
         device = next(iter(teacher.parameters()), torch.empty(0)).device
         autocast = contextlib.nullcontext
-    teacher = freeze(teacher).to(device)
+    teacher = _compiled(freeze(teacher).to(device), accelerator)
     wait = accelerator.wait_for_everyone if accelerator is not None else (lambda: None)
 
     out = Path(out_dir)
@@ -438,7 +469,7 @@ def generate_store(
                 augment=json.loads(json.dumps(augmenter.describe())), seed=seed, teacher_sha256=teacher_sha256,
                 data_fingerprint=data_fingerprint,
                 shards=tuple({k: r[k] for k in ("index", "start", "stop", "files")} for r in records),
-                extra=json.loads(json.dumps(extra_meta or {}, default=str)))
+                extra=json.loads(json.dumps(extra_meta or {}, default=str)), runtime=_runtime(accelerator))
             for r in range(world):
                 (staging / f"{_shard_name(r)}.json").unlink()
             # meta.json last: a staging folder without it is never a store.
