@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from torch import Tensor
 
 from distill.checkpoint import atomic_write_bytes
@@ -87,6 +88,7 @@ def plot_training_curves(histories: Mapping[str, Sequence[Mapping[str, float]]],
     ax_loss.set(title="Training loss", xlabel="epoch", ylabel="train loss")
     ax_acc.set(title="Validation accuracy", xlabel="epoch", ylabel="top-1 (%)")
     for ax in (ax_loss, ax_acc):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend()
