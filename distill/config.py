@@ -11,6 +11,7 @@ parameters: they come from accelerate's config, the environment or the CLI, so t
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -32,7 +33,47 @@ __all__ = [
     "load_params",
     "parse_params",
     "apply_overrides",
+    "STAGES",
+    "Paths",
 ]
+
+# The pipeline's stages, in order (dvc.yaml holds the graph), each with its group in params.yaml.
+STAGES = ("data", "teacher", "soft_labels", "student", "baseline", "evaluate")
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Where every stage reads and writes, relative to the project root (mirrors ``dvc.yaml``)."""
+
+    root: Path = Path(".")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data" / "prepared"
+
+    def model(self, name: str) -> Path:
+        return self.root / "models" / f"{name}.safetensors"
+
+    @property
+    def soft_labels(self) -> Path:
+        return self.root / "soft_labels"
+
+    def metrics(self, stage: str) -> Path:
+        return self.root / "metrics" / f"{stage}.json"
+
+    def curves(self, stage: str) -> Path:
+        return self.root / "plots" / f"{stage}.csv"
+
+    @property
+    def reports(self) -> Path:
+        return self.root / "reports"
+
+    def state(self, stage: str, key: str) -> Path:
+        """Resume state: outside every DVC output, so ``dvc repro`` does not delete it before a rerun."""
+        return self.root / ".state" / stage / key
 
 
 class ParamsError(ValueError):

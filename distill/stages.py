@@ -17,14 +17,13 @@ import hashlib
 import io
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 
 from distill.checkpoint import atomic_write_json, atomic_write_text, file_sha256, load_model, save_model
-from distill.config import Params, TrainParams
+from distill.config import STAGES, Params, Paths, TrainParams
 from distill.tracking import NullTracker, Tracker
 
 if TYPE_CHECKING:  # training modules are imported where used: the data stage does not depend on them
@@ -32,43 +31,6 @@ if TYPE_CHECKING:  # training modules are imported where used: the data stage do
 
 __all__ = ["Paths", "STAGES", "run_data", "run_teacher", "run_soft_labels", "run_student", "run_baseline",
            "run_evaluate", "stage_params"]
-
-STAGES = ("data", "teacher", "soft_labels", "student", "baseline", "evaluate")
-
-
-@dataclass(frozen=True)
-class Paths:
-    """Where every stage reads and writes, relative to the project root (mirrors ``dvc.yaml``)."""
-
-    root: Path = Path(".")
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "root", Path(self.root))
-
-    @property
-    def data(self) -> Path:
-        return self.root / "data" / "prepared"
-
-    def model(self, name: str) -> Path:
-        return self.root / "models" / f"{name}.safetensors"
-
-    @property
-    def soft_labels(self) -> Path:
-        return self.root / "soft_labels"
-
-    def metrics(self, stage: str) -> Path:
-        return self.root / "metrics" / f"{stage}.json"
-
-    def curves(self, stage: str) -> Path:
-        return self.root / "plots" / f"{stage}.csv"
-
-    @property
-    def reports(self) -> Path:
-        return self.root / "reports"
-
-    def state(self, stage: str, key: str) -> Path:
-        """Resume state: outside every DVC output, so ``dvc repro`` does not delete it before a rerun."""
-        return self.root / ".state" / stage / key
 
 
 def stage_params(params: Params, stage: str) -> dict[str, Any]:

@@ -9,22 +9,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from prefect import flow, get_run_logger
 
-from distill import stages as S
-from distill.config import load_params
+from distill.config import Paths, load_params
 from distill.tracking import NullTracker, stage_run
 
-_RUNNERS: dict[str, Callable[..., dict[str, Any]]] = {
-    "data": S.run_data,
-    "teacher": S.run_teacher,
-    "soft_labels": S.run_soft_labels,
-    "student": S.run_student,
-    "baseline": S.run_baseline,
-    "evaluate": S.run_evaluate,
-}
+# distill.stages (torch) is imported where a stage runs, not here: the pipeline flow's process, which
+# only runs `dvc repro`, never needs torch.
 
 
 def is_main_process() -> bool:
@@ -34,10 +27,12 @@ def is_main_process() -> bool:
 
 def run_stage(stage: str, *, params_path: str = "params.yaml", project_root: str = ".", track: bool = True) -> dict[str, Any]:
     """Validate params, open the MLflow child run (main process only) and run ``stage``."""
+    from distill import stages as S
+
     root = Path(project_root).resolve()
     params = load_params(root / params_path if not Path(params_path).is_absolute() else params_path)
-    paths = S.Paths(root)
-    runner = _RUNNERS[stage]
+    paths = Paths(root)
+    runner = getattr(S, f"run_{stage}")
     if not (track and is_main_process()):
         return runner(params, paths, NullTracker())
     with stage_run(stage, project_root=root, params=S.stage_params(params, stage)) as tracker:
@@ -50,7 +45,7 @@ def publish_report(project_root: Path) -> None:
     """Print the result table into the flow run's log and attach it to the flow run as a Markdown artifact."""
     from prefect.artifacts import create_markdown_artifact
 
-    report = S.Paths(project_root).reports / "results.md"
+    report = Paths(project_root).reports / "results.md"
     if report.is_file() and is_main_process():
         text = report.read_text()
         print(text)
