@@ -133,6 +133,7 @@ def evaluate_all(params: Params, paths: Any, tracker: Tracker = NullTracker()) -
         for f in figs:
             tracker.log_artifact(f, "figures")
         tracker.log_artifact(report_md)
+        tracker.flush()  # the metrics are sent (or the tracker found the server gone) before the registry
         run_id = getattr(tracker, "run_id", None)
         # A tracking server gone mid-stage (tracker offline, docs/reliability.md): no registry, the stage goes on.
         if ep.register_model and run_id and not getattr(tracker, "offline", False):

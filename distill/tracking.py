@@ -32,9 +32,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import queue
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -44,9 +46,15 @@ from typing import Any, Callable, Iterator, Optional, Protocol
 
 __all__ = ["Tracker", "NullTracker", "MlflowTracker", "TrackingUnavailableError", "tracking_uri",
            "check_tracking_server", "open_experiment", "create_pipeline_run", "stage_run", "git_commit",
-           "dvc_input_hashes", "flatten"]
+           "dvc_input_hashes", "flatten", "experiment_name"]
 
-EXPERIMENT = os.environ.get("DISTILL_MLFLOW_EXPERIMENT", "distill")
+# MLflow 3 reports usage over the network unless told not to; a run of this project needs no network.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+
+def experiment_name() -> str:
+    """The MLflow experiment: ``DISTILL_MLFLOW_EXPERIMENT``, default ``distill`` (read at each use)."""
+    return os.environ.get("DISTILL_MLFLOW_EXPERIMENT", "distill")
 
 
 class TrackingUnavailableError(RuntimeError):
@@ -60,6 +68,7 @@ class Tracker(Protocol):
     def log_dict(self, data: dict[str, Any], name: str) -> None: ...
     def set_tags(self, tags: dict[str, str]) -> None: ...
     def log_dataset(self, *, name: str, digest: str, source: str, context: str) -> None: ...
+    def flush(self) -> None: ...
 
 
 class NullTracker(Tracker):
@@ -88,6 +97,10 @@ class MlflowTracker:
     before anything goes to MLflow, keep every figure. Other MLflow errors are warned about and
     skipped (MLflow records, it never decides). ``database is locked`` from a busy SQLite store is
     retried first.
+
+    Per-epoch metrics (:meth:`log_metrics`) are sent by a background thread, in order, so that
+    training never waits for the store (a SQLite commit, or an HTTP round trip); :meth:`flush` waits
+    for them, and :meth:`terminate` flushes before it ends the run.
     """
 
     def __init__(self, run_id: str, *, uri: Optional[str] = None, stage: str = "") -> None:
@@ -98,6 +111,27 @@ class MlflowTracker:
         self.stage = stage
         self.offline = False
         self._client = mlflow.MlflowClient(tracking_uri=self.uri)
+        self._queue: Optional[queue.Queue] = None
+
+    def _submit(self, what: str, fn: Callable[[], Any]) -> None:
+        """Run ``self._call(what, fn)`` on the background thread (started on first use)."""
+        if self._queue is None:
+            self._queue = queue.Queue()
+            threading.Thread(target=self._drain, args=(self._queue,), name="mlflow-metrics", daemon=True).start()
+        self._queue.put((what, fn))
+
+    def _drain(self, q: queue.Queue) -> None:
+        while True:
+            what, fn = q.get()
+            try:
+                self._call(what, fn)
+            finally:
+                q.task_done()
+
+    def flush(self) -> None:
+        """Wait until every queued metric has been sent (or skipped)."""
+        if self._queue is not None:
+            self._queue.join()
 
     def _call(self, what: str, fn: Callable[[], Any]) -> None:
         if self.offline:
@@ -126,7 +160,7 @@ class MlflowTracker:
         clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         if clean:
             ts = int(time.time() * 1000)
-            self._call("log_metrics", lambda: self._client.log_batch(
+            self._submit("log_metrics", lambda: self._client.log_batch(
                 self.run_id, metrics=[mlflow.entities.Metric(k, v, ts, step or 0) for k, v in clean.items()]))
 
     def log_artifact(self, path: str | Path, artifact_path: Optional[str] = None) -> None:
@@ -155,6 +189,7 @@ class MlflowTracker:
 
     def terminate(self, status: str, *more_run_ids: str) -> None:
         """End this run (and ``more_run_ids``) with ``status``; skipped while the server is unreachable."""
+        self.flush()
         for run_id in (self.run_id, *more_run_ids):
             self._call("set_terminated", lambda run_id=run_id: self._client.set_terminated(run_id, status=status))
 
@@ -382,14 +417,15 @@ def open_experiment(project_root: str | Path = ".") -> tuple[Any, str]:
     uri = tracking_uri(project_root)
     check_tracking_server(uri)
     mlflow.set_tracking_uri(uri)
+    name = experiment_name()
     with _store_init_lock(uri):  # opening a fresh store creates its tables (MlflowClient() opens it)
         client = mlflow.MlflowClient()
-        exp = _retry_locked(lambda: client.get_experiment_by_name(EXPERIMENT))
+        exp = _retry_locked(lambda: client.get_experiment_by_name(name))
         if exp is None:
             try:
-                return client, _retry_locked(lambda: client.create_experiment(EXPERIMENT))
+                return client, _retry_locked(lambda: client.create_experiment(name))
             except Exception:  # noqa: BLE001 - another process (another store client) created it first
-                exp = client.get_experiment_by_name(EXPERIMENT)
+                exp = client.get_experiment_by_name(name)
                 if exp is None:
                     raise
     return client, exp.experiment_id

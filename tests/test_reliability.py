@@ -288,6 +288,7 @@ def test_tracker_warns_once_and_goes_offline_when_server_is_gone(monkeypatch, ca
     uri = _closed_port_uri()
     tracker = MlflowTracker("0123456789abcdef", uri=uri, stage="student")
     tracker.log_metrics({"val_acc": 0.5}, step=1)
+    tracker.flush()  # the first call finds the server gone
     t0 = time.monotonic()
     tracker.log_metrics({"val_acc": 0.6}, step=2)
     tracker.terminate("FINISHED")
