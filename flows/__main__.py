@@ -18,27 +18,14 @@ import os
 import shlex
 import subprocess
 import sys
-import urllib.request
-from typing import Mapping, Optional
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Mapping, Optional
 
 # No telemetry from Prefect's temporary servers: it needs the network, and its writes race the server's
 # own SQLite writes ("database is locked" noise in every stage log).
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-
-LOCAL_PREFECT = "http://127.0.0.1:4200/api"
-
-
-def _use_local_prefect_server() -> None:
-    """Reuse a running local ``prefect server start`` instead of a temporary server per process."""
-    if os.environ.get("PREFECT_API_URL"):
-        return
-    try:
-        with urllib.request.urlopen(LOCAL_PREFECT + "/health", timeout=0.5) as resp:
-            if resp.status == 200:
-                os.environ["PREFECT_API_URL"] = LOCAL_PREFECT
-    except OSError:
-        pass
-
 
 # --------------------------------------------------------------------------------- multi-process launch
 LAUNCHED_STAGES = ("teacher", "soft_labels", "student", "baseline")
@@ -137,12 +124,50 @@ def check_launched_group(environ: Mapping[str, str] = os.environ) -> None:
             "DISTILL_LAUNCH_ARGS='--multi_gpu' or '--config_file ...')")
 
 
+@contextmanager
+def _warm_stages() -> Iterator[None]:
+    """Start the stage server (flows/stage_server.py) for the flows this process runs, unless turned off."""
+    from flows.stage_server import ENV_VAR, StageServer, warm_stages_enabled
+
+    if not warm_stages_enabled() or os.environ.get(ENV_VAR):
+        yield
+        return
+    with StageServer(Path.cwd()) as server:
+        os.environ.update(server.env_var())
+        try:
+            yield
+        finally:
+            os.environ.pop(ENV_VAR, None)
+
+
+def _open_tracking_store_in_background() -> None:
+    """Open the MLflow store (creating its tables on first use, about 3 s) while Prefect starts its server.
+
+    The flow opens it again, for real: an error here (a tracking server down) is left for it to report.
+    """
+    def work() -> None:
+        try:
+            from distill.tracking import open_experiment
+
+            open_experiment(Path.cwd())
+        except Exception:  # noqa: BLE001 - reported by the flow itself
+            pass
+
+    threading.Thread(target=work, name="open-mlflow-store", daemon=True).start()
+
+
 def _world_size(environ: Mapping[str, str] = os.environ) -> int:
     return int(environ.get("WORLD_SIZE", "1") or 1)
 
 
 def main(argv: list[str] | None = None) -> int:
-    from distill.stages import STAGES
+    if (sys.argv[1:] if argv is None else argv)[:1] == ["stage"]:
+        from flows.stage_server import delegate
+
+        served = delegate(list(sys.argv[1:] if argv is None else argv))  # a warm worker of the pipeline's server
+        if served is not None:
+            return served
+    from distill.config import STAGES
 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--params", default="params.yaml", help="the parameters file (default: params.yaml)")
@@ -180,21 +205,30 @@ def main(argv: list[str] | None = None) -> int:
             if args.no_prefect or not is_main_process():
                 run_stage(args.name, params_path=args.params, track=not args.no_prefect)
             else:
-                _use_local_prefect_server()
+                from flows.prefect_api import use_local_server
+
+                use_local_server()
                 stage_flow = STAGE_FLOWS[args.name]
                 if _world_size() > 1:  # rank 0 cannot retry alone: the launcher retries the whole group
                     stage_flow = stage_flow.with_options(retries=0)
                 stage_flow(params_path=args.params, project_root=".")
-        elif args.cmd == "pipeline":
-            _use_local_prefect_server()
-            from flows.pipeline import pipeline_flow
-
-            pipeline_flow(overrides=args.overrides, project_root=".", exp_name=args.name, force=args.force)
         else:
-            _use_local_prefect_server()
-            from flows.seeds import seeds_flow
+            # Started first, they come up while this process imports: the Prefect API (flows/prefect_api.py),
+            # the stage server (flows/stage_server.py) and the MLflow store.
+            from flows.prefect_api import PrivateServer, use_local_server
 
-            seeds_flow(seeds=args.seeds, overrides=args.overrides, project_root=".")
+            prefect_server = None if use_local_server() else PrivateServer()  # stops at exit
+            with _warm_stages():
+                from flows.pipeline import pipeline_flow
+                from flows.seeds import seeds_flow
+
+                _open_tracking_store_in_background()
+                if prefect_server is not None:
+                    prefect_server.wait()
+                if args.cmd == "pipeline":
+                    pipeline_flow(overrides=args.overrides, project_root=".", exp_name=args.name, force=args.force)
+                else:
+                    seeds_flow(seeds=args.seeds, overrides=args.overrides, project_root=".")
     except (ParamsError, LaunchError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -5,8 +5,9 @@ parameter overrides, ``dvc exp run -S key=value ...``), so DVC alone decides whi
 date; every stage DVC runs is itself a Prefect flow run (``python -m flows stage <name>``).
 
 It also opens the MLflow *parent* run of this execution and hands its id to the stage processes
-(``DISTILL_PARENT_RUN_ID``), and hands them this flow's Prefect API URL so they do not each start a
-temporary Prefect server (about 10 s each).
+(``DISTILL_PARENT_RUN_ID``), hands them this flow's Prefect API URL so they do not each start a
+temporary Prefect server (about 10 s each), and keeps a stage server (:mod:`flows.stage_server`) so
+that each stage process starts with torch, Prefect and MLflow already imported.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Optional
 
@@ -21,6 +23,8 @@ from prefect import flow, get_run_logger
 
 from distill.config import apply_overrides, load_params, parse_params
 from distill.tracking import MlflowTracker, create_pipeline_run, open_experiment, tracking_uri
+from flows.stage_server import ENV_VAR as STAGE_SERVER
+from flows.stage_server import StageServer, warm_stages_enabled
 from flows.stages import publish_report
 
 
@@ -115,7 +119,10 @@ def pipeline_flow(overrides: Optional[list[str]] = None, project_root: str = "."
             cmd = ["dvc", "repro"]
         if force:
             cmd.append("-f")
-        lines = _stream(cmd, cwd=root, env=env, logger=logger)
+        with ExitStack() as stack:
+            if warm_stages_enabled() and not env.get(STAGE_SERVER):  # the CLI starts one earlier; a deployment not
+                env.update(stack.enter_context(StageServer(root, env)).env_var())
+            lines = _stream(cmd, cwd=root, env=env, logger=logger)
         ran = [m.group(1) for m in map(re.compile(r"Ran experiment\(s\): (\S+)").search, lines) if m]
         if ran:  # DVC names experiments it runs unnamed: record the name on the parent run too
             parent_run.set_tags({"dvc_exp_name": ran[-1]})

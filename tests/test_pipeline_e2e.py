@@ -3,7 +3,7 @@
 The tests share one project (``built_project`` in conftest.py: ``python -m flows pipeline`` ran in
 it once) and run in file order, each building on the state the previous one left:
 
-1. the pipeline flow succeeds;
+1. the pipeline flow succeeds, each stage in a warm worker of its stage server;
 2. MLflow holds one parent run for it with one finished child run per stage, curves, tags, and the
    student in the model registry;
 3. DVC's lock file, metrics, report and figures are there;
@@ -63,6 +63,14 @@ def client(project: Path) -> Any:
 def test_pipeline_flow_succeeds(built_project: PipelineRun) -> None:
     assert built_project.proc.returncode == 0, describe(built_project.proc)
     assert sorted(stages_run(built_project.proc.stdout + built_project.proc.stderr)) == sorted(["check_params", *STAGES])
+
+
+def test_every_stage_ran_in_a_warm_worker(built_project: PipelineRun) -> None:
+    """The pipeline's stage server (flows/stage_server.py) served each stage command DVC ran."""
+    output = built_project.proc.stdout + built_project.proc.stderr
+    served = re.findall(r"\[stage server\] worker \d+ runs `python -m flows stage (\w+)`", output)
+    assert sorted(served) == sorted(STAGES), output[-6000:]
+    assert "running the stage in this process" not in output
 
 
 def test_mlflow_parent_and_child_runs(built_project: PipelineRun, client: Any) -> None:

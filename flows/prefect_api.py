@@ -1,0 +1,110 @@
+"""Which Prefect API the flows of a ``python -m flows`` process talk to.
+
+In order: ``PREFECT_API_URL`` from the environment; else a local ``prefect server start`` on the default
+port; else, for the pipeline and seeds commands, a private ``prefect server start`` (no UI) on a free port
+for the length of the command, started the moment the command starts so that it comes up while this
+process imports. Prefect's own fallback, a temporary server that Prefect starts only when the flow is
+called, would make the pipeline wait for it; the private server keeps its history in the same database
+(``PREFECT_HOME``), so the runs are in the UI of any later ``prefect server start``.
+
+Nothing here imports Prefect: the environment is set before Prefect reads its settings.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Optional
+
+LOCAL_PREFECT = "http://127.0.0.1:4200/api"
+STARTUP_TIMEOUT = 120.0
+
+
+def healthy(api_url: str, timeout: float = 0.5) -> bool:
+    try:
+        with urllib.request.urlopen(api_url.rstrip("/") + "/health", timeout=timeout) as resp:
+            return resp.status == 200
+    except OSError:
+        return False
+
+
+def use_local_server() -> bool:
+    """Point ``PREFECT_API_URL`` at a running local ``prefect server start``; True if an API is configured."""
+    if os.environ.get("PREFECT_API_URL"):
+        return True
+    if healthy(LOCAL_PREFECT):
+        os.environ["PREFECT_API_URL"] = LOCAL_PREFECT
+        return True
+    return False
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class PrivateServer:
+    """A ``prefect server start`` for this command only; :meth:`wait` before the first flow.
+
+    It stops when this process exits, after Prefect has sent its last logs (Prefect drains its workers
+    before ``atexit`` handlers run), or at :meth:`stop`. If it does not come up, :meth:`wait` says so,
+    stops it, and leaves the API unset: Prefect then starts its own temporary server as usual.
+    """
+
+    def __init__(self) -> None:
+        self._dir = tempfile.mkdtemp(prefix="distill-prefect-")
+        self.log = Path(self._dir) / "server.log"
+        self.api_url = f"http://127.0.0.1:{_free_port()}/api"
+        port = self.api_url.rsplit(":", 1)[1].split("/")[0]
+        prefect = shutil.which("prefect", path=os.pathsep.join([str(Path(sys.executable).parent),
+                                                                   os.environ.get("PATH", "")]))
+        self._proc: Optional[subprocess.Popen] = None
+        if prefect is None:
+            return
+        with open(self.log, "w") as out:
+            self._proc = subprocess.Popen(
+                [prefect, "server", "start", "--host", "127.0.0.1", "--port", port, "--no-ui", "--analytics-off"],
+                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        os.environ["PREFECT_API_URL"] = self.api_url
+        atexit.register(self.stop)
+
+    def wait(self, timeout: float = STARTUP_TIMEOUT) -> bool:
+        """Block until the server answers; False (and the API unset) if it cannot start."""
+        deadline = time.monotonic() + timeout
+        while self._proc is not None and self._proc.poll() is None and time.monotonic() < deadline:
+            if healthy(self.api_url):
+                return True
+            time.sleep(0.1)
+        tail = self.log.read_text()[-2000:] if self.log.is_file() else ""
+        print(f"[flows] the private Prefect server did not start; Prefect starts its own temporary one.\n{tail}",
+              file=sys.stderr, flush=True)
+        self.stop()
+        if os.environ.get("PREFECT_API_URL") == self.api_url:
+            del os.environ["PREFECT_API_URL"]
+            if "prefect.context" in sys.modules:  # Prefect read the URL when it was imported
+                from prefect.context import refresh_global_settings_context
+
+                refresh_global_settings_context()
+        return False
+
+    def stop(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            try:
+                os.killpg(self._proc.pid, 15)
+                self._proc.wait(timeout=15)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                try:
+                    os.killpg(self._proc.pid, 9)
+                except ProcessLookupError:
+                    pass
+                self._proc.wait()
+        shutil.rmtree(self._dir, ignore_errors=True)
