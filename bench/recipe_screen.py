@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     if not paths.model("teacher").is_file():
         for stage in ("data", "teacher"):
             getattr(S, f"run_{stage}")(parse_params(raw), paths)
+    stored: set[str] = set()  # the store depends only on the teacher, the views and the augmentation
     for spec in args.variants:
         name, _, overrides = spec.partition(":")
         params = parse_params(apply_overrides(raw, [o for o in overrides.split(";") if o]))
@@ -54,8 +55,11 @@ def main(argv: list[str] | None = None) -> int:
             S.run_baseline(params, paths)
             model = "baseline"
         else:
-            if params.student.teacher_mode == "stored" and params.student.distillation != "none":
+            store_key = f"{params.soft_labels!r} {params.data.augment!r}"
+            if params.student.teacher_mode == "stored" and params.student.distillation != "none" \
+                    and store_key not in stored:
                 S.run_soft_labels(params, paths)
+                stored = {store_key}
             S.run_student(params, paths)
             model = "student"
         print(f"RESULT {name} seed={args.seed} test_top1={test_top1(paths, model):.4f} "
