@@ -28,6 +28,7 @@ messages: ``{"decline": reason}``, or ``{"pid": worker}`` and later ``{"exit": s
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
@@ -360,6 +361,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         listener.listen(16)
     server = Server(Path.cwd())
     preload()
+    # What the imports made is the same in every worker: frozen, the collector of a worker neither walks
+    # these objects again nor writes to their pages (which would copy them, page by page, after the fork).
+    gc.collect()
+    gc.freeze()
     server.serve(listener)
     return 0
 
