@@ -32,15 +32,24 @@ class StageFailed(RuntimeError):
     """A DVC command run by the pipeline exited non-zero."""
 
 
+def log_line(raw: bytes) -> str:
+    """The text of one output line worth logging: what is left after the last carriage return.
+
+    A progress bar redraws itself with ``\\r`` and no newline, so a line of a stage's output holds every
+    redraw and then the real line (or nothing, when the bar erased itself).
+    """
+    return raw.decode(errors="replace").rstrip("\r\n").rsplit("\r", 1)[-1].rstrip()
+
+
 def _stream(cmd: list[str], *, cwd: Path, env: dict[str, str], logger: Any) -> list[str]:
     """Run ``cmd``, logging its output line by line into the flow run; returns the lines. Fails on non-zero exit."""
     logger.info("$ %s", " ".join(cmd))
     lines: list[str] = []
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     assert proc.stdout is not None
-    for line in proc.stdout:
-        line = line.rstrip()
-        if line and "\r" not in line:  # progress-bar redraws are noise in a log
+    for raw in proc.stdout:  # bytes, split on "\n" only (text mode would split on "\r" too)
+        line = log_line(raw)
+        if line:
             logger.info(line)  # the flow run's log, which Prefect also echoes to the console
             lines.append(line)
     rc = proc.wait()
