@@ -53,7 +53,8 @@ FIRST_REPLY_TIMEOUT = 300.0  # the server imports for a few seconds before it an
 
 
 def warm_stages_enabled() -> bool:
-    return os.environ.get(SWITCH, "1") != "0"
+    """On unless ``DISTILL_WARM_STAGES=0``; needs ``fork`` and Unix sockets with descriptor passing (POSIX)."""
+    return os.environ.get(SWITCH, "1") != "0" and hasattr(os, "fork") and hasattr(socket, "send_fds")
 
 
 # --------------------------------------------------------------------------------------------- framing
