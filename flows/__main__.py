@@ -126,18 +126,16 @@ def check_launched_group(environ: Mapping[str, str] = os.environ) -> None:
 
 @contextmanager
 def _warm_stages() -> Iterator[None]:
-    """Start the stage server (flows/stage_server.py) for the flows this process runs, unless turned off."""
-    from flows.stage_server import ENV_VAR, StageServer, warm_stages_enabled
+    """A stage server (flows/stage_server.py) for the flows this process runs, named in its environment."""
+    from flows.stage_server import warm_stages
 
-    if not warm_stages_enabled() or os.environ.get(ENV_VAR):
-        yield
-        return
-    with StageServer(Path.cwd()) as server:
-        os.environ.update(server.env_var())
+    with warm_stages(Path.cwd()) as extra:
+        os.environ.update(extra)
         try:
             yield
         finally:
-            os.environ.pop(ENV_VAR, None)
+            for key in extra:
+                os.environ.pop(key, None)
 
 
 def _open_tracking_store_in_background() -> None:

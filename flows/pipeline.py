@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Optional
 
@@ -23,8 +22,7 @@ from prefect import flow, get_run_logger
 
 from distill.config import apply_overrides, load_params, parse_params
 from distill.tracking import MlflowTracker, create_pipeline_run, open_experiment, tracking_uri
-from flows.stage_server import ENV_VAR as STAGE_SERVER
-from flows.stage_server import StageServer, warm_stages_enabled
+from flows.stage_server import warm_stages
 from flows.stages import publish_report
 
 
@@ -128,10 +126,8 @@ def pipeline_flow(overrides: Optional[list[str]] = None, project_root: str = "."
             cmd = ["dvc", "repro"]
         if force:
             cmd.append("-f")
-        with ExitStack() as stack:
-            if warm_stages_enabled() and not env.get(STAGE_SERVER):  # the CLI starts one earlier; a deployment not
-                env.update(stack.enter_context(StageServer(root, env)).env_var())
-            lines = _stream(cmd, cwd=root, env=env, logger=logger)
+        with warm_stages(root, env) as extra:
+            lines = _stream(cmd, cwd=root, env={**env, **extra}, logger=logger)
         ran = [m.group(1) for m in map(re.compile(r"Ran experiment\(s\): (\S+)").search, lines) if m]
         if ran:  # DVC names experiments it runs unnamed: record the name on the parent run too
             parent_run.set_tags({"dvc_exp_name": ran[-1]})

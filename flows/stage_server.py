@@ -36,8 +36,9 @@ import socket
 import struct
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 ENV_VAR = "DISTILL_STAGE_SERVER"
 SWITCH = "DISTILL_WARM_STAGES"  # "0": no stage server, every stage starts cold (as under plain `dvc repro`)
@@ -126,8 +127,6 @@ def delegate(argv: list[str]) -> Optional[int]:
         while True:
             try:
                 reply = _recv(sock)
-            except InterruptedError:
-                continue
             except (OSError, EOFError, ValueError) as err:
                 _note(f"lost the stage server while it ran the stage (worker pid {first.get('pid')}): {err}")
                 return 1
@@ -425,6 +424,21 @@ class StageServer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+@contextmanager
+def warm_stages(root: Path, env: Optional[dict[str, str]] = None) -> Iterator[dict[str, str]]:
+    """A stage server for ``root`` while the block runs; yields what the stage commands' environment needs.
+
+    Yields ``{}`` (and starts nothing) when warm stages are off, or when ``env`` (default: this process's
+    environment) already names a server: the CLI starts one before the flow, a deployment run does not.
+    """
+    env = dict(os.environ if env is None else env)
+    if not warm_stages_enabled() or env.get(ENV_VAR):
+        yield {}
+        return
+    with StageServer(root, env) as server:
+        yield server.env_var()
 
 
 if __name__ == "__main__":
