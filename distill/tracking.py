@@ -110,6 +110,7 @@ class MlflowTracker:
         self.uri = uri or mlflow.get_tracking_uri()
         self.stage = stage
         self.offline = False
+        self._offline_lock = threading.Lock()
         self._client = mlflow.MlflowClient(tracking_uri=self.uri)
         self._queue: Optional[queue.Queue] = None
 
@@ -140,7 +141,10 @@ class MlflowTracker:
             _retry_locked(fn)
         except Exception as err:  # noqa: BLE001 - tracking must not stop training
             if _is_unreachable(err):
-                self.offline = True
+                with self._offline_lock:  # the metrics thread and the stage may find the server gone together
+                    first, self.offline = not self.offline, True
+                if not first:
+                    return
                 where = f"metrics/{self.stage}.json and plots/{self.stage}.csv" if self.stage else "the DVC metrics files"
                 _warn(f"MLflow tracking server {self.uri} is unreachable ({_first_line(err)}). The stage goes on "
                       f"without MLflow: nothing more is logged to run {self.run_id}, and every metric is still in {where}.")
