@@ -29,16 +29,17 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 import yaml
+from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from distill import stages as S  # noqa: E402
 from distill.checkpoint import load_model  # noqa: E402
 from distill.config import apply_overrides, parse_params  # noqa: E402
-from distill.data import AugmentSpec, Augmenter, load_prepared  # noqa: E402
+from distill.data import ArrayDataset, AugmentSpec, Augmenter, load_prepared  # noqa: E402
+from distill.engine import evaluate, make_accelerator  # noqa: E402
 from distill.evaluation import mean_std  # noqa: E402
 
 MODES = {"none": ["student.distillation=none"], "stored": ["student.teacher_mode=stored"],
@@ -46,15 +47,14 @@ MODES = {"none": ["student.distillation=none"], "stored": ["student.teacher_mode
 
 
 def test_top1(paths: S.Paths, name: str) -> float:
-    """Top-1 of a trained model on the test split (eval mode: the average of DeiT's two heads)."""
+    """Top-1 of a trained model on the test split (the engine's evaluation: eval mode, DeiT's two heads averaged)."""
     data = load_prepared(paths.data)
     model, _ = load_model(paths.model(name))
     meta = data.meta
+    accelerator = make_accelerator()
     aug = Augmenter(spec=AugmentSpec(), out_size=meta.image_size, mean=meta.mean, std=meta.std)
-    images = torch.from_numpy(np.array(data.test.images))
-    with torch.no_grad():
-        logits = torch.cat([model(aug(b, aug.eval_params(len(b)))) for b in images.split(512)])
-    return float((logits.argmax(-1).numpy() == data.test.labels).mean())
+    loader = accelerator.prepare(DataLoader(ArrayDataset(data.test), batch_size=512))
+    return evaluate(model.to(accelerator.device), loader, accelerator, aug)["acc"]
 
 
 def run_seed(raw: dict, seed: int, work: Path) -> dict:
