@@ -42,6 +42,9 @@ GIT_IDENTITY = {"GIT_AUTHOR_NAME": "distill-tests", "GIT_AUTHOR_EMAIL": "distill
 TINY_PARAMS = {"teacher.train.epochs": 2, "teacher.train.warmup_epochs": 1, "student.train.epochs": 2,
                "student.train.warmup_epochs": 1, "soft_labels.views": 2, "evaluate.throughput_iters": 3}
 _DROPPED_PREFIXES = ("PREFECT_", "MLFLOW_", "DISTILL_", "DVC_", "GIT_")
+# For subprocesses whose results are compared bit for bit: reductions split over another number of threads
+# round differently.
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 def now_ms() -> int:

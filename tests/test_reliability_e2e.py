@@ -29,12 +29,11 @@ from typing import Any, Callable, Iterator
 import pytest
 import yaml
 
-from conftest import (REPO, RunCmd, _free_port, _healthy, background_server, describe, mlflow_client, mlflow_runs,
-                      set_param, stop_process_group)
+from conftest import (ONE_THREAD, REPO, RunCmd, _free_port, _healthy, background_server, describe, mlflow_client,
+                      mlflow_runs, set_param, stop_process_group)
 
 pytestmark = pytest.mark.slow
 
-ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 # Small enough for a shared CPU, long enough that a student epoch has many steps to die in.
 PARAMS = {"teacher.width": 8, "teacher.blocks": 1, "teacher.train.epochs": 2, "teacher.train.warmup_epochs": 1,
           "student.train.epochs": 3, "student.train.warmup_epochs": 1, "soft_labels.views": 2}

@@ -22,10 +22,9 @@ from typing import Any, Iterator
 
 import pytest
 
-from conftest import REPO, describe, set_param
+from conftest import ONE_THREAD, REPO, describe, set_param
 from flows.stage_server import ENV_VAR, Server, StageServer, code_digest, delegate, import_time_env
 
-ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 TIMING = {"train_images_per_sec", "epoch_time_s", "train_time_s", "time_s"}
 DATA = [sys.executable, "-m", "flows", "stage", "data", "--no-prefect"]
 TEACHER = [sys.executable, "-m", "flows", "stage", "teacher", "--no-prefect"]
