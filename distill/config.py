@@ -132,6 +132,8 @@ class TrainParams(_Strict):
     grad_clip: Optional[float] = Field(default=1.0, gt=0.0)
     grad_accum: int = Field(default=1, ge=1)
     scale_lr: bool = Field(default=True, description="scale lr linearly with processes x grad_accum")
+    mixup: float = Field(default=0.0, ge=0.0, le=10.0,
+                         description="mixup of training views: weights drawn from Beta(mixup, mixup); 0 = off")
 
     @model_validator(mode="after")
     def _check(self) -> "TrainParams":

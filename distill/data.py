@@ -47,6 +47,9 @@ __all__ = [
     "AUGMENT_VERSION",
     "DATASETS",
     "PARAM_DIM",
+    "Mix",
+    "in_batch_mix",
+    "sample_lam",
     "ArrayDataset",
     "AugmentSpec",
     "Augmenter",
@@ -441,6 +444,36 @@ def load_prepared(path: str | Path, *, mmap: bool = True) -> PreparedData:
 
 
 @dataclass(frozen=True)
+class Mix:
+    """Mixup partners for a batch of views (Zhang et al. 2018): the model sees
+    ``lam * view(image) + (1 - lam) * view(partner)``, pixel by pixel, after cropping and before normalising.
+
+    Attributes:
+        images: uint8 ``(B, C, H, W)``, each sample's partner image.
+        labels: ``(B,)`` the partners' true classes (the label loss mixes with the same weights).
+        params: ``(B, 5)`` the partners' own crop parameters.
+        lam: float32 ``(B,)`` the weight of the sample itself, in [0, 1].
+    """
+
+    images: Tensor
+    labels: Tensor
+    params: Tensor
+    lam: Tensor
+
+
+def sample_lam(n: int, alpha: float, generator: torch.Generator) -> Tensor:
+    """``n`` mixing weights from Beta(alpha, alpha), reproducible from ``generator`` (float32 ``(n,)``)."""
+    rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=generator)))
+    return torch.from_numpy(rng.beta(alpha, alpha, size=n)).float()
+
+
+def in_batch_mix(images: Tensor, labels: Tensor, params: Tensor, alpha: float, generator: torch.Generator) -> Mix:
+    """Pair every sample with the batch in reverse order (timm's pairing) with its own Beta(alpha, alpha) weight."""
+    return Mix(images=images.flip(0), labels=labels.flip(0), params=params.flip(0),
+               lam=sample_lam(images.shape[0], alpha, generator))
+
+
+@dataclass(frozen=True)
 class AugmentSpec:
     """Random-resized crop (area ``scale``, aspect ``ratio``) and optional horizontal flip."""
 
@@ -532,9 +565,13 @@ class Augmenter:
     def normalize(self, x: Tensor) -> Tensor:
         return (x - self.mean.to(x.device)) / self.std.to(x.device)
 
-    def __call__(self, images: Tensor, params: Tensor) -> Tensor:
-        """Render and normalise: the model's input for the views ``params`` of ``images``."""
-        return self.normalize(self.render(images, params))
+    def __call__(self, images: Tensor, params: Tensor, mix: Optional["Mix"] = None) -> Tensor:
+        """Render and normalise: the model's input for the views ``params`` of ``images``, mixed with ``mix``."""
+        x = self.render(images, params)
+        if mix is not None:
+            lam = mix.lam.to(device=x.device, dtype=x.dtype).view(-1, 1, 1, 1)
+            x = lam * x + (1.0 - lam) * self.render(mix.images.to(x.device), mix.params)
+        return self.normalize(x)
 
     def describe(self) -> dict[str, Any]:
         """Everything that determines a rendered view (stored with soft labels, checked on replay)."""

@@ -36,7 +36,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Protocol, Sequence
+from typing import Any, Callable, Iterator, NamedTuple, Optional, Protocol, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -44,12 +44,14 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from distill.checkpoint import CheckpointError
 from distill.config import TrainParams
+from distill.data import Mix, in_batch_mix
 from distill.losses import DistillationLoss
 
 __all__ = [
     "StepContext",
     "Task",
     "SupervisedTask",
+    "Views",
     "RandomViews",
     "OnlineTeacher",
     "EpochSampler",
@@ -85,44 +87,76 @@ class StepContext:
         return g
 
 
+class Views(NamedTuple):
+    """What a view source gives for a batch: each sample's crop, the teacher's logits for the exact input
+    the model will see (None without a teacher), and the mixup partners (None without mixup)."""
+
+    params: Tensor
+    teacher_logits: Optional[Tensor] = None
+    mix: Optional[Mix] = None
+
+
 class ViewSource(Protocol):
-    def __call__(self, batch: dict[str, Tensor], ctx: StepContext) -> tuple[Tensor, Optional[Tensor]]:
-        """Return augmentation params ``(B, 5)`` for the batch and teacher logits ``(B, C)`` or None."""
+    def __call__(self, batch: dict[str, Tensor], ctx: StepContext) -> Views:
+        """Return the batch's views: crop params ``(B, 5)``, teacher logits ``(B, C)`` or None, mix or None."""
+
+
+def _render(augmenter: Any, images: Tensor, params: Tensor, mix: Optional[Mix]) -> Tensor:
+    """The model's input; an augmenter without mixup support is called as ``augmenter(images, params)``."""
+    params = params.to(images.device)
+    return augmenter(images, params) if mix is None else augmenter(images, params, mix)
+
+
+def _random_views(augmenter: Any, batch: dict[str, Tensor], ctx: StepContext,
+                  mixup: float) -> tuple[Tensor, Optional[Mix]]:
+    images = batch["image"]
+    params = augmenter.sample(images.shape[0], ctx.generator())
+    mix = in_batch_mix(images, batch["label"], params, mixup, ctx.generator(1)) if mixup > 0 else None
+    return params, mix
 
 
 class RandomViews:
-    """Fresh random augmentation parameters per step; no teacher."""
+    """Fresh random augmentation parameters per step; no teacher.
 
-    def __init__(self, augmenter: Any) -> None:
+    Args:
+        augmenter: the :class:`distill.data.Augmenter`.
+        mixup: Beta(mixup, mixup) mixup of every sample with the batch in reverse order; 0 turns it off.
+    """
+
+    def __init__(self, augmenter: Any, *, mixup: float = 0.0) -> None:
         self.augmenter = augmenter
+        self.mixup = float(mixup)
 
-    def __call__(self, batch: dict[str, Tensor], ctx: StepContext) -> tuple[Tensor, Optional[Tensor]]:
-        return self.augmenter.sample(batch["image"].shape[0], ctx.generator()), None
+    def __call__(self, batch: dict[str, Tensor], ctx: StepContext) -> Views:
+        params, mix = _random_views(self.augmenter, batch, ctx, self.mixup)
+        return Views(params, None, mix)
 
 
 class OnlineTeacher:
-    """DeiT's way: the frozen teacher runs on the student's own augmented batch at every step.
+    """DeiT's way: the frozen teacher runs on the student's own augmented (and mixed) batch at every step.
 
     The teacher is not a submodule of anything ``accelerate.prepare`` wraps: DDP never syncs it and
     ``student.train()`` cannot flip its BatchNorm layers back to training mode.
     """
 
-    def __init__(self, teacher: nn.Module, augmenter: Any, *, autocast: Callable[[], Any] | None = None) -> None:
+    def __init__(self, teacher: nn.Module, augmenter: Any, *, autocast: Callable[[], Any] | None = None,
+                 mixup: float = 0.0) -> None:
         from distill.teachers import freeze
 
         self.teacher = freeze(teacher)
         self.augmenter = augmenter
         self.autocast = autocast
+        self.mixup = float(mixup)
 
-    def __call__(self, batch: dict[str, Tensor], ctx: StepContext) -> tuple[Tensor, Optional[Tensor]]:
+    def __call__(self, batch: dict[str, Tensor], ctx: StepContext) -> Views:
         images = batch["image"]
-        params = self.augmenter.sample(images.shape[0], ctx.generator())
+        params, mix = _random_views(self.augmenter, batch, ctx, self.mixup)
         device = next(self.teacher.parameters()).device
         if device != images.device:
             self.teacher.to(images.device)
         with torch.no_grad(), (self.autocast() if self.autocast else _nullcontext()):
-            logits = self.teacher(self.augmenter(images, params.to(images.device))).float()
-        return params, logits
+            logits = self.teacher(_render(self.augmenter, images, params, mix)).float()
+        return Views(params, logits, mix)
 
 
 class _nullcontext:
@@ -161,13 +195,14 @@ class SupervisedTask:
         self.views = views
 
     def training_step(self, batch: dict[str, Tensor], ctx: StepContext) -> dict[str, Tensor]:
-        params, teacher_logits = self.views(batch, ctx)
+        params, teacher_logits, mix = self.views(batch, ctx)
         images = batch["image"]
-        x = self.augmenter(images, params.to(images.device))
+        x = _render(self.augmenter, images, params, mix)
         out = self.model(x)
         if teacher_logits is not None:
             teacher_logits = teacher_logits.to(x.device)
-        losses = self.criterion(out, batch["label"], teacher_logits)
+        losses = self.criterion(out, batch["label"], teacher_logits,
+                                mix=None if mix is None else (mix.labels, mix.lam))
         return {**losses, "logits": out[0] if isinstance(out, tuple) else out}
 
 

@@ -78,25 +78,39 @@ class DistillationLoss(nn.Module):
     def needs_teacher(self) -> bool:
         return self.mode != "none"
 
-    def forward(self, outputs: ModelOutput, labels: Tensor,
-                teacher_logits: Optional[Tensor] = None) -> dict[str, Tensor]:
+    def _label_ce(self, logits: Tensor, labels: Tensor, mix: Optional[tuple[Tensor, Tensor]]) -> Tensor:
+        """Label-smoothed CE on the true labels; with mixup ``(partner_labels, lam)``, each sample's CE is
+        ``lam * CE(y) + (1 - lam) * CE(y_partner)`` (the mixed target), averaged over the batch."""
+        smoothing = self.label_smoothing
+        if mix is None:
+            return F.cross_entropy(logits.float(), labels, label_smoothing=smoothing)
+        partner, lam = mix
+        lam = lam.to(device=logits.device, dtype=torch.float32)
+        ce = F.cross_entropy(logits.float(), labels, label_smoothing=smoothing, reduction="none")
+        ce_partner = F.cross_entropy(logits.float(), partner.to(labels.device), label_smoothing=smoothing,
+                                     reduction="none")
+        return (lam * ce + (1.0 - lam) * ce_partner).mean()
+
+    def forward(self, outputs: ModelOutput, labels: Tensor, teacher_logits: Optional[Tensor] = None,
+                mix: Optional[tuple[Tensor, Tensor]] = None) -> dict[str, Tensor]:
         """Compute the loss.
 
         Args:
             outputs: a tensor ``(B, C)`` or a tuple ``(cls_logits, dist_logits)``.
             labels: ``(B,)`` true class indices.
-            teacher_logits: ``(B, C)`` teacher outputs for the same augmented views (required
+            teacher_logits: ``(B, C)`` teacher outputs for the same augmented (and mixed) views (required
                 unless ``mode == 'none'``).
+            mix: for mixup views, ``(partner_labels (B,), lam (B,))``: the label terms use the mixed target.
+                The distillation term needs nothing more: the teacher saw the same mixed image.
 
         Returns:
             ``{"loss", "base", "distill"}`` scalars (``distill`` is 0 with mode ``none``).
         """
-        smoothing = self.label_smoothing
         if self.mode == "none":
             if isinstance(outputs, tuple):
-                base = sum(F.cross_entropy(o.float(), labels, label_smoothing=smoothing) for o in outputs) / len(outputs)
+                base = sum(self._label_ce(o, labels, mix) for o in outputs) / len(outputs)
             else:
-                base = F.cross_entropy(outputs.float(), labels, label_smoothing=smoothing)
+                base = self._label_ce(outputs, labels, mix)
             return {"loss": base, "base": base.detach(), "distill": torch.zeros((), device=base.device)}
 
         if not isinstance(outputs, tuple) or len(outputs) != 2:
@@ -113,7 +127,7 @@ class DistillationLoss(nn.Module):
                 f"teacher logits have shape {tuple(teacher_logits.shape)} but the student's distillation "
                 f"head gives {tuple(dist_logits.shape)}: teacher and student must agree on the number of classes"
             )
-        base = F.cross_entropy(cls_logits.float(), labels, label_smoothing=smoothing)
+        base = self._label_ce(cls_logits, labels, mix)
         if self.mode == "soft":
             distill = soft_distillation_kl(dist_logits, teacher_logits, self.tau)
         else:

@@ -18,6 +18,8 @@ On-disk layout (a folder, tracked by DVC as one output)::
       shard-00000.topk_values.npy         # float16|float32 (n_r, K, k)          (topk=k)
       shard-00000.topk_indices.npy        # int16 (C < 32768) else int32 (n_r, K, k)
       shard-00000.rest_logsumexp.npy      # float32 (n_r, K): logsumexp of the C-k other logits
+      shard-00000.mix_partner.npy         # int64 (n_r, K): each view's mixup partner image (mixup > 0 only)
+      shard-00000.mix_params.npy          # float32 (n_r, K, 6): the partner's crop and lam (mixup > 0 only)
       shard-00001.*                       # one shard per generating process, contiguous images
 
 Images are addressed by their position ``0..N-1`` in the training split (``batch["index"]`` of
@@ -80,7 +82,7 @@ import torch
 from torch import Tensor, nn
 
 from distill.checkpoint import atomic_write_text, file_sha256
-from distill.data import PARAM_DIM
+from distill.data import PARAM_DIM, Mix
 
 __all__ = [
     "FORMAT",
@@ -99,6 +101,7 @@ FORMAT = "distill-soft-labels"
 FORMAT_VERSION = 1  # bump when the layout or the meaning of a stored array changes
 PARAM_BLOCK = 256  # images per view-parameter generator (part of the format: changing it changes the views)
 _PARAM_STREAM = 0x50A7  # separates this stream of seeds from any other use of the same seed
+_MIX_STREAM = 0x313C  # the mixup partners, crops and weights: a stream of their own, so plain crops do not change
 _REGENERATE = "regenerate it: `dvc repro soft_labels` (or `python -m flows stage soft_labels`)"
 
 
@@ -124,6 +127,7 @@ class StoreMeta:
     data_fingerprint: str
     split: str = "train"
     param_block: int = PARAM_BLOCK
+    mixup: float = 0.0  # Beta(mixup, mixup) mixed views (0: plain crops, no mix files)
     shards: tuple[dict[str, Any], ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
     # How the logits were computed (mixed precision, processes, device type, dynamo backend): provenance
@@ -147,8 +151,8 @@ class StoreMeta:
 # --------------------------------------------------------------------------------------------------
 
 
-def _block_generator(seed: int, block: int) -> torch.Generator:
-    state = np.random.SeedSequence([_PARAM_STREAM, seed % 2**64, block]).generate_state(1, dtype=np.uint64)[0]
+def _block_generator(seed: int, block: int, stream: int = _PARAM_STREAM) -> torch.Generator:
+    state = np.random.SeedSequence([stream, seed % 2**64, block]).generate_state(1, dtype=np.uint64)[0]
     return torch.Generator().manual_seed(int(state))
 
 
@@ -172,6 +176,37 @@ def view_params(augmenter: Any, start: int, stop: int, *, views: int, seed: int)
         lo, hi = max(start, block * PARAM_BLOCK), min(stop, (block + 1) * PARAM_BLOCK)
         out.append(rows[lo - block * PARAM_BLOCK:hi - block * PARAM_BLOCK])
     return torch.cat(out) if out else torch.empty(0, views, PARAM_DIM)
+
+
+def mix_params(augmenter: Any, start: int, stop: int, *, views: int, seed: int, num_images: int,
+               alpha: float) -> tuple[Tensor, Tensor]:
+    """The mixup partner of every stored view of images ``[start, stop)``, a function of ``(seed, image, view)``.
+
+    View ``k`` of image ``i`` is ``lam * crop_ik(image i) + (1 - lam) * crop'_ik(image j)``: the partner ``j`` is
+    uniform over the ``num_images`` training images, its crop ``crop'`` is drawn like any crop, and ``lam`` from
+    Beta(alpha, alpha). Blocks of :data:`PARAM_BLOCK` images, as :func:`view_params`, from a separate stream.
+
+    Returns:
+        ``partner`` int64 ``(stop - start, views)`` and float32 ``(stop - start, views, 6)``: the partner's crop
+        ``[top, left, h, w, flip]`` and ``lam``.
+    """
+    from distill.data import sample_lam
+
+    partners, rows_out = [], []
+    for block in range(start // PARAM_BLOCK, (stop - 1) // PARAM_BLOCK + 1 if stop > start else start // PARAM_BLOCK):
+        g = _block_generator(seed, block, _MIX_STREAM)
+        m = PARAM_BLOCK * views
+        partner = torch.randint(0, num_images, (m,), generator=g).view(PARAM_BLOCK, views)
+        crops = augmenter.sample(m, g)
+        lam = sample_lam(m, alpha, g)
+        rows = torch.cat([crops, lam[:, None]], dim=1).view(PARAM_BLOCK, views, PARAM_DIM + 1)
+        first = block * PARAM_BLOCK
+        lo, hi = max(start, first) - first, min(stop, first + PARAM_BLOCK) - first
+        partners.append(partner[lo:hi])
+        rows_out.append(rows[lo:hi])
+    if not partners:
+        return torch.empty(0, views, dtype=torch.int64), torch.empty(0, views, PARAM_DIM + 1)
+    return torch.cat(partners), torch.cat(rows_out)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -212,16 +247,22 @@ class _ShardWriter:
     once the first teacher batch tells the number of classes.
     """
 
-    def __init__(self, folder: Path, rank: int, *, start: int, stop: int, views: int, augmenter: Any, seed: int) -> None:
+    def __init__(self, folder: Path, rank: int, *, start: int, stop: int, views: int, augmenter: Any, seed: int,
+                 mixup: float = 0.0, num_images: int = 0) -> None:
         self.folder, self.prefix = folder, _shard_name(rank)
         self.n, self.views = stop - start, views
         self.num_classes: Optional[int] = None
         self.topk: Optional[int] = None
         self.arrays: dict[str, np.ndarray] = {}
-        self._create("params", (self.n, views, PARAM_DIM), "float32")
+        for role, (shape, dt) in _param_specs(self.n, views, mixup > 0).items():
+            self._create(role, shape, dt)
         for b0 in range(start - start % PARAM_BLOCK, stop, PARAM_BLOCK):  # one parameter block at a time
             lo, hi = max(start, b0), min(stop, b0 + PARAM_BLOCK)
             self.arrays["params"][lo - start:hi - start] = view_params(augmenter, lo, hi, views=views, seed=seed).numpy()
+            if mixup > 0:
+                partner, rows = mix_params(augmenter, lo, hi, views=views, seed=seed, num_images=num_images, alpha=mixup)
+                self.arrays["mix_partner"][lo - start:hi - start] = partner.numpy()
+                self.arrays["mix_params"][lo - start:hi - start] = rows.numpy()
 
     def _create(self, role: str, shape: tuple[int, ...], dtype: str) -> None:
         path = self.folder / f"{self.prefix}.{role}.npy"
@@ -289,9 +330,18 @@ def _index_dtype(num_classes: int) -> str:
     return "int16" if num_classes < 32768 else "int32"
 
 
-def _file_specs(*, n: int, views: int, num_classes: int, topk: Optional[int], dtype: str) -> dict[str, tuple[tuple[int, ...], str]]:
-    """Shape and dtype of every array of a shard of ``n`` images."""
+def _param_specs(n: int, views: int, mixed: bool) -> dict[str, tuple[tuple[int, ...], str]]:
     specs: dict[str, tuple[tuple[int, ...], str]] = {"params": ((n, views, PARAM_DIM), "float32")}
+    if mixed:
+        specs["mix_partner"] = ((n, views), "int64")
+        specs["mix_params"] = ((n, views, PARAM_DIM + 1), "float32")
+    return specs
+
+
+def _file_specs(*, n: int, views: int, num_classes: int, topk: Optional[int], dtype: str,
+                mixed: bool = False) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Shape and dtype of every array of a shard of ``n`` images."""
+    specs = _param_specs(n, views, mixed)
     if topk is None:
         specs["logits"] = ((n, views, num_classes), dtype)
     else:
@@ -348,6 +398,7 @@ def _run_teacher(teacher: nn.Module, split: Any, augmenter: Any, writer: _ShardW
     """Teacher logits of every view of a shard, in flat order ``j = i*K + k``, batch by batch."""
     views = writer.views
     flat_params = writer.flat("params")
+    mixed = "mix_partner" in writer.arrays
     total = flat_params.shape[0]
     for j0 in range(0, total, batch_size):
         j1 = min(total, j0 + batch_size)
@@ -356,13 +407,28 @@ def _run_teacher(teacher: nn.Module, split: Any, augmenter: Any, writer: _ShardW
         images = torch.from_numpy(np.array(split.images[start + first:start + last], copy=True)).to(device)
         sel = torch.from_numpy(np.arange(j0, j1) // views - first).to(device)
         p = torch.from_numpy(np.array(flat_params[j0:j1])).to(device)
-        x = augmenter(images.index_select(0, sel), p)  # rendered in float32 outside autocast, as the student does
+        mix = _stored_mix(split, writer.flat("mix_partner")[j0:j1], writer.flat("mix_params")[j0:j1], device) \
+            if mixed else None
+        # rendered in float32 outside autocast, as the student does
+        x = augmenter(images.index_select(0, sel), p) if mix is None else augmenter(images.index_select(0, sel), p, mix)
         with autocast():
             logits = teacher(x).float()  # (B, C)
         if writer.num_classes is None:  # C is known from the first batch: no extra probe forward
             open_logits(logits.shape[1])
         writer.write_logits(j0, j1, logits)
         bar.update(j1 - j0)
+
+
+def _stored_mix(split: Any, partner: np.ndarray, rows: np.ndarray, device: Any = None) -> Mix:
+    """The :class:`~distill.data.Mix` of stored views: partner images and labels from ``split`` by position."""
+    partner = np.asarray(partner, dtype=np.int64)
+    rows = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32))
+    order = np.argsort(partner, kind="stable")  # sorted reads are kinder to a memory-mapped split
+    images = np.empty((len(partner), *split.images.shape[1:]), dtype=split.images.dtype)
+    images[order] = split.images[partner[order]]
+    labels = torch.from_numpy(np.asarray(split.labels)[partner]).long()
+    return Mix(images=torch.from_numpy(images).to(device), labels=labels.to(device),
+               params=rows[:, :PARAM_DIM].to(device), lam=rows[:, PARAM_DIM].to(device))
 
 
 def generate_store(
@@ -380,6 +446,7 @@ def generate_store(
     data_fingerprint: str,
     accelerator: Any = None,
     extra_meta: Optional[dict[str, Any]] = None,
+    mixup: float = 0.0,
 ) -> StoreMeta:
     """Run the frozen teacher over ``views`` augmented views of every image and write the store atomically.
 
@@ -397,6 +464,8 @@ def generate_store(
         data_fingerprint: the prepared dataset's fingerprint (checked by the student).
         accelerator: an :class:`accelerate.Accelerator`: its device, mixed precision and processes (one shard each).
         extra_meta: JSON-serialisable extras stored in ``meta.json`` under ``extra``.
+        mixup: ``> 0``: every view is mixed with a partner view of another training image, weight drawn from
+            Beta(mixup, mixup) (:func:`mix_params`); the teacher's logits are for the mixed image.
 
     Returns:
         The :class:`StoreMeta` written (on every process).
@@ -439,7 +508,8 @@ def generate_store(
 
     try:
         lo, hi = rank * n // world, (rank + 1) * n // world
-        writer = _ShardWriter(staging, rank, start=lo, stop=hi, views=views, augmenter=augmenter, seed=seed)
+        writer = _ShardWriter(staging, rank, start=lo, stop=hi, views=views, augmenter=augmenter, seed=seed,
+                              mixup=mixup, num_images=n)
 
         def open_logits(num_classes: int) -> None:
             writer.open_logits(num_classes=num_classes, topk=topk, dtype=dtype)
@@ -467,7 +537,7 @@ def generate_store(
                 index_dtype=_index_dtype(num_classes) if topk is not None else None,
                 image_size=int(split.images.shape[-1]), channels=int(split.images.shape[1]),
                 augment=json.loads(json.dumps(augmenter.describe())), seed=seed, teacher_sha256=teacher_sha256,
-                data_fingerprint=data_fingerprint,
+                data_fingerprint=data_fingerprint, mixup=float(mixup),
                 shards=tuple({k: r[k] for k in ("index", "start", "stop", "files")} for r in records),
                 extra=json.loads(json.dumps(extra_meta or {}, default=str)), runtime=_runtime(accelerator))
             for r in range(world):
@@ -578,7 +648,8 @@ class SoftLabelStore:
                 raise SoftLabelStoreError(f"soft-label store {path.resolve()}: shards do not tile the images "
                                           f"(shard {shard['index']} starts at {shard['start']}); {_REGENERATE}")
             expected_start = shard["stop"]
-            specs = _file_specs(n=n, views=meta.views, num_classes=meta.num_classes, topk=meta.topk, dtype=meta.dtype)
+            specs = _file_specs(n=n, views=meta.views, num_classes=meta.num_classes, topk=meta.topk, dtype=meta.dtype,
+                                mixed=meta.mixup > 0)
             if set(specs) != set(shard["files"]):
                 raise SoftLabelStoreError(f"soft-label store {path.resolve()}: shard {shard['index']} lists files "
                                           f"{sorted(shard['files'])}, expected {sorted(specs)}; {_REGENERATE}")
@@ -627,6 +698,15 @@ class SoftLabelStore:
         """Stored view parameters: float32 ``(B, 5)`` for images ``indices`` and views ``view_ids`` (CPU)."""
         shard, rows, k, _ = self._locate(indices, view_ids)
         return torch.from_numpy(np.ascontiguousarray(self._gather("params", shard, rows, k), dtype=np.float32))
+
+    def mix(self, indices: Any, view_ids: Any) -> tuple[np.ndarray, np.ndarray]:
+        """The mixup partners of those views: partner positions int64 ``(B,)`` and float32 ``(B, 6)`` rows
+        (the partner's crop and ``lam``). Only for a store made with ``mixup > 0``."""
+        if self.meta.mixup <= 0:
+            raise ValueError(f"soft-label store {self.path} has no mixed views (made with mixup 0)")
+        shard, rows, k, _ = self._locate(indices, view_ids)
+        return (self._gather("mix_partner", shard, rows, k).astype(np.int64),
+                self._gather("mix_params", shard, rows, k))
 
     def logits(self, indices: Any, view_ids: Any) -> Tensor:
         """The teacher's logits for those views: float32 ``(B, C)`` (rebuilt from the top-k if stored so; CPU)."""
@@ -693,14 +773,22 @@ class StoredViews:
     (``0..K-1``, ``K..2K-1``, ...) shows each image every one of its K views exactly once, in a fresh order
     per block. Stateless: resume and multi-process training see the same views.
 
+    A store made with mixup also gives each view's partner: its image and label (from ``split``, by position),
+    its crop and the mixing weight, so the student renders exactly the mixed image the teacher saw.
+
     Args:
         store: an opened :class:`SoftLabelStore`.
         seed: the run's seed.
+        split: the training :class:`distill.data.Split` the store was made from (needed for mixed views).
     """
 
-    def __init__(self, store: SoftLabelStore, *, seed: int = 0) -> None:
+    def __init__(self, store: SoftLabelStore, *, seed: int = 0, split: Any = None) -> None:
+        if store.meta.mixup > 0 and split is None:
+            raise ValueError("this soft-label store has mixed views: StoredViews needs the training split "
+                             "for the partners")
         self.store = store
         self.seed = int(seed)
+        self.split = split
         k = store.views
         self._units = np.array([a for a in range(1, k + 1) if math.gcd(a, k) == 1], dtype=np.uint64)
 
@@ -714,15 +802,22 @@ class StoredViews:
         a = self._units[(h >> np.uint64(32)) % np.uint64(len(self._units))]
         return ((a * np.uint64(pos) + b) % np.uint64(k)).astype(np.int64)
 
-    def __call__(self, batch: dict[str, Tensor], ctx: Any) -> tuple[Tensor, Tensor]:
-        """``(params (B, 5), teacher_logits (B, C) float32)`` for the batch, on the batch's device."""
+    def __call__(self, batch: dict[str, Tensor], ctx: Any) -> Any:
+        """:class:`distill.engine.Views` for the batch: ``params (B, 5)``, ``teacher_logits (B, C)`` float32 and,
+        for a mixed store, the :class:`~distill.data.Mix`; on the batch's device."""
+        from distill.engine import Views
+
         index = batch["index"]
         device = batch["image"].device
         idx = _as_index(index)
         views = self.view_ids(idx, ctx.epoch)
         params = self.store.params(idx, views)
         logits = self.store.logits(idx, views)
-        return params.to(device, non_blocking=True), logits.to(device, non_blocking=True)
+        mix = None
+        if self.store.meta.mixup > 0:
+            partner, rows = self.store.mix(idx, views)
+            mix = _stored_mix(self.split, partner, rows, device)
+        return Views(params.to(device, non_blocking=True), logits.to(device, non_blocking=True), mix)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -49,6 +49,8 @@ def stage_params(params: Params, stage: str) -> dict[str, Any]:
         out[s] = p[s]
     if stage == "baseline":  # the baseline reads the student's model and recipe, not its distillation knobs
         out["student"] = {"model": p["student"]["model"], "train": p["student"]["train"]}
+    if stage == "soft_labels":  # the store's views are mixed as the student's recipe says
+        out["student"] = {"train": {"mixup": p["student"]["train"]["mixup"]}}
     return out
 
 
@@ -192,8 +194,8 @@ def run_teacher(params: Params, paths: Paths, tracker: Tracker = NullTracker(), 
     crit = DistillationLoss(mode="none", label_smoothing=tp.label_smoothing)
     key = _key(stage_params(params, "teacher"), paths.data)
     return _train(model, stage="teacher", kind="teacher", config=cfg, params=params, train_params=tp, data=data,
-                  paths=paths, criterion=crit, views_factory=lambda aug, _acc: RandomViews(aug), tracker=tracker,
-                  key=key, accelerator=accelerator)
+                  paths=paths, criterion=crit, views_factory=lambda aug, _acc: RandomViews(aug, mixup=tp.mixup),
+                  tracker=tracker, key=key, accelerator=accelerator)
 
 
 def _extra(params: Params, meta: Any, stage: str, summary: dict[str, float]) -> dict[str, Any]:
@@ -217,7 +219,7 @@ def _store_expectations(paths: Paths, params: Params, meta: Any, num_images: int
     """What a soft-label store must have been generated from for the current teacher, data and augmentation."""
     return {"teacher_sha256": file_sha256(paths.model("teacher")), "data_fingerprint": meta.fingerprint,
             "image_size": meta.image_size, "num_classes": meta.num_classes, "num_images": num_images,
-            "augment": _augmenter(params, meta).describe()}
+            "augment": _augmenter(params, meta).describe(), "mixup": params.student.train.mixup}
 
 
 def run_soft_labels(params: Params, paths: Paths, tracker: Tracker = NullTracker(), accelerator: Any = None) -> dict[str, Any]:
@@ -234,7 +236,7 @@ def run_soft_labels(params: Params, paths: Paths, tracker: Tracker = NullTracker
     meta = generate_store(teacher, data.train, _augmenter(params, data.meta), out_dir=paths.soft_labels, views=s.views,
                           topk=s.topk, dtype=s.dtype, batch_size=s.batch_size, seed=params.seed,
                           teacher_sha256=file_sha256(paths.model("teacher")), data_fingerprint=data.meta.fingerprint,
-                          accelerator=accelerator)
+                          accelerator=accelerator, mixup=params.student.train.mixup)
     elapsed = time.perf_counter() - t0
     metrics: dict[str, Any] = {}
     if accelerator.is_main_process:
@@ -278,17 +280,18 @@ def run_student(params: Params, paths: Paths, tracker: Tracker = NullTracker(), 
     extra_inputs: list[Path] = [paths.data]
 
     if sp.distillation == "none":
-        views_factory = lambda aug, _acc: RandomViews(aug)  # noqa: E731
+        views_factory = lambda aug, _acc: RandomViews(aug, mixup=sp.train.mixup)  # noqa: E731
     elif sp.teacher_mode == "stored":
         from distill.soft_labels import SoftLabelStore, StoredViews
 
         store = SoftLabelStore.open(paths.soft_labels,
                                     expect=_store_expectations(paths, params, data.meta, len(data.train)))
-        views_factory = lambda aug, _acc: StoredViews(store, seed=params.seed)  # noqa: E731
+        views_factory = lambda aug, _acc: StoredViews(store, seed=params.seed, split=data.train)  # noqa: E731
         extra_inputs.append(paths.soft_labels)
     else:
         teacher, _ = load_teacher(paths, data.meta)
-        views_factory = lambda aug, acc: OnlineTeacher(teacher.to(acc.device), aug, autocast=acc.autocast)  # noqa: E731
+        views_factory = lambda aug, acc: OnlineTeacher(teacher.to(acc.device), aug, autocast=acc.autocast,  # noqa: E731
+                                                       mixup=sp.train.mixup)
         extra_inputs.append(paths.model("teacher"))
     key = _key(stage_params(params, "student"), *extra_inputs)
     return _train(model, stage="student", kind="deit", config=cfg, params=params, train_params=sp.train, data=data,
@@ -309,8 +312,8 @@ def run_baseline(params: Params, paths: Paths, tracker: Tracker = NullTracker(),
     crit = DistillationLoss(mode="none", label_smoothing=sp.train.label_smoothing)
     key = _key(stage_params(params, "baseline"), paths.data)
     return _train(model, stage="baseline", kind="deit", config=cfg, params=params, train_params=sp.train, data=data,
-                  paths=paths, criterion=crit, views_factory=lambda aug, _acc: RandomViews(aug), tracker=tracker,
-                  key=key, accelerator=accelerator)
+                  paths=paths, criterion=crit, views_factory=lambda aug, _acc: RandomViews(aug, mixup=sp.train.mixup),
+                  tracker=tracker, key=key, accelerator=accelerator)
 
 
 # ---------------------------------------------------------------------------------------- evaluate

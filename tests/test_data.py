@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from distill.data import (ArrayDataset, AugmentSpec, Augmenter, DatasetNotFoundError, load_prepared, prepare_dataset,
-                          save_prepared, stratified_split)
+from distill.data import (ArrayDataset, AugmentSpec, Augmenter, DatasetNotFoundError, Mix, in_batch_mix, load_prepared,
+                          prepare_dataset, sample_lam, save_prepared, stratified_split)
 
 
 @pytest.fixture(scope="module")
@@ -204,3 +204,27 @@ def test_describe_names_everything_that_changes_a_view():
     d = _aug(scale=(0.5, 1.0)).describe()
     assert d["scale"] == [0.5, 1.0] and d["out_size"] == 16 and d["mean"] == [0.5] and d["version"] >= 1
     assert json.loads(json.dumps(d)) == d
+
+
+def test_mixup_blends_the_two_crops_before_normalising():
+    aug = _aug()
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (4, 1, 16, 16), dtype=torch.uint8)
+    labels = torch.tensor([0, 1, 2, 3])
+    params = aug.sample(4, g)
+    mix = in_batch_mix(images, labels, params, 0.4, torch.Generator().manual_seed(1))
+    assert torch.equal(mix.labels, labels.flip(0)) and torch.equal(mix.images, images.flip(0))
+    assert mix.lam.shape == (4,) and bool(((mix.lam >= 0) & (mix.lam <= 1)).all())
+    assert torch.equal(mix.lam, in_batch_mix(images, labels, params, 0.4, torch.Generator().manual_seed(1)).lam)
+    lam = torch.tensor([1.0, 0.0, 0.25, 0.5])
+    x = aug(images, params, Mix(images=mix.images, labels=mix.labels, params=mix.params, lam=lam))
+    own, other = aug.render(images, params), aug.render(mix.images, mix.params)
+    torch.testing.assert_close(x[0], aug.normalize(own)[0])  # lam 1: the sample alone
+    torch.testing.assert_close(x[1], aug.normalize(other)[1])  # lam 0: the partner alone
+    torch.testing.assert_close(x[2], aug.normalize(0.25 * own + 0.75 * other)[2])
+
+
+def test_sample_lam_follows_beta():
+    lam = sample_lam(20000, 0.4, torch.Generator().manual_seed(0))
+    # Beta(0.4, 0.4): mean 1/2, variance ab/((a+b)^2 (a+b+1)) = 0.16/(0.64*1.8) = 0.1389
+    assert abs(lam.mean().item() - 0.5) < 0.01 and abs(lam.var().item() - 0.1389) < 0.005

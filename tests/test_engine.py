@@ -138,3 +138,26 @@ def test_warmup_cosine_schedule():
     assert warmup_cosine(9, **kw) == pytest.approx(1.0)
     assert warmup_cosine(60, **kw) == pytest.approx(0.505, abs=1e-3)
     assert warmup_cosine(110, **kw) == pytest.approx(0.01)
+
+
+def test_online_teacher_with_mixup_labels_the_mixed_image():
+    from distill.data import AugmentSpec, Augmenter
+
+    aug = Augmenter(spec=AugmentSpec(), out_size=16, mean=[0.5], std=[0.25])
+    teacher = _teacher().eval()
+    data = Blobs(8)
+    batch = {"image": data.images, "label": data.labels, "index": torch.arange(8)}
+    ctx = StepContext(seed=0, epoch=1, step=2)
+    params, logits, mix = OnlineTeacher(teacher, aug, mixup=0.4)(batch, ctx)
+    assert mix is not None and torch.equal(mix.labels, data.labels.flip(0))
+    with torch.no_grad():
+        torch.testing.assert_close(logits, teacher(aug(data.images, params, mix)))
+    # the same step draws the same crops and weights; without mixup there is no mix
+    again = RandomViews(aug, mixup=0.4)(batch, ctx)
+    assert torch.equal(again.params, params) and torch.equal(again.mix.lam, mix.lam)
+    assert RandomViews(aug)(batch, ctx).mix is None
+    # a training step with mixed views runs and mixes the label loss
+    task = SupervisedTask(model=_deit(True), augmenter=aug, criterion=DistillationLoss(mode="soft", alpha=0.5),
+                          views=OnlineTeacher(teacher, aug, mixup=0.4))
+    out = task.training_step(batch, ctx)
+    assert torch.isfinite(out["loss"]) and out["logits"].shape == (8, 4)

@@ -88,3 +88,26 @@ def test_missing_teacher_and_shape_mismatch():
 def test_bad_arguments(kwargs):
     with pytest.raises(ValueError):
         DistillationLoss(**kwargs)
+
+
+def test_mixup_label_loss_is_the_lam_weighted_cross_entropy():
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 0.0]])
+    y, y2, lam = torch.tensor([0, 2]), torch.tensor([1, 1]), torch.tensor([0.7, 0.2])
+    crit = DistillationLoss(mode="none", label_smoothing=0.0)
+
+    def ce(row, c):
+        return -math.log(_softmax(row)[c])
+
+    want = sum(l * ce(r, a) + (1 - l) * ce(r, b) for r, a, b, l in
+               zip(logits.tolist(), y.tolist(), y2.tolist(), lam.tolist())) / 2
+    assert crit(logits, y, mix=(y2, lam))["loss"].item() == pytest.approx(want, rel=1e-6)
+    # lam 1 everywhere is plain CE, also with label smoothing and on both heads of a student
+    smooth = DistillationLoss(mode="none", label_smoothing=0.1)
+    assert torch.allclose(smooth((logits, logits.flip(1)), y, mix=(y2, torch.ones(2)))["loss"],
+                          smooth((logits, logits.flip(1)), y)["loss"])
+    # distillation modes mix the class-head labels the same way; the teacher term is unchanged
+    hard = DistillationLoss(mode="hard", alpha=0.5, label_smoothing=0.0)
+    teacher = torch.tensor([[0.0, 3.0, 0.0], [0.0, 0.0, 3.0]])
+    out = hard((logits, logits), y, teacher, mix=(y2, lam))
+    assert out["base"].item() == pytest.approx(want, rel=1e-6)
+    assert out["distill"].item() == pytest.approx(hard((logits, logits), y, teacher)["distill"].item())

@@ -17,7 +17,7 @@ from distill.checkpoint import file_sha256
 from distill.data import AugmentSpec, Augmenter, Split
 from distill.engine import StepContext
 from distill.soft_labels import (SoftLabelStore, SoftLabelStoreError, StoredViews, describe_store, generate_store,
-                                 view_params)
+                                 mix_params, view_params)
 from distill.teachers import build_teacher
 
 N, K = 40, 3
@@ -169,6 +169,7 @@ def store_path(tmp_path_factory, split, aug):
     ("num_images", 41, "num_images: stored 40, expected 41"),
     ("image_size", 32, "image_size: stored 16, expected 32"),
     ("augment", {"scale": (0.5, 1.0)}, "augment.scale: stored [0.35, 1.0], expected [0.5, 1.0]"),
+    ("mixup", 0.4, "mixup: stored 0.0, expected 0.4"),
     ("augment", Augmenter(spec=SPEC, out_size=32, mean=[0.5], std=[0.25]).describe(),
      "augment.out_size: stored 16, expected 32"),
     ("augment", Augmenter(spec=SPEC, out_size=16, mean=[0.4], std=[0.25]).describe(),
@@ -360,12 +361,12 @@ def test_stored_views_replay_every_view_over_k_epochs(store_path):
 
     index = torch.tensor([3, 17, 3, 39])
     batch = {"image": torch.zeros(4, 1, 16, 16, dtype=torch.uint8), "index": index, "label": torch.zeros(4)}
-    params, logits = views(batch, StepContext(seed=0, epoch=4, step=11))
+    params, logits, mix = views(batch, StepContext(seed=0, epoch=4, step=11))
     k = views.view_ids(index.numpy(), 4)
     assert params.shape == (4, 5) and logits.shape == (4, 4) and logits.dtype == torch.float32
     assert torch.equal(params, store.params(index, k)) and torch.equal(logits, store.logits(index, k))
     assert torch.equal(params[0], params[2])  # stateless: same image, same epoch, same view
-    again, _ = views(batch, StepContext(seed=0, epoch=4, step=0))
+    again, _, _ = views(batch, StepContext(seed=0, epoch=4, step=0))
     assert torch.equal(params, again)
 
 
@@ -376,3 +377,52 @@ def test_describe_store(store_path):
     assert d["store_bytes"] == on_disk and d["bytes_per_image"] == pytest.approx(on_disk / N)
     assert (d["dtype"], d["topk"]) == ("float16", "all")
     assert 0 < d["bytes_per_view"] < d["bytes_per_image"]
+
+
+# ------------------------------------------------------------------------------------------------ mixup views
+def test_mixed_store_replays_the_mixed_image_the_teacher_saw(tmp_path, split, aug):
+    teacher = make_teacher()
+    inputs = []
+    hook = teacher.register_forward_pre_hook(lambda _m, args: inputs.append(args[0].detach().clone()))
+    generate(teacher, split, aug, tmp_path / "mixed", mixup=0.4, dtype="float32")
+    hook.remove()
+    seen = torch.cat(inputs)  # generation order j = i*K + k
+    store = SoftLabelStore.open(tmp_path / "mixed", expect={"mixup": 0.4})
+    plain = generate(make_teacher(), split, aug, tmp_path / "plain")
+    # Mixing adds files of its own: the crops of a mixed store are those of a plain one (same seed).
+    assert torch.equal(all_content(store)[0], all_content(SoftLabelStore.open(tmp_path / "plain"))[0])
+    assert plain.mixup == 0.0 and store.meta.mixup == 0.4
+
+    views = StoredViews(store, seed=2, split=split)
+    index = torch.tensor([4, 30, 4, 11])
+    batch = {"image": torch.from_numpy(split.images[index.numpy()]), "index": index,
+             "label": torch.from_numpy(split.labels[index.numpy()])}
+    params, logits, mix = views(batch, StepContext(seed=2, epoch=7, step=0))
+    k = views.view_ids(index.numpy(), 7)
+    partner, rows = store.mix(index, k)
+    assert mix is not None and torch.equal(mix.images, torch.from_numpy(split.images[partner]))
+    assert torch.equal(mix.labels, torch.from_numpy(split.labels[partner]).long())
+    assert torch.equal(mix.lam, torch.from_numpy(rows[:, 5])) and bool(((mix.lam > 0) & (mix.lam < 1)).all())
+    x = aug(batch["image"], params, mix)
+    for b in range(4):  # the student's input is bit-identical to the teacher's, and so are the logits
+        assert torch.equal(x[b], seen[int(index[b]) * K + int(k[b])])
+    with torch.no_grad():
+        torch.testing.assert_close(logits, teacher(x), rtol=1e-5, atol=1e-5)
+    # lam is a real mix: the mixed input differs from the unmixed crop.
+    assert not torch.equal(x, aug(batch["image"], params))
+
+
+def test_mix_params_depend_only_on_seed_image_and_view(aug):
+    whole = mix_params(aug, 0, N, views=K, seed=0, num_images=N, alpha=0.4)
+    parts = [mix_params(aug, 0, 17, views=K, seed=0, num_images=N, alpha=0.4),
+             mix_params(aug, 17, N, views=K, seed=0, num_images=N, alpha=0.4)]
+    assert torch.equal(torch.cat([p[0] for p in parts]), whole[0])
+    assert torch.equal(torch.cat([p[1] for p in parts]), whole[1])
+    assert whole[0].shape == (N, K) and int(whole[0].min()) >= 0 and int(whole[0].max()) < N
+    assert not torch.equal(mix_params(aug, 0, N, views=K, seed=1, num_images=N, alpha=0.4)[0], whole[0])
+
+
+def test_stored_views_of_a_mixed_store_need_the_split(tmp_path, split, aug):
+    generate(make_teacher(), split, aug, tmp_path / "mixed", mixup=1.0)
+    with pytest.raises(ValueError, match="needs the training split"):
+        StoredViews(SoftLabelStore.open(tmp_path / "mixed"), seed=0)
