@@ -10,12 +10,19 @@ Usage:
     python bench/distill_gain.py --seeds 0 1 2 3 4                       # params.yaml as it is
     python bench/distill_gain.py --seeds 0 1 2 -S student.distillation=soft -S student.tau=3
     python bench/distill_gain.py --seeds 0 1 2 --out reports/gain.json
+    python bench/distill_gain.py --seeds 0 1 2 3 4 --jobs 2             # 2 seeds at a time, 1 torch thread each
+
+With ``--jobs N`` the seeds run in N worker processes, each with ``cores / N`` torch threads (small models use
+several processes better than several threads). Results do not depend on N: each seed is its own computation.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
+import multiprocessing
+import os
 import platform
 import sys
 import tempfile
@@ -48,6 +55,33 @@ def run_seed(raw: dict, seed: int, workdir: Path) -> dict:
     return {**result, "stage_time_s": times}
 
 
+def _run_seed_job(raw: dict, seed: int, workdir: Path, threads: int) -> tuple[dict, float]:
+    torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    return run_seed(raw, seed, workdir), time.perf_counter() - t0
+
+
+class _Inline:
+    """``--jobs 1``: run each seed when its result is asked for, in this process (an executor's interface)."""
+
+    def __enter__(self) -> "_Inline":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def submit(self, fn, *args):  # noqa: ANN001, ANN201
+        return _Deferred(fn, args)
+
+
+class _Deferred:
+    def __init__(self, fn, args) -> None:  # noqa: ANN001
+        self.fn, self.args = fn, args
+
+    def result(self):  # noqa: ANN201
+        return self.fn(*self.args)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", default="params.yaml")
@@ -55,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--out", default=None, help="write all per-seed metrics and the summary as JSON")
     ap.add_argument("--workdir", default=None, help="keep each seed's outputs here (default: a temp dir)")
+    ap.add_argument("--jobs", type=int, default=1, help="seeds run at once, in separate processes")
     args = ap.parse_args(argv)
 
     raw = apply_overrides(yaml.safe_load(Path(args.params).read_text()) or {}, args.overrides)
@@ -63,13 +98,18 @@ def main(argv: list[str] | None = None) -> int:
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(args.workdir or tmp)
-        for seed in args.seeds:
-            t0 = time.perf_counter()
-            m = run_seed(raw, seed, base / f"seed{seed}")
-            runs.append({"seed": seed, **m})
-            print(f"seed {seed}: teacher {m['teacher']['top1']:.4f} baseline {m['baseline']['top1']:.4f} "
-                  f"student {m['student']['top1']:.4f} gain {m['distillation_gain'] * 100:+.2f} pts "
-                  f"({time.perf_counter() - t0:.0f} s)", flush=True)
+        jobs = max(1, min(args.jobs, len(args.seeds)))
+        threads = max(1, torch.get_num_threads() // jobs)
+        ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no forked torch thread pools
+        with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=ctx) if jobs > 1 else _Inline() as pool:
+            futures = {seed: pool.submit(_run_seed_job, raw, seed, base / f"seed{seed}", threads if jobs > 1
+                                         else torch.get_num_threads()) for seed in args.seeds}
+            for seed, fut in futures.items():  # in seed order, each as soon as it is done
+                m, elapsed = fut.result()
+                runs.append({"seed": seed, **m})
+                print(f"seed {seed}: teacher {m['teacher']['top1']:.4f} baseline {m['baseline']['top1']:.4f} "
+                      f"student {m['student']['top1']:.4f} gain {m['distillation_gain'] * 100:+.2f} pts "
+                      f"({elapsed:.0f} s)", flush=True)
     agg = aggregate_runs([{k: v for k, v in r.items() if k not in ("seed",)} for r in runs])
     summary = {k: agg[k] for k in KEYS if k in agg}
     print(f"\n{len(runs)} seeds {args.seeds}, overrides {args.overrides or 'none'}\n")
@@ -78,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({
             "command": " ".join(["python", "bench/distill_gain.py", *(argv if argv is not None else sys.argv[1:])]),
-            "machine": f"{platform.platform()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
+            "machine": f"{platform.platform()}, {os.cpu_count()} cores, {jobs} seed(s) at a time x "
+                       f"{threads if jobs > 1 else torch.get_num_threads()} torch threads, torch {torch.__version__}",
             "overrides": args.overrides, "seeds": args.seeds, "summary": summary, "runs": runs,
         }, indent=2, default=str))
     return 0

@@ -110,12 +110,17 @@ class DataParams(_Strict):
     val_fraction: float = Field(default=0.15, gt=0.0, lt=0.5)
     test_fraction: float = Field(default=0.2, gt=0.0, lt=0.5)
     max_per_class: Optional[int] = Field(default=None, ge=1)
+    unlabeled: bool = Field(default=False, description="keep the training images above max_per_class, without "
+                            "their labels, as an unlabeled transfer set: only the distilled student learns from them")
     augment: AugmentParams = AugmentParams()
 
     @model_validator(mode="after")
     def _check_root(self) -> "DataParams":
         if self.name == "imagefolder" and not self.root:
             raise ValueError("data.root is required when data.name is 'imagefolder' (root/<class>/<images>)")
+        if self.unlabeled and self.max_per_class is None:
+            raise ValueError("data.unlabeled keeps the training images above data.max_per_class as an unlabeled "
+                             "transfer set; set data.max_per_class (e.g. 50) or data.unlabeled: false")
         return self
 
 

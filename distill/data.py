@@ -47,6 +47,8 @@ __all__ = [
     "AUGMENT_VERSION",
     "DATASETS",
     "PARAM_DIM",
+    "SPLITS",
+    "UNLABELED",
     "Mix",
     "in_batch_mix",
     "sample_lam",
@@ -66,7 +68,8 @@ __all__ = [
 AUGMENT_VERSION = 1  # bump when the meaning of a parameter row or the resampling changes
 PARAM_DIM = 5  # [top, left, height, width, flip]
 DATASETS = ("digits", "cifar10", "cifar100", "mnist", "fashion_mnist", "imagefolder")
-SPLITS = ("train", "val", "test")
+SPLITS = ("train", "val", "test", "unlabeled")
+UNLABELED = -1  # the label of every image of the unlabeled split: no code can learn from a label it lacks
 
 # Declared per-channel statistics (of pixel values in [0, 1]) for the torchvision datasets.
 _DECLARED_STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
@@ -127,17 +130,38 @@ class DatasetMeta:
         return cls(**data)
 
 
+def _empty_split() -> Split:
+    return Split(images=np.zeros((0, 1, 1, 1), dtype=np.uint8), labels=np.zeros(0, dtype=np.int64),
+                 ids=np.zeros(0, dtype=np.int64))
+
+
 @dataclass
 class PreparedData:
+    """The splits and their metadata. ``unlabeled`` (labels all :data:`UNLABELED`) holds the training images
+    above ``max_per_class`` when they are kept as an unlabeled transfer set; it is empty otherwise."""
+
     train: Split
     val: Split
     test: Split
     meta: DatasetMeta
+    unlabeled: Split = field(default_factory=_empty_split)
 
     def split(self, name: str) -> Split:
         if name not in SPLITS:
             raise ValueError(f"unknown split {name!r}; valid: {', '.join(SPLITS)}")
         return getattr(self, name)
+
+    def transfer(self) -> Split:
+        """What the teacher's knowledge is transferred on: the labeled training images, then the unlabeled ones.
+
+        Positions ``0..len(train)-1`` are the training split's, so a store over this split extends one over
+        ``train``. Without unlabeled images this is ``train`` itself.
+        """
+        if len(self.unlabeled) == 0:
+            return self.train
+        return Split(images=np.concatenate([np.asarray(self.train.images), np.asarray(self.unlabeled.images)]),
+                     labels=np.concatenate([self.train.labels, self.unlabeled.labels]),
+                     ids=np.concatenate([self.train.ids, self.unlabeled.ids]))
 
 
 class ArrayDataset(Dataset):
@@ -302,7 +326,7 @@ def _progress_off() -> bool:
 
 def prepare_dataset(name: str, *, root: Optional[str] = None, image_size: int = 16, val_fraction: float = 0.15,
                     test_fraction: float = 0.2, seed: int = 0, download: bool = False,
-                    max_per_class: Optional[int] = None) -> PreparedData:
+                    max_per_class: Optional[int] = None, unlabeled: bool = False) -> PreparedData:
     """Load a dataset, split it with a fixed seed and bring it to ``image_size``.
 
     Args:
@@ -315,9 +339,11 @@ def prepare_dataset(name: str, *, root: Optional[str] = None, image_size: int = 
         download: let torchvision download the dataset into ``root``.
         max_per_class: keep at most this many *training* images per class (a small-data regime); val and test
             are unchanged.
+        unlabeled: keep the training images above ``max_per_class`` as the ``unlabeled`` split, their labels
+            replaced by :data:`UNLABELED` (an unlabeled transfer set for distillation); else they are dropped.
 
     Returns:
-        The three splits and their :class:`DatasetMeta` (fingerprint included).
+        The splits and their :class:`DatasetMeta` (fingerprint included).
 
     Raises:
         DatasetNotFoundError: the data is missing or empty (says where it looked and how to get it).
@@ -325,6 +351,9 @@ def prepare_dataset(name: str, *, root: Optional[str] = None, image_size: int = 
     """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; valid: {', '.join(DATASETS)}")
+    if unlabeled and max_per_class is None:
+        raise ValueError("data.unlabeled keeps the training images above data.max_per_class as unlabeled; "
+                         "set data.max_per_class too")
     source = name
     if name in ("digits", "imagefolder"):
         if name == "digits":
@@ -352,14 +381,20 @@ def prepare_dataset(name: str, *, root: Optional[str] = None, image_size: int = 
                  "test": (te_images, te_labels, te_ids, np.arange(len(te_labels)))}
         source = f"torchvision.datasets ({Path(root or '').resolve()})"
 
-    pool_images, pool_labels, _, tr = pools["train"]
-    pools["train"] = (pool_images, pool_labels, pools["train"][2], _cap_per_class(tr, pool_labels, max_per_class, seed))
+    pool_images, pool_labels, pool_ids, tr = pools["train"]
+    kept = _cap_per_class(tr, pool_labels, max_per_class, seed)
+    pools["train"] = (pool_images, pool_labels, pool_ids, kept)
+    pools["unlabeled"] = (pool_images, pool_labels, pool_ids,
+                          np.setdiff1d(tr, kept) if unlabeled else np.empty(0, dtype=np.int64))
     splits: dict[str, Split] = {}
     for split_name, (imgs, labs, ids, idx) in pools.items():
+        labels = labs[idx].astype(np.int64)
+        if split_name == "unlabeled":  # the labels are dropped here, before anything is saved
+            labels = np.full_like(labels, UNLABELED)
         splits[split_name] = Split(images=_resize_uint8(np.ascontiguousarray(imgs[idx]), image_size),
-                                   labels=labs[idx].astype(np.int64), ids=ids[idx].astype(np.int64))
+                                   labels=labels, ids=ids[idx].astype(np.int64))
     for split_name, s in splits.items():
-        if len(s) == 0:
+        if len(s) == 0 and split_name != "unlabeled":
             raise DatasetNotFoundError(f"the {split_name} split of {name} is empty; lower data.max_per_class or "
                                        "raise the split fractions")
     channels = int(splits["train"].images.shape[1])
@@ -372,7 +407,8 @@ def prepare_dataset(name: str, *, root: Optional[str] = None, image_size: int = 
                        image_size=image_size, mean=mean, std=std, sizes={k: len(v) for k, v in splits.items()},
                        seed=seed, source=source)
     meta = DatasetMeta(**meta_fields, fingerprint=_fingerprint(splits, meta_fields))
-    return PreparedData(train=splits["train"], val=splits["val"], test=splits["test"], meta=meta)
+    return PreparedData(train=splits["train"], val=splits["val"], test=splits["test"], meta=meta,
+                        unlabeled=splits["unlabeled"])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -425,7 +461,10 @@ def load_prepared(path: str | Path, *, mmap: bool = True) -> PreparedData:
         meta = DatasetMeta.from_dict(json.loads(meta_file.read_text()))
         splits = {}
         for name in SPLITS:
-            images = np.load(path / f"{name}_images.npy", mmap_mode="r" if mmap else None)
+            if name == "unlabeled" and name not in meta.sizes:  # prepared before unlabeled sets existed: none
+                splits[name] = _empty_split()
+                continue
+            images = np.load(path / f"{name}_images.npy", mmap_mode="r" if mmap and meta.sizes.get(name) else None)
             labels = np.load(path / f"{name}_labels.npy")
             ids = np.load(path / f"{name}_ids.npy")
             if not (images.shape[0] == labels.shape[0] == ids.shape[0] == meta.sizes[name]):
@@ -435,7 +474,8 @@ def load_prepared(path: str | Path, *, mmap: bool = True) -> PreparedData:
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise DatasetNotFoundError(f"prepared data at {path.resolve()} is incomplete or corrupt ({err}); rerun the data "
                                    "stage: `dvc repro -f data`") from None
-    return PreparedData(train=splits["train"], val=splits["val"], test=splits["test"], meta=meta)
+    return PreparedData(train=splits["train"], val=splits["val"], test=splits["test"], meta=meta,
+                        unlabeled=splits["unlabeled"])
 
 
 # --------------------------------------------------------------------------------------------------

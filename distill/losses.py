@@ -80,16 +80,24 @@ class DistillationLoss(nn.Module):
 
     def _label_ce(self, logits: Tensor, labels: Tensor, mix: Optional[tuple[Tensor, Tensor]]) -> Tensor:
         """Label-smoothed CE on the true labels; with mixup ``(partner_labels, lam)``, each sample's CE is
-        ``lam * CE(y) + (1 - lam) * CE(y_partner)`` (the mixed target), averaged over the batch."""
+        ``lam * CE(y) + (1 - lam) * CE(y_partner)`` (the mixed target), averaged over the batch.
+
+        Unlabeled images (label ``< 0``, the unlabeled transfer set) contribute no label term: the sum of the
+        known terms is divided by their total weight (the batch size when every label is known).
+        """
         smoothing = self.label_smoothing
-        if mix is None:
+        if mix is None and bool((labels >= 0).all()):
             return F.cross_entropy(logits.float(), labels, label_smoothing=smoothing)
-        partner, lam = mix
-        lam = lam.to(device=logits.device, dtype=torch.float32)
-        ce = F.cross_entropy(logits.float(), labels, label_smoothing=smoothing, reduction="none")
-        ce_partner = F.cross_entropy(logits.float(), partner.to(labels.device), label_smoothing=smoothing,
-                                     reduction="none")
-        return (lam * ce + (1.0 - lam) * ce_partner).mean()
+        terms = [(labels, torch.ones_like(labels, dtype=torch.float32))]
+        if mix is not None:
+            lam = mix[1].to(device=logits.device, dtype=torch.float32)
+            terms = [(labels, lam), (mix[0].to(labels.device), 1.0 - lam)]
+        total = weight = logits.new_zeros((), dtype=torch.float32)
+        for target, w in terms:  # an unlabeled image (label < 0) adds no label term, and no weight
+            w = w * (target >= 0)
+            ce = F.cross_entropy(logits.float(), target.clamp(min=0), label_smoothing=smoothing, reduction="none")
+            total, weight = total + (w * ce).sum(), weight + w.sum()
+        return total / weight.clamp(min=1e-12)
 
     def forward(self, outputs: ModelOutput, labels: Tensor, teacher_logits: Optional[Tensor] = None,
                 mix: Optional[tuple[Tensor, Tensor]] = None) -> dict[str, Tensor]:

@@ -92,15 +92,16 @@ def _load_data(paths: Paths) -> Any:
     return load_prepared(paths.data)
 
 
-def _datasets(data: Any) -> tuple[Any, Any]:
+def _datasets(data: Any, train: Any = None) -> tuple[Any, Any]:
+    """Training and validation sets; ``train``: another training split (the student's transfer split)."""
     from distill.data import ArrayDataset
 
-    return ArrayDataset(data.train), ArrayDataset(data.val)
+    return ArrayDataset(data.train if train is None else train), ArrayDataset(data.val)
 
 
 def _train(model: torch.nn.Module, *, stage: str, kind: str, config: dict[str, Any], params: Params,
            train_params: TrainParams, data: Any, paths: Paths, criterion: DistillationLoss, views_factory: Any,
-           tracker: Tracker, key: str, accelerator: Any = None) -> dict[str, Any]:
+           tracker: Tracker, key: str, accelerator: Any = None, train_split: Any = None) -> dict[str, Any]:
     """Shared by teacher, baseline and student: fit with the one engine, then write curves, checkpoint and metrics.
 
     The resume state lives in ``paths.state(stage, key)`` (outside DVC's outputs) until the outputs are written.
@@ -114,7 +115,7 @@ def _train(model: torch.nn.Module, *, stage: str, kind: str, config: dict[str, A
     augmenter = _augmenter(params, data.meta)
     views = views_factory(augmenter, accelerator)
     task = SupervisedTask(model=model, augmenter=augmenter, criterion=criterion, views=views)
-    train_set, val_set = _datasets(data)
+    train_set, val_set = _datasets(data, train_split)
 
     def log_epoch(rec: dict[str, float]) -> None:
         tracker.log_metrics({k: v for k, v in rec.items() if k != "epoch"}, step=int(rec["epoch"]))
@@ -156,10 +157,11 @@ def run_data(params: Params, paths: Paths, tracker: Tracker = NullTracker()) -> 
     t0 = time.perf_counter()
     data = prepare_dataset(d.name, root=d.root, image_size=d.image_size, val_fraction=d.val_fraction,
                            test_fraction=d.test_fraction, seed=params.seed, download=d.download,
-                           max_per_class=d.max_per_class)
+                           max_per_class=d.max_per_class, unlabeled=d.unlabeled)
     save_prepared(data, paths.data)
     meta = data.meta
-    metrics = {"num_train": len(data.train.labels), "num_val": len(data.val.labels), "num_test": len(data.test.labels),
+    metrics = {"num_train": len(data.train.labels), "num_unlabeled": len(data.unlabeled.labels),
+               "num_val": len(data.val.labels), "num_test": len(data.test.labels),
                "num_classes": meta.num_classes, "image_size": meta.image_size, "time_s": time.perf_counter() - t0}
     atomic_write_json(paths.metrics("data"), {**metrics, "fingerprint": meta.fingerprint})
     tracker.log_metrics(metrics)
@@ -233,7 +235,8 @@ def run_soft_labels(params: Params, paths: Paths, tracker: Tracker = NullTracker
     teacher.to(accelerator.device)
     s = params.soft_labels
     t0 = time.perf_counter()
-    meta = generate_store(teacher, data.train, _augmenter(params, data.meta), out_dir=paths.soft_labels, views=s.views,
+    transfer = data.transfer()  # the labeled training images, then the unlabeled ones (if kept)
+    meta = generate_store(teacher, transfer, _augmenter(params, data.meta), out_dir=paths.soft_labels, views=s.views,
                           topk=s.topk, dtype=s.dtype, batch_size=s.batch_size, seed=params.seed,
                           teacher_sha256=file_sha256(paths.model("teacher")), data_fingerprint=data.meta.fingerprint,
                           accelerator=accelerator, mixup=params.student.train.mixup)
@@ -241,7 +244,7 @@ def run_soft_labels(params: Params, paths: Paths, tracker: Tracker = NullTracker
     metrics: dict[str, Any] = {}
     if accelerator.is_main_process:
         desc = describe_store(paths.soft_labels)
-        n_views = len(data.train.labels) * s.views
+        n_views = len(transfer) * s.views
         metrics = {"views_per_sec": n_views / max(elapsed, 1e-9), "time_s": elapsed,
                    **{k: v for k, v in desc.items() if isinstance(v, (int, float))}}
         atomic_write_json(paths.metrics("soft_labels"), metrics)
@@ -278,6 +281,7 @@ def run_student(params: Params, paths: Paths, tracker: Tracker = NullTracker(), 
     model = build_model("deit", cfg, seed=params.seed)
     crit = DistillationLoss(mode=sp.distillation, alpha=sp.alpha, tau=sp.tau, label_smoothing=sp.train.label_smoothing)
     extra_inputs: list[Path] = [paths.data]
+    transfer = data.transfer() if sp.distillation != "none" else data.train  # the teacher labels the unlabeled
 
     if sp.distillation == "none":
         views_factory = lambda aug, _acc: RandomViews(aug, mixup=sp.train.mixup)  # noqa: E731
@@ -285,8 +289,8 @@ def run_student(params: Params, paths: Paths, tracker: Tracker = NullTracker(), 
         from distill.soft_labels import SoftLabelStore, StoredViews
 
         store = SoftLabelStore.open(paths.soft_labels,
-                                    expect=_store_expectations(paths, params, data.meta, len(data.train)))
-        views_factory = lambda aug, _acc: StoredViews(store, seed=params.seed, split=data.train)  # noqa: E731
+                                    expect=_store_expectations(paths, params, data.meta, len(transfer)))
+        views_factory = lambda aug, _acc: StoredViews(store, seed=params.seed, split=transfer)  # noqa: E731
         extra_inputs.append(paths.soft_labels)
     else:
         teacher, _ = load_teacher(paths, data.meta)
@@ -296,7 +300,7 @@ def run_student(params: Params, paths: Paths, tracker: Tracker = NullTracker(), 
     key = _key(stage_params(params, "student"), *extra_inputs)
     return _train(model, stage="student", kind="deit", config=cfg, params=params, train_params=sp.train, data=data,
                   paths=paths, criterion=crit, views_factory=views_factory, tracker=tracker, key=key,
-                  accelerator=accelerator)
+                  accelerator=accelerator, train_split=transfer)
 
 
 def run_baseline(params: Params, paths: Paths, tracker: Tracker = NullTracker(), accelerator: Any = None) -> dict[str, Any]:

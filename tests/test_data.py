@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from distill.data import (ArrayDataset, AugmentSpec, Augmenter, DatasetNotFoundError, Mix, in_batch_mix, load_prepared,
-                          prepare_dataset, sample_lam, save_prepared, stratified_split)
+from distill.data import (UNLABELED, ArrayDataset, AugmentSpec, Augmenter, DatasetNotFoundError, Mix, in_batch_mix,
+                          load_prepared, prepare_dataset, sample_lam, save_prepared, stratified_split)
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +48,26 @@ def test_max_per_class_caps_training_only(digits):
     small = prepare_dataset("digits", image_size=16, seed=0, max_per_class=5)
     assert np.bincount(small.train.labels).tolist() == [5] * 10
     assert np.array_equal(small.test.ids, digits.test.ids)
+
+
+def test_unlabeled_keeps_the_rest_of_the_training_images_without_labels(digits, tmp_path):
+    data = prepare_dataset("digits", image_size=16, seed=0, max_per_class=20, unlabeled=True)
+    assert np.bincount(data.train.labels).tolist() == [20] * 10
+    # the unlabeled split is exactly the uncapped training split minus the kept images, and has no labels
+    assert set(data.train.ids.tolist()) | set(data.unlabeled.ids.tolist()) == set(digits.train.ids.tolist())
+    assert not set(data.train.ids.tolist()) & set(data.unlabeled.ids.tolist())
+    assert len(data.unlabeled) == len(digits.train) - 200 and (data.unlabeled.labels == UNLABELED).all()
+    assert np.array_equal(data.test.ids, digits.test.ids) and data.meta.sizes["unlabeled"] == len(data.unlabeled)
+    transfer = data.transfer()  # labeled first, so store positions 0..199 are the training split's
+    assert np.array_equal(transfer.ids, np.concatenate([data.train.ids, data.unlabeled.ids]))
+    assert np.array_equal(transfer.labels[:200], data.train.labels) and (transfer.labels[200:] == UNLABELED).all()
+    loaded = load_prepared(save_prepared(data, tmp_path / "p"))
+    assert np.array_equal(loaded.unlabeled.images, data.unlabeled.images) and loaded.meta == data.meta
+    # off (the default): no unlabeled images, the transfer split is the training split, and it still loads
+    assert len(digits.unlabeled) == 0 and digits.transfer() is digits.train
+    assert len(load_prepared(save_prepared(digits, tmp_path / "q")).unlabeled) == 0
+    with pytest.raises(ValueError, match="set data.max_per_class"):
+        prepare_dataset("digits", image_size=16, seed=0, unlabeled=True)
 
 
 def test_stratified_split_fractions():

@@ -111,3 +111,19 @@ def test_mixup_label_loss_is_the_lam_weighted_cross_entropy():
     out = hard((logits, logits), y, teacher, mix=(y2, lam))
     assert out["base"].item() == pytest.approx(want, rel=1e-6)
     assert out["distill"].item() == pytest.approx(hard((logits, logits), y, teacher)["distill"].item())
+
+
+def test_unlabeled_images_add_no_label_term():
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 0.0], [0.0, 1.0, 0.0]])
+    crit = DistillationLoss(mode="none", label_smoothing=0.1)
+    mixed = crit(logits, torch.tensor([-1, 2, -1]))["loss"]
+    assert mixed.item() == pytest.approx(crit(logits[1:2], torch.tensor([2]))["loss"].item(), rel=1e-6)
+    assert crit(logits, torch.tensor([-1, -1, -1]))["loss"].item() == 0.0
+    # with mixup, an unlabeled partner drops its share: only lam * CE(y) of a labeled sample remains
+    out = crit(logits[:1], torch.tensor([0]), mix=(torch.tensor([-1]), torch.tensor([0.3])))["loss"]
+    assert out.item() == pytest.approx(crit(logits[:1], torch.tensor([0]))["loss"].item(), rel=1e-6)
+    # the student's distillation term still sees every image
+    soft = DistillationLoss(mode="soft", alpha=0.5, label_smoothing=0.0)
+    teacher = torch.tensor([[0.0, 3.0, 0.0], [0.0, 0.0, 3.0], [1.0, 0.0, 0.0]])
+    res = soft((logits, logits), torch.tensor([-1, -1, -1]), teacher)
+    assert res["base"].item() == 0.0 and res["distill"].item() > 0

@@ -81,7 +81,10 @@ def steps_per_epoch(project: Path, stage: str = "student") -> int:
     from distill.data import load_prepared
 
     p = yaml.safe_load((project / "params.yaml").read_text())
-    return len(load_prepared(project / "data" / "prepared").train) // p[stage]["train"]["batch_size"]
+    data = load_prepared(project / "data" / "prepared")
+    # the distilled student also trains on the unlabeled transfer set (data.unlabeled)
+    train = data.transfer() if stage == "student" and p["student"]["distillation"] != "none" else data.train
+    return len(train) // p[stage]["train"]["batch_size"]
 
 
 def assert_same_result(project: Path, reference: Path, stage: str = "student") -> None:

@@ -1,0 +1,52 @@
+"""The unlabeled transfer set and mixed views, through the real stages (tiny models, seconds on a CPU)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from distill.data import UNLABELED, load_prepared
+from distill.soft_labels import SoftLabelStore, SoftLabelStoreError
+from distill.stages import Paths, run_baseline, run_data, run_soft_labels, run_student, run_teacher
+from test_reliability import tiny_params
+
+
+@pytest.fixture(scope="module")
+def transfer_project(tmp_path_factory):
+    root = tmp_path_factory.mktemp("transfer")
+    params = tiny_params(data={"max_per_class": 6, "unlabeled": True},
+                         student={"train": {"epochs": 2, "warmup_epochs": 1, "batch_size": 32, "mixup": 0.4}})
+    for run in (run_data, run_teacher, run_soft_labels, run_student, run_baseline):
+        torch.manual_seed(0)
+        run(params, Paths(root))
+    return root, params
+
+
+def test_the_store_covers_the_unlabeled_images_and_mixes_views(transfer_project):
+    root, _ = transfer_project
+    data = load_prepared(root / "data" / "prepared")
+    assert len(data.train) == 60 and len(data.unlabeled) > 500 and (data.unlabeled.labels == UNLABELED).all()
+    store = SoftLabelStore.open(root / "soft_labels")
+    assert store.num_images == len(data.train) + len(data.unlabeled) and store.meta.mixup == 0.4
+    # a partner can be an unlabeled image: the teacher labelled the mix all the same
+    partner, _ = store.mix(np.arange(store.num_images), np.zeros(store.num_images, dtype=np.int64))
+    assert (partner >= len(data.train)).any()
+    metrics = json.loads((root / "metrics" / "data.json").read_text())
+    assert metrics["num_unlabeled"] == len(data.unlabeled)
+    for model in ("student", "baseline"):
+        assert np.isfinite(json.loads((root / "metrics" / f"{model}.json").read_text())["train_loss"])
+
+
+def test_a_store_without_the_unlabeled_images_is_refused(transfer_project, tmp_path):
+    import shutil
+
+    root, params = transfer_project
+    project = tmp_path / "p"
+    shutil.copytree(root, project)
+    plain = params.model_copy(update={"data": params.data.model_copy(update={"unlabeled": False})})
+    run_data(plain, Paths(project))  # the data now has no unlabeled split: the old store no longer fits
+    with pytest.raises(SoftLabelStoreError, match="num_images: stored"):
+        run_student(plain, Paths(project))
