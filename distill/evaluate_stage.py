@@ -123,8 +123,13 @@ def evaluate_all(params: Params, paths: Any, tracker: Tracker = NullTracker()) -
         rows = [{"name": n, **metrics[n]} for n in ("teacher", "baseline", "student")]
         rows += [{"name": "student (cls head)", "top1": metrics["student"]["top1_cls_head"]},
                  {"name": "student (dist head)", "top1": metrics["student"]["top1_dist_head"]}]
+        n_unlabeled = meta.sizes.get("unlabeled", 0)
+        trained_on = f"Training data: {meta.sizes['train']} labeled images" + (
+            f"; the distilled student also learned from {n_unlabeled} unlabeled images, through the teacher's "
+            "soft labels (`data.unlabeled`). Teacher and baseline never saw them." if n_unlabeled else ".")
         text = (f"# Results on the {meta.name} test split ({metrics['num_test']} images)\n\n" + R.results_table(rows)
-                + "\n\n" + R.distillation_summary(metrics) + f"\n\nThroughput: {metrics['throughput_method']}\n")
+                + "\n\n" + R.distillation_summary(metrics) + f"\n\n{trained_on}\n\n"
+                + f"Throughput: {metrics['throughput_method']}\n")
         atomic_write_text(report_md, text)
 
         from distill.tracking import flatten

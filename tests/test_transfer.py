@@ -10,7 +10,7 @@ import torch
 
 from distill.data import UNLABELED, load_prepared
 from distill.soft_labels import SoftLabelStore, SoftLabelStoreError
-from distill.stages import Paths, run_baseline, run_data, run_soft_labels, run_student, run_teacher
+from distill.stages import Paths, run_baseline, run_data, run_evaluate, run_soft_labels, run_student, run_teacher
 from test_reliability import tiny_params
 
 
@@ -18,8 +18,9 @@ from test_reliability import tiny_params
 def transfer_project(tmp_path_factory):
     root = tmp_path_factory.mktemp("transfer")
     params = tiny_params(data={"max_per_class": 6, "unlabeled": True},
-                         student={"train": {"epochs": 2, "warmup_epochs": 1, "batch_size": 32, "mixup": 0.4}})
-    for run in (run_data, run_teacher, run_soft_labels, run_student, run_baseline):
+                         student={"train": {"epochs": 2, "warmup_epochs": 1, "batch_size": 32, "mixup": 0.4}},
+                         evaluate={"throughput_iters": 2, "register_model": False})
+    for run in (run_data, run_teacher, run_soft_labels, run_student, run_baseline, run_evaluate):
         torch.manual_seed(0)
         run(params, Paths(root))
     return root, params
@@ -38,6 +39,9 @@ def test_the_store_covers_the_unlabeled_images_and_mixes_views(transfer_project)
     assert metrics["num_unlabeled"] == len(data.unlabeled)
     for model in ("student", "baseline"):
         assert np.isfinite(json.loads((root / "metrics" / f"{model}.json").read_text())["train_loss"])
+    report = (root / "reports" / "results.md").read_text()
+    assert f"Training data: 60 labeled images; the distilled student also learned from {len(data.unlabeled)} " \
+           "unlabeled images" in report
 
 
 def test_a_store_without_the_unlabeled_images_is_refused(transfer_project, tmp_path):
