@@ -55,7 +55,20 @@ def run_seed(raw: dict, seed: int, workdir: Path) -> dict:
     return {**result, "stage_time_s": times}
 
 
-def _run_seed_job(raw: dict, seed: int, workdir: Path, threads: int) -> tuple[dict, float]:
+def _exit_with_parent(parent: int) -> None:
+    """A worker whose parent is gone (killed: no executor shutdown) stops instead of training on."""
+    import threading
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def _run_seed_job(raw: dict, seed: int, workdir: Path, threads: int, parent: int) -> tuple[dict, float]:
+    _exit_with_parent(parent)
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
     return run_seed(raw, seed, workdir), time.perf_counter() - t0
@@ -102,8 +115,9 @@ def main(argv: list[str] | None = None) -> int:
         threads = max(1, torch.get_num_threads() // jobs)
         ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no forked torch thread pools
         with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=ctx) if jobs > 1 else _Inline() as pool:
-            futures = {seed: pool.submit(_run_seed_job, raw, seed, base / f"seed{seed}", threads if jobs > 1
-                                         else torch.get_num_threads()) for seed in args.seeds}
+            futures = {seed: pool.submit(_run_seed_job, raw, seed, base / f"seed{seed}",
+                                         threads if jobs > 1 else torch.get_num_threads(), os.getpid())
+                       for seed in args.seeds}
             for seed, fut in futures.items():  # in seed order, each as soon as it is done
                 m, elapsed = fut.result()
                 runs.append({"seed": seed, **m})

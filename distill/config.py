@@ -196,6 +196,11 @@ class BaselineParams(_Strict):
         default=False,
         description="False: class token only (DeiT 'no distillation'); True: keep both tokens, both heads on labels",
     )
+    budget: Literal["steps", "epochs"] = Field(
+        default="steps",
+        description="steps: as many optimizer steps as the student (when the student also trains on unlabeled "
+                    "images, the baseline's epochs and warm-up are scaled up); epochs: the same number of epochs",
+    )
 
 
 class EvaluateParams(_Strict):

@@ -123,10 +123,7 @@ def evaluate_all(params: Params, paths: Any, tracker: Tracker = NullTracker()) -
         rows = [{"name": n, **metrics[n]} for n in ("teacher", "baseline", "student")]
         rows += [{"name": "student (cls head)", "top1": metrics["student"]["top1_cls_head"]},
                  {"name": "student (dist head)", "top1": metrics["student"]["top1_dist_head"]}]
-        n_unlabeled = meta.sizes.get("unlabeled", 0)
-        trained_on = f"Training data: {meta.sizes['train']} labeled images" + (
-            f"; the distilled student also learned from {n_unlabeled} unlabeled images, through the teacher's "
-            "soft labels (`data.unlabeled`). Teacher and baseline never saw them." if n_unlabeled else ".")
+        trained_on = _training_data_sentence(params, meta.sizes["train"], meta.sizes.get("unlabeled", 0))
         text = (f"# Results on the {meta.name} test split ({metrics['num_test']} images)\n\n" + R.results_table(rows)
                 + "\n\n" + R.distillation_summary(metrics) + f"\n\n{trained_on}\n\n"
                 + f"Throughput: {metrics['throughput_method']}\n")
@@ -152,3 +149,18 @@ def evaluate_all(params: Params, paths: Any, tracker: Tracker = NullTracker()) -
             metrics["registry"] = reg
     accelerator.wait_for_everyone()
     return metrics
+
+
+def _training_data_sentence(params: Params, n_labeled: int, n_unlabeled: int) -> str:
+    """What the models trained on, for the report (the unlabeled transfer set and the baseline's budget)."""
+    from distill.stages import baseline_recipe
+
+    if not n_unlabeled or params.student.distillation == "none":
+        return f"Training data: {n_labeled} labeled images."
+    epochs, base = params.student.train.epochs, baseline_recipe(params, n_labeled, n_labeled + n_unlabeled).epochs
+    budget = (f"The baseline trained {base} epochs to the student's {epochs}, for as many optimizer steps "
+              "(`baseline.budget: steps`)." if base != epochs else
+              f"Both trained {epochs} epochs (`baseline.budget: epochs`), so the student took more optimizer steps.")
+    return (f"Training data: {n_labeled} labeled images; the distilled student also learned from {n_unlabeled} "
+            "unlabeled images, through the teacher's soft labels (`data.unlabeled`). Teacher and baseline never "
+            f"saw them. {budget}")

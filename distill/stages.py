@@ -47,8 +47,8 @@ def stage_params(params: Params, stage: str) -> dict[str, Any]:
     out: dict[str, Any] = {"seed": p["seed"]}
     for s in sections:
         out[s] = p[s]
-    if stage == "baseline":  # the baseline reads the student's model and recipe, not its distillation knobs
-        out["student"] = {"model": p["student"]["model"], "train": p["student"]["train"]}
+    if stage == "baseline":  # the student's model and recipe, and whether it trains on the unlabeled images too
+        out["student"] = {k: p["student"][k] for k in ("model", "train", "distillation")}
     if stage == "soft_labels":  # the store's views are mixed as the student's recipe says
         out["student"] = {"train": {"mixup": p["student"]["train"]["mixup"]}}
     return out
@@ -303,6 +303,22 @@ def run_student(params: Params, paths: Paths, tracker: Tracker = NullTracker(), 
                   accelerator=accelerator, train_split=transfer)
 
 
+def baseline_recipe(params: Params, n_labeled: int, n_transfer: int) -> TrainParams:
+    """The student's recipe for the baseline, with the same budget.
+
+    The distilled student trains on ``n_transfer`` images per epoch (the labeled ones and, with
+    ``data.unlabeled``, the unlabeled ones), the baseline on the ``n_labeled`` labeled ones. With
+    ``baseline.budget: steps`` the baseline's epochs and warm-up epochs are scaled by ``n_transfer / n_labeled``
+    (rounded), so both get as many optimizer steps and the same schedule in steps; ``epochs`` keeps them.
+    """
+    sp = params.student
+    if params.baseline.budget == "epochs" or sp.distillation == "none" or n_transfer <= n_labeled:
+        return sp.train
+    scale = n_transfer / n_labeled
+    return sp.train.model_copy(update={"epochs": max(1, round(sp.train.epochs * scale)),
+                                       "warmup_epochs": round(sp.train.warmup_epochs * scale)})
+
+
 def run_baseline(params: Params, paths: Paths, tracker: Tracker = NullTracker(), accelerator: Any = None) -> dict[str, Any]:
     """The same student, same recipe and budget, trained on labels only (what distillation is measured against)."""
     from distill.checkpoint import build_model
@@ -315,7 +331,8 @@ def run_baseline(params: Params, paths: Paths, tracker: Tracker = NullTracker(),
     model = build_model("deit", cfg, seed=params.seed)
     crit = DistillationLoss(mode="none", label_smoothing=sp.train.label_smoothing)
     key = _key(stage_params(params, "baseline"), paths.data)
-    return _train(model, stage="baseline", kind="deit", config=cfg, params=params, train_params=sp.train, data=data,
+    train = baseline_recipe(params, len(data.train), len(data.transfer()))
+    return _train(model, stage="baseline", kind="deit", config=cfg, params=params, train_params=train, data=data,
                   paths=paths, criterion=crit, views_factory=lambda aug, _acc: RandomViews(aug, mixup=sp.train.mixup),
                   tracker=tracker, key=key, accelerator=accelerator)
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from distill.config import parse_params
 from distill.data import UNLABELED, load_prepared
 from distill.soft_labels import SoftLabelStore, SoftLabelStoreError
 from distill.stages import Paths, run_baseline, run_data, run_evaluate, run_soft_labels, run_student, run_teacher
@@ -42,6 +43,10 @@ def test_the_store_covers_the_unlabeled_images_and_mixes_views(transfer_project)
     report = (root / "reports" / "results.md").read_text()
     assert f"Training data: 60 labeled images; the distilled student also learned from {len(data.unlabeled)} " \
            "unlabeled images" in report
+    # the baseline got as many optimizer steps as the student: 2 epochs scaled by (60 + unlabeled) / 60
+    epochs = round(2 * (60 + len(data.unlabeled)) / 60)
+    assert json.loads((root / "metrics" / "baseline.json").read_text())["epochs"] == epochs
+    assert f"The baseline trained {epochs} epochs to the student's 2" in report
 
 
 def test_a_store_without_the_unlabeled_images_is_refused(transfer_project, tmp_path):
@@ -54,3 +59,19 @@ def test_a_store_without_the_unlabeled_images_is_refused(transfer_project, tmp_p
     run_data(plain, Paths(project))  # the data now has no unlabeled split: the old store no longer fits
     with pytest.raises(SoftLabelStoreError, match="num_images: stored"):
         run_student(plain, Paths(project))
+
+
+@pytest.mark.parametrize("overrides, epochs, warmup", [
+    ({}, 350, 12),  # 150 epochs x 1168 / 500 = 350.4; warm-up 5 x 2.336 = 11.7
+    ({"baseline": {"budget": "epochs"}}, 150, 5),
+    ({"student": {"distillation": "none"}}, 150, 5),  # a labels-only student does not use the unlabeled set
+])
+def test_baseline_recipe_matches_the_students_steps(overrides, epochs, warmup):
+    from distill.stages import baseline_recipe
+
+    raw = {"student": {"distillation": "soft", "train": {"epochs": 150, "warmup_epochs": 5}}}
+    for key, value in overrides.items():
+        raw[key] = {**raw.get(key, {}), **value}
+    recipe = baseline_recipe(parse_params(raw), 500, 1168)
+    assert (recipe.epochs, recipe.warmup_epochs) == (epochs, warmup)
+    assert baseline_recipe(parse_params(raw), 500, 500).epochs == 150  # no unlabeled images: nothing to match
