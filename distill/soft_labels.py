@@ -75,7 +75,7 @@ import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
@@ -156,6 +156,17 @@ def _block_generator(seed: int, block: int, stream: int = _PARAM_STREAM) -> torc
     return torch.Generator().manual_seed(int(state))
 
 
+def _blocks(start: int, stop: int) -> Iterator[tuple[int, slice]]:
+    """The parameter blocks that images ``[start, stop)`` fall in, each with the slice of its rows they take.
+
+    A block always draws its whole ``PARAM_BLOCK`` rows: the rows of an image must not depend on where the
+    split or a shard ends.
+    """
+    for block in range(start // PARAM_BLOCK, (stop - 1) // PARAM_BLOCK + 1 if stop > start else start // PARAM_BLOCK):
+        first = block * PARAM_BLOCK
+        yield block, slice(max(start, first) - first, min(stop, first + PARAM_BLOCK) - first)
+
+
 def view_params(augmenter: Any, start: int, stop: int, *, views: int, seed: int) -> Tensor:
     """The stored view parameters of images ``[start, stop)``: a function of ``(seed, image, view)`` only.
 
@@ -170,11 +181,9 @@ def view_params(augmenter: Any, start: int, stop: int, *, views: int, seed: int)
         float32 ``(stop - start, views, 5)``.
     """
     out = []
-    for block in range(start // PARAM_BLOCK, (stop - 1) // PARAM_BLOCK + 1 if stop > start else start // PARAM_BLOCK):
-        # Always the whole block: the rows of an image must not depend on where the split ends.
+    for block, rows_of in _blocks(start, stop):
         rows = augmenter.sample(PARAM_BLOCK * views, _block_generator(seed, block)).view(PARAM_BLOCK, views, PARAM_DIM)
-        lo, hi = max(start, block * PARAM_BLOCK), min(stop, (block + 1) * PARAM_BLOCK)
-        out.append(rows[lo - block * PARAM_BLOCK:hi - block * PARAM_BLOCK])
+        out.append(rows[rows_of])
     return torch.cat(out) if out else torch.empty(0, views, PARAM_DIM)
 
 
@@ -193,17 +202,15 @@ def mix_params(augmenter: Any, start: int, stop: int, *, views: int, seed: int, 
     from distill.data import sample_lam
 
     partners, rows_out = [], []
-    for block in range(start // PARAM_BLOCK, (stop - 1) // PARAM_BLOCK + 1 if stop > start else start // PARAM_BLOCK):
+    for block, rows_of in _blocks(start, stop):
         g = _block_generator(seed, block, _MIX_STREAM)
         m = PARAM_BLOCK * views
         partner = torch.randint(0, num_images, (m,), generator=g).view(PARAM_BLOCK, views)
         crops = augmenter.sample(m, g)
         lam = sample_lam(m, alpha, g)
         rows = torch.cat([crops, lam[:, None]], dim=1).view(PARAM_BLOCK, views, PARAM_DIM + 1)
-        first = block * PARAM_BLOCK
-        lo, hi = max(start, first) - first, min(stop, first + PARAM_BLOCK) - first
-        partners.append(partner[lo:hi])
-        rows_out.append(rows[lo:hi])
+        partners.append(partner[rows_of])
+        rows_out.append(rows[rows_of])
     if not partners:
         return torch.empty(0, views, dtype=torch.int64), torch.empty(0, views, PARAM_DIM + 1)
     return torch.cat(partners), torch.cat(rows_out)
