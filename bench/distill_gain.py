@@ -67,32 +67,16 @@ def _exit_with_parent(parent: int) -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
-def _run_seed_job(raw: dict, seed: int, workdir: Path, threads: int, parent: int) -> tuple[dict, float]:
-    _exit_with_parent(parent)
-    torch.set_num_threads(threads)
+def _timed_seed(raw: dict, seed: int, workdir: Path) -> tuple[dict, float]:
     t0 = time.perf_counter()
     return run_seed(raw, seed, workdir), time.perf_counter() - t0
 
 
-class _Inline:
-    """``--jobs 1``: run each seed when its result is asked for, in this process (an executor's interface)."""
-
-    def __enter__(self) -> "_Inline":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-    def submit(self, fn, *args):  # noqa: ANN001, ANN201
-        return _Deferred(fn, args)
-
-
-class _Deferred:
-    def __init__(self, fn, args) -> None:  # noqa: ANN001
-        self.fn, self.args = fn, args
-
-    def result(self):  # noqa: ANN201
-        return self.fn(*self.args)
+def _worker_seed(raw: dict, seed: int, workdir: Path, threads: int, parent: int) -> tuple[dict, float]:
+    """One seed in a ``--jobs`` worker process."""
+    _exit_with_parent(parent)
+    torch.set_num_threads(threads)
+    return _timed_seed(raw, seed, workdir)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,17 +97,23 @@ def main(argv: list[str] | None = None) -> int:
         base = Path(args.workdir or tmp)
         jobs = max(1, min(args.jobs, len(args.seeds)))
         threads = max(1, torch.get_num_threads() // jobs)
-        ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no forked torch thread pools
-        with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=ctx) if jobs > 1 else _Inline() as pool:
-            futures = {seed: pool.submit(_run_seed_job, raw, seed, base / f"seed{seed}",
-                                         threads if jobs > 1 else torch.get_num_threads(), os.getpid())
-                       for seed in args.seeds}
-            for seed, fut in futures.items():  # in seed order, each as soon as it is done
-                m, elapsed = fut.result()
-                runs.append({"seed": seed, **m})
-                print(f"seed {seed}: teacher {m['teacher']['top1']:.4f} baseline {m['baseline']['top1']:.4f} "
-                      f"student {m['student']['top1']:.4f} gain {m['distillation_gain'] * 100:+.2f} pts "
-                      f"({elapsed:.0f} s)", flush=True)
+
+        def report(seed: int, m: dict, elapsed: float) -> None:
+            runs.append({"seed": seed, **m})
+            print(f"seed {seed}: teacher {m['teacher']['top1']:.4f} baseline {m['baseline']['top1']:.4f} "
+                  f"student {m['student']['top1']:.4f} gain {m['distillation_gain'] * 100:+.2f} pts "
+                  f"({elapsed:.0f} s)", flush=True)
+
+        if jobs == 1:
+            for seed in args.seeds:
+                report(seed, *_timed_seed(raw, seed, base / f"seed{seed}"))
+        else:
+            ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no forked torch thread pools
+            with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=ctx) as pool:
+                futures = {seed: pool.submit(_worker_seed, raw, seed, base / f"seed{seed}", threads, os.getpid())
+                           for seed in args.seeds}
+                for seed, fut in futures.items():  # in seed order, each as soon as it is done
+                    report(seed, *fut.result())
     agg = aggregate_runs([{k: v for k, v in r.items() if k not in ("seed",)} for r in runs])
     summary = {k: agg[k] for k in KEYS if k in agg}
     print(f"\n{len(runs)} seeds {args.seeds}, overrides {args.overrides or 'none'}\n")
@@ -133,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.out).write_text(json.dumps({
             "command": " ".join(["python", "bench/distill_gain.py", *(argv if argv is not None else sys.argv[1:])]),
             "machine": f"{platform.platform()}, {os.cpu_count()} cores, {jobs} seed(s) at a time x "
-                       f"{threads if jobs > 1 else torch.get_num_threads()} torch threads, torch {torch.__version__}",
+                       f"{threads} torch threads, torch {torch.__version__}",
             "overrides": args.overrides, "seeds": args.seeds, "summary": summary, "runs": runs,
         }, indent=2, default=str))
     return 0
