@@ -17,6 +17,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     if not paths.model("teacher").is_file():
         for stage in ("data", "teacher"):
             getattr(S, f"run_{stage}")(parse_params(raw), paths)
-    stored: set[str] = set()  # the store depends only on the teacher, the views and the augmentation
+    stored: set[str] = set()  # the store depends only on the teacher and its stage's params (views, crops, mixup)
     for spec in args.variants:
         name, _, overrides = spec.partition(":")
         params = parse_params(apply_overrides(raw, [o for o in overrides.split(";") if o]))
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
             S.run_baseline(params, paths)
             model = "baseline"
         else:
-            store_key = f"{params.soft_labels!r} {params.data.augment!r}"
+            store_key = json.dumps(S.stage_params(params, "soft_labels"), sort_keys=True)
             if params.student.teacher_mode == "stored" and params.student.distillation != "none" \
                     and store_key not in stored:
                 S.run_soft_labels(params, paths)

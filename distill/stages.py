@@ -331,7 +331,7 @@ def run_baseline(params: Params, paths: Paths, tracker: Tracker = NullTracker(),
     model = build_model("deit", cfg, seed=params.seed)
     crit = DistillationLoss(mode="none", label_smoothing=sp.train.label_smoothing)
     key = _key(stage_params(params, "baseline"), paths.data)
-    train = baseline_recipe(params, len(data.train), len(data.transfer()))
+    train = baseline_recipe(params, len(data.train), len(data.train) + len(data.unlabeled))
     return _train(model, stage="baseline", kind="deit", config=cfg, params=params, train_params=train, data=data,
                   paths=paths, criterion=crit, views_factory=lambda aug, _acc: RandomViews(aug, mixup=sp.train.mixup),
                   tracker=tracker, key=key, accelerator=accelerator)
