@@ -1,0 +1,161 @@
+"""File helpers every layer shares: atomic writes, atomic folder swaps, hashing, and the progress switch.
+
+Atomic writes: a file is written to a temporary sibling, flushed and ``fsync``-ed, renamed over its target
+with ``os.replace``, and the folder is ``fsync``-ed so the rename itself is durable. A reader therefore sees
+the old content or the new one, never half of either, after a killed process *and* after a power cut.
+
+Folder swaps (prepared data, the soft-label store): the new folder is written complete under a staging
+name, every file in it is ``fsync``-ed, then two renames put it in place: ``out -> .<out>.old``,
+``staging -> out``, and ``.old`` is deleted. A crash between the two renames leaves only ``.<out>.old``,
+which :func:`recover_dir` (called by readers and by the next writer) renames back. A reader sees the
+previous complete folder or the new complete one.
+
+Progress: one switch for every progress bar of the library, ``DISTILL_PROGRESS=0`` (tests, CI logs).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional
+
+__all__ = ["atomic_replace", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "fsync_dir",
+           "fsync_tree", "swap_in_dir", "recover_dir", "old_dir", "file_sha256", "progress_enabled", "progress"]
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Make the entries of folder ``path`` (creations, renames) durable. A no-op where folders cannot be opened."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # Windows: folders cannot be opened; NTFS journals renames itself
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: str | Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_replace(path: str | Path, write: Callable[[str], None]) -> None:
+    """Write ``path`` atomically and durably with ``write(tmp_path)`` (any writer that takes a file name).
+
+    Args:
+        path: the target file; its folder is created if needed.
+        write: writes the complete content to the temporary path it is given.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the result the usual permissions
+        _fsync_file(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    atomic_replace(path, lambda tmp: Path(tmp).write_bytes(data))
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_json(path: str | Path, data: Any) -> None:
+    """Write ``data`` as indented, key-sorted JSON, atomically (metrics files that DVC compares)."""
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def fsync_tree(folder: str | Path) -> None:
+    """``fsync`` every file and folder below ``folder`` (before it is renamed into place)."""
+    for root, _dirs, files in os.walk(folder):
+        for name in files:
+            _fsync_file(os.path.join(root, name))
+        fsync_dir(root)
+
+
+def old_dir(out: str | Path) -> Path:
+    """Where :func:`swap_in_dir` parks the previous folder during a swap: ``.<name>.old`` beside it."""
+    out = Path(out)
+    return out.with_name(f".{out.name}.old")
+
+
+def recover_dir(out: str | Path) -> None:
+    """Finish a swap a crash interrupted: only ``.<name>.old`` is there, so it goes back to ``<name>``."""
+    out = Path(out)
+    old = old_dir(out)
+    if old.is_dir() and not out.exists():
+        with contextlib.suppress(FileNotFoundError):  # another process may have restored it first
+            os.replace(old, out)
+
+
+def swap_in_dir(staging: str | Path, out: str | Path) -> None:
+    """Replace folder ``out`` by the complete folder ``staging`` (same parent), atomically and durably."""
+    staging, out = Path(staging), Path(out)
+    fsync_tree(staging)
+    old = old_dir(out)
+    recover_dir(out)
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        os.replace(out, old)
+    # A crash here leaves only .old: recover_dir() renames it back.
+    os.replace(staging, out)
+    fsync_dir(out.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    """SHA-256 of a file's bytes (ties soft labels, metrics and resume state to exact inputs)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def progress_enabled() -> bool:
+    """False when ``DISTILL_PROGRESS=0`` (tests, CI logs): no progress bar anywhere."""
+    return os.environ.get("DISTILL_PROGRESS", "1") != "0"
+
+
+def progress(iterable: Optional[Iterable[Any]] = None, *, total: Optional[int] = None, desc: str = "",
+             unit: str = "it", enabled: bool = True, **kwargs: Any) -> Any:
+    """A tqdm bar on stderr, or a silent stand-in with the same ``update``/``set_postfix``/``close`` methods.
+
+    Args:
+        iterable: what to iterate over (None: call ``update(n)`` yourself).
+        total: the number of units.
+        desc: the label, e.g. the stage name.
+        unit: the unit shown in the rate.
+        enabled: False on non-main processes; ``DISTILL_PROGRESS=0`` turns every bar off.
+    """
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, unit=unit, dynamic_ncols=True, mininterval=0.5, file=sys.stderr,
+                disable=not (enabled and progress_enabled()), **kwargs)
