@@ -10,6 +10,10 @@ name, every file in it is ``fsync``-ed, then two renames put it in place: ``out 
 which :func:`recover_dir` (called by readers and by the next writer) renames back. A reader sees the
 previous complete folder or the new complete one.
 
+Staging folders: a writer builds the new folder under ``.<name>.tmp-<token>`` beside ``<name>``
+(:func:`staging_dir`); :func:`make_staging_dir` first finishes an interrupted swap and clears what killed
+writers left behind (``.<name>.old``, ``.<name>.tmp-*``), so one writer at a time is assumed.
+
 Progress: one switch for every progress bar of the library, ``DISTILL_PROGRESS=0`` (tests, CI logs).
 """
 
@@ -22,11 +26,26 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
+from typing import Any
 
-__all__ = ["atomic_replace", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "fsync_dir",
-           "fsync_tree", "swap_in_dir", "recover_dir", "old_dir", "file_sha256", "progress_enabled", "progress"]
+__all__ = [
+    "atomic_replace",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "atomic_write_text",
+    "file_sha256",
+    "fsync_dir",
+    "fsync_tree",
+    "make_staging_dir",
+    "old_dir",
+    "progress",
+    "progress_enabled",
+    "recover_dir",
+    "staging_dir",
+    "swap_in_dir",
+]
 
 
 def fsync_dir(path: str | Path) -> None:
@@ -80,10 +99,12 @@ def atomic_replace(path: str | Path, write: Callable[[str], None]) -> None:
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically and durably (see :func:`atomic_replace`)."""
     atomic_replace(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically and durably."""
     atomic_write_bytes(path, text.encode())
 
 
@@ -115,6 +136,37 @@ def recover_dir(out: str | Path) -> None:
             os.replace(old, out)
 
 
+def staging_dir(out: str | Path, token: str) -> Path:
+    """Where a writer builds the next version of folder ``out``: ``.<name>.tmp-<token>`` beside it.
+
+    Args:
+        out: the folder that :func:`swap_in_dir` will replace.
+        token: tells writers apart (e.g. the main process's pid, so a killed writer's leftovers can be named).
+    """
+    out = Path(out)
+    return out.with_name(f".{out.name}.tmp-{token}")
+
+
+def make_staging_dir(out: str | Path, token: str) -> Path:
+    """Create an empty :func:`staging_dir` for ``out``, after clearing what earlier writers left.
+
+    An interrupted swap is finished first (:func:`recover_dir`); then ``.<name>.old`` and every
+    ``.<name>.tmp-*`` go: they belong to killed writers, since one writer at a time is assumed.
+
+    Returns:
+        The new, empty staging folder.
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    recover_dir(out)
+    shutil.rmtree(old_dir(out), ignore_errors=True)
+    for stale in out.parent.glob(f".{out.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    staging = staging_dir(out, token)
+    staging.mkdir()
+    return staging
+
+
 def swap_in_dir(staging: str | Path, out: str | Path) -> None:
     """Replace folder ``out`` by the complete folder ``staging`` (same parent), atomically and durably."""
     staging, out = Path(staging), Path(out)
@@ -144,7 +196,7 @@ def progress_enabled() -> bool:
     return os.environ.get("DISTILL_PROGRESS", "1") != "0"
 
 
-def progress(iterable: Optional[Iterable[Any]] = None, *, total: Optional[int] = None, desc: str = "",
+def progress(iterable: Iterable[Any] | None = None, *, total: int | None = None, desc: str = "",
              unit: str = "it", enabled: bool = True, **kwargs: Any) -> Any:
     """A tqdm bar on stderr, or a silent stand-in with the same ``update``/``set_postfix``/``close`` methods.
 
