@@ -4,8 +4,8 @@ Why: running the teacher on every student batch (DeiT's online distillation) cos
 pass per step; storing one fixed view per image instead makes the student overfit (Beyer et al. 2022,
 "Knowledge distillation: A good teacher is patient and consistent"). FKD (Shen & Xing 2022, "A Fast
 Knowledge Distillation Framework for Visual Recognition") stores, per image, many random views: the
-augmentation parameters with the teacher's output for exactly that view. The student re-renders a
-stored view from its parameters (bit-identical on the same device: :class:`distill.data.Augmenter`
+augmentation parameters with the teacher's output for exactly that view. The student
+(:class:`distill.views.StoredViews`) re-renders a stored view from its parameters (bit-identical on the same device: :class:`distill.data.Augmenter`
 renders each pixel independently of the rest of the batch) and uses the stored logits, so no teacher
 runs in the student's loop and teacher and student stay consistent.
 
@@ -50,7 +50,8 @@ the rebuilt logits reproduces the teacher's top-k probabilities exactly (up to t
 distillation uses) is kept. At a temperature ``tau != 1`` the rebuilt distribution is only an
 approximation (the true rest is not uniform): the usual top-k trade-off of FKD.
 
-Atomic writes (staging folder + rename swap): everything is written into a sibling staging folder
+Atomic writes (staging folder + rename swap, through :mod:`distill.io`, every file and folder
+``fsync``-ed before the renames): everything is written into a sibling staging folder
 ``.<name>.tmp-<pid>`` (pid of the main process); ``meta.json`` is written into it last. The main
 process then swaps it in with two renames: ``<name> -> .<name>.old``, ``staging -> <name>``, and
 deletes ``.old``. A crash (exception or kill) before the swap leaves the previous store untouched
@@ -73,28 +74,32 @@ import json
 import math
 import os
 import shutil
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from distill.checkpoint import atomic_write_text, file_sha256
-from distill.data import PARAM_DIM, Mix
+from distill.data import PARAM_DIM, Mix, Split, sample_lam
+from distill.io import atomic_write_text, file_sha256, make_staging_dir, progress, recover_dir, staging_dir, swap_in_dir
+from distill.teachers import freeze
 
 __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
     "PARAM_BLOCK",
+    "SoftLabelStore",
     "SoftLabelStoreError",
     "StoreMeta",
-    "SoftLabelStore",
-    "StoredViews",
-    "generate_store",
-    "view_params",
+    "as_index",
     "describe_store",
+    "generate_store",
+    "mix_params",
+    "stored_mix",
+    "view_params",
 ]
 
 FORMAT = "distill-soft-labels"
@@ -116,9 +121,9 @@ class StoreMeta:
     num_images: int
     views: int
     num_classes: int
-    topk: Optional[int]
+    topk: int | None
     dtype: str
-    index_dtype: Optional[str]
+    index_dtype: str | None
     image_size: int
     channels: int
     augment: dict[str, Any]
@@ -142,7 +147,7 @@ class StoreMeta:
         return d
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "StoreMeta":
+    def from_dict(cls, data: dict[str, Any]) -> StoreMeta:
         return cls(**{**data, "shards": tuple(data.get("shards", ()))})
 
 
@@ -199,8 +204,6 @@ def mix_params(augmenter: Any, start: int, stop: int, *, views: int, seed: int, 
         ``partner`` int64 ``(stop - start, views)`` and float32 ``(stop - start, views, 6)``: the partner's crop
         ``[top, left, h, w, flip]`` and ``lam``.
     """
-    from distill.data import sample_lam
-
     partners, rows_out = [], []
     for block, rows_of in _blocks(start, stop):
         g = _block_generator(seed, block, _MIX_STREAM)
@@ -221,28 +224,6 @@ def mix_params(augmenter: Any, start: int, stop: int, *, views: int, seed: int, 
 # --------------------------------------------------------------------------------------------------
 
 
-def _old_path(out: Path) -> Path:
-    return out.with_name(f".{out.name}.old")
-
-
-def _recover(out: Path) -> None:
-    """Finish an interrupted swap: a crash between the two renames left only ``.<name>.old``."""
-    old = _old_path(out)
-    if old.is_dir() and not out.exists():
-        with contextlib.suppress(FileNotFoundError):  # another process may have restored it first
-            os.replace(old, out)
-
-
-def _swap_in(staging: Path, out: Path) -> None:
-    old = _old_path(out)
-    shutil.rmtree(old, ignore_errors=True)
-    if out.exists():
-        os.replace(out, old)
-    # A crash here leaves only .old: open() and the next generation rename it back.
-    os.replace(staging, out)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def _shard_name(rank: int) -> str:
     return f"shard-{rank:05d}"
 
@@ -258,8 +239,8 @@ class _ShardWriter:
                  mixup: float = 0.0, num_images: int = 0) -> None:
         self.folder, self.prefix = folder, _shard_name(rank)
         self.n, self.views = stop - start, views
-        self.num_classes: Optional[int] = None
-        self.topk: Optional[int] = None
+        self.num_classes: int | None = None
+        self.topk: int | None = None
         self.arrays: dict[str, np.ndarray] = {}
         for role, (shape, dt) in _param_specs(self.n, views, mixup > 0).items():
             self._create(role, shape, dt)
@@ -279,7 +260,7 @@ class _ShardWriter:
         else:
             self.arrays[role] = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
 
-    def open_logits(self, *, num_classes: int, topk: Optional[int], dtype: str) -> None:
+    def open_logits(self, *, num_classes: int, topk: int | None, dtype: str) -> None:
         if topk is not None and topk >= num_classes:
             raise ValueError(f"soft_labels.topk={topk} must be below the number of classes ({num_classes}); "
                              "set topk: null to store all logits")
@@ -345,7 +326,7 @@ def _param_specs(n: int, views: int, mixed: bool) -> dict[str, tuple[tuple[int, 
     return specs
 
 
-def _file_specs(*, n: int, views: int, num_classes: int, topk: Optional[int], dtype: str,
+def _file_specs(*, n: int, views: int, num_classes: int, topk: int | None, dtype: str,
                 mixed: bool = False) -> dict[str, tuple[tuple[int, ...], str]]:
     """Shape and dtype of every array of a shard of ``n`` images."""
     specs = _param_specs(n, views, mixed)
@@ -356,13 +337,6 @@ def _file_specs(*, n: int, views: int, num_classes: int, topk: Optional[int], dt
         specs["topk_indices"] = ((n, views, topk), _index_dtype(num_classes))
         specs["rest_logsumexp"] = ((n, views), "float32")
     return specs
-
-
-def _progress(total: int, desc: str, enabled: bool) -> Any:
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="view", leave=False, dynamic_ncols=True, mininterval=0.5,
-                disable=not enabled or os.environ.get("DISTILL_PROGRESS", "1") == "0")
 
 
 def _dynamo_backend(accelerator: Any) -> str:
@@ -414,7 +388,7 @@ def _run_teacher(teacher: nn.Module, split: Any, augmenter: Any, writer: _ShardW
         images = torch.from_numpy(np.array(split.images[start + first:start + last], copy=True)).to(device)
         sel = torch.from_numpy(np.arange(j0, j1) // views - first).to(device)
         p = torch.from_numpy(np.array(flat_params[j0:j1])).to(device)
-        mix = _stored_mix(split, writer.flat("mix_partner")[j0:j1], writer.flat("mix_params")[j0:j1], device) \
+        mix = stored_mix(split, writer.flat("mix_partner")[j0:j1], writer.flat("mix_params")[j0:j1], device) \
             if mixed else None
         # rendered in float32 outside autocast, as the student does
         x = augmenter(images.index_select(0, sel), p) if mix is None else augmenter(images.index_select(0, sel), p, mix)
@@ -426,8 +400,18 @@ def _run_teacher(teacher: nn.Module, split: Any, augmenter: Any, writer: _ShardW
         bar.update(j1 - j0)
 
 
-def _stored_mix(split: Any, partner: np.ndarray, rows: np.ndarray, device: Any = None) -> Mix:
-    """The :class:`~distill.data.Mix` of stored views: partner images and labels from ``split`` by position."""
+def stored_mix(split: Split, partner: np.ndarray, rows: np.ndarray, device: Any = None) -> Mix:
+    """The :class:`~distill.data.Mix` of stored views: partner images and labels from ``split`` by position.
+
+    Used where the mixed views are made (generation) and where they are replayed
+    (:class:`distill.views.StoredViews`), so both render the same mixed image.
+
+    Args:
+        split: the training split the store was made from.
+        partner: int ``(B,)`` each view's partner image (a position in ``split``).
+        rows: float32 ``(B, 6)`` the partner's crop ``[top, left, h, w, flip]`` and ``lam``.
+        device: where the returned tensors go.
+    """
     partner = np.asarray(partner, dtype=np.int64)
     rows = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32))
     order = np.argsort(partner, kind="stable")  # sorted reads are kinder to a memory-mapped split
@@ -438,21 +422,104 @@ def _stored_mix(split: Any, partner: np.ndarray, rows: np.ndarray, device: Any =
                params=rows[:, :PARAM_DIM].to(device), lam=rows[:, PARAM_DIM].to(device))
 
 
+@dataclass(frozen=True)
+class _Procs:
+    """This process's part in a generation: its rank among ``world``, device, autocast and barrier."""
+
+    rank: int
+    world: int
+    device: torch.device
+    autocast: Callable[[], Any]
+    wait: Callable[[], None]
+    show_progress: bool
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def of(cls, accelerator: Any, teacher: nn.Module) -> _Procs:
+        if accelerator is None:  # one process, on the teacher's device, full precision
+            device = next(iter(teacher.parameters()), torch.empty(0)).device
+            return cls(0, 1, device, contextlib.nullcontext, lambda: None, True)
+        return cls(accelerator.process_index, accelerator.num_processes, accelerator.device, accelerator.autocast,
+                   accelerator.wait_for_everyone, accelerator.is_local_main_process)
+
+
+def _check_args(*, views: int, topk: int | None, dtype: str, batch_size: int, num_images: int) -> None:
+    if views < 1 or batch_size < 1:
+        raise ValueError(f"views ({views}) and batch_size ({batch_size}) must be >= 1")
+    if dtype not in ("float16", "float32"):
+        raise ValueError(f"soft-label dtype {dtype!r} is not supported; use 'float16' or 'float32'")
+    if topk is not None and topk < 1:
+        raise ValueError(f"soft_labels.topk={topk} must be >= 1 (or null to store all logits)")
+    if num_images == 0:
+        raise ValueError("the training split is empty: nothing to store")
+
+
+def _open_staging(out: Path, accelerator: Any, procs: _Procs) -> Path:
+    """The staging folder every process writes its shard into; the main process clears leftovers and creates it."""
+    token = _staging_token(accelerator)
+    if procs.is_main:
+        make_staging_dir(out, token)  # also removes what killed generations left (one generation at a time)
+    procs.wait()
+    return staging_dir(out, token)
+
+
+def _write_shard(teacher: nn.Module, split: Split, augmenter: Any, staging: Path, procs: _Procs, *, views: int,
+                 topk: int | None, dtype: str, batch_size: int, seed: int, mixup: float) -> None:
+    """This process's shard: the view parameters and teacher logits of its images, and ``shard-<r>.json``."""
+    n = len(split)
+    lo, hi = procs.rank * n // procs.world, (procs.rank + 1) * n // procs.world
+    writer = _ShardWriter(staging, procs.rank, start=lo, stop=hi, views=views, augmenter=augmenter, seed=seed,
+                          mixup=mixup, num_images=n)
+
+    def open_logits(num_classes: int) -> None:
+        writer.open_logits(num_classes=num_classes, topk=topk, dtype=dtype)
+
+    desc = f"soft labels {procs.rank + 1}/{procs.world}" if procs.world > 1 else "soft labels"
+    with torch.inference_mode():
+        with progress(total=(hi - lo) * views, desc=desc, unit="view", enabled=procs.show_progress, leave=False) as bar:
+            _run_teacher(teacher, split, augmenter, writer, start=lo, batch_size=batch_size, device=procs.device,
+                         autocast=procs.autocast, open_logits=open_logits, bar=bar)
+        if writer.num_classes is None:  # an empty shard (N < processes): C from one forward pass of image 0
+            probe = augmenter(torch.from_numpy(np.array(split.images[:1])).to(procs.device),
+                              augmenter.eval_params(1).to(procs.device))
+            with procs.autocast():
+                open_logits(int(teacher(probe).shape[1]))
+    record = {"index": procs.rank, "start": lo, "stop": hi, "num_classes": writer.num_classes, "files": writer.close()}
+    atomic_write_text(staging / f"{_shard_name(procs.rank)}.json", json.dumps(record))
+
+
+def _gather_meta(staging: Path, world: int, fields: dict[str, Any]) -> StoreMeta:
+    """Main process: the shards' records and ``fields`` into ``meta.json``, written last (a staging folder
+    without it is never a store)."""
+    records = [json.loads((staging / f"{_shard_name(r)}.json").read_text()) for r in range(world)]
+    num_classes = records[0]["num_classes"]
+    meta = StoreMeta(**fields, num_classes=num_classes,
+                     index_dtype=_index_dtype(num_classes) if fields["topk"] is not None else None,
+                     shards=tuple({k: r[k] for k in ("index", "start", "stop", "files")} for r in records))
+    for r in range(world):
+        (staging / f"{_shard_name(r)}.json").unlink()
+    atomic_write_text(staging / "meta.json", json.dumps(meta.to_dict(), indent=2, sort_keys=True) + "\n")
+    return meta
+
+
 def generate_store(
     teacher: nn.Module,
-    split: Any,
+    split: Split,
     augmenter: Any,
     *,
     out_dir: str | Path,
     views: int,
-    topk: Optional[int] = None,
+    topk: int | None = None,
     dtype: str = "float16",
     batch_size: int = 256,
     seed: int = 0,
     teacher_sha256: str,
     data_fingerprint: str,
     accelerator: Any = None,
-    extra_meta: Optional[dict[str, Any]] = None,
+    extra_meta: dict[str, Any] | None = None,
     mixup: float = 0.0,
 ) -> StoreMeta:
     """Run the frozen teacher over ``views`` augmented views of every image and write the store atomically.
@@ -478,85 +545,33 @@ def generate_store(
         The :class:`StoreMeta` written (on every process).
 
     Raises:
-        ValueError: bad ``views`` / ``topk`` / ``dtype`` / ``batch_size``, or logits that overflow float16.
+        ValueError: bad ``views`` / ``topk`` / ``dtype`` / ``batch_size``, an empty split, or logits that
+            overflow float16.
     """
-    if views < 1 or batch_size < 1:
-        raise ValueError(f"views ({views}) and batch_size ({batch_size}) must be >= 1")
-    if dtype not in ("float16", "float32"):
-        raise ValueError(f"soft-label dtype {dtype!r} is not supported; use 'float16' or 'float32'")
-    if topk is not None and topk < 1:
-        raise ValueError(f"soft_labels.topk={topk} must be >= 1 (or null to store all logits)")
-    from distill.teachers import freeze
-
-    n = len(split)
-    if n == 0:
-        raise ValueError("the training split is empty: nothing to store")
-    rank = accelerator.process_index if accelerator is not None else 0
-    world = accelerator.num_processes if accelerator is not None else 1
-    is_main = rank == 0
-    if accelerator is not None:
-        device, autocast = accelerator.device, accelerator.autocast
-    else:
-        device = next(iter(teacher.parameters()), torch.empty(0)).device
-        autocast = contextlib.nullcontext
-    teacher = _compiled(freeze(teacher).to(device), accelerator)
-    wait = accelerator.wait_for_everyone if accelerator is not None else (lambda: None)
-
+    _check_args(views=views, topk=topk, dtype=dtype, batch_size=batch_size, num_images=len(split))
+    procs = _Procs.of(accelerator, teacher)
+    teacher = _compiled(freeze(teacher).to(procs.device), accelerator)
     out = Path(out_dir)
-    staging = out.with_name(f".{out.name}.tmp-{_staging_token(accelerator)}")
-    if is_main:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        _recover(out)
-        shutil.rmtree(_old_path(out), ignore_errors=True)
-        for stale in out.parent.glob(f".{out.name}.tmp-*"):  # left by killed runs (one generation at a time)
-            shutil.rmtree(stale, ignore_errors=True)
-        staging.mkdir()
-    wait()
-
+    staging = _open_staging(out, accelerator, procs)
+    meta: StoreMeta | None = None
     try:
-        lo, hi = rank * n // world, (rank + 1) * n // world
-        writer = _ShardWriter(staging, rank, start=lo, stop=hi, views=views, augmenter=augmenter, seed=seed,
-                              mixup=mixup, num_images=n)
-
-        def open_logits(num_classes: int) -> None:
-            writer.open_logits(num_classes=num_classes, topk=topk, dtype=dtype)
-
-        with torch.inference_mode():
-            with _progress((hi - lo) * views, f"soft labels {rank + 1}/{world}" if world > 1 else "soft labels",
-                           accelerator is None or accelerator.is_local_main_process) as bar:
-                _run_teacher(teacher, split, augmenter, writer, start=lo, batch_size=batch_size, device=device,
-                             autocast=autocast, open_logits=open_logits, bar=bar)
-            if writer.num_classes is None:  # an empty shard (N < processes): C from one forward pass of image 0
-                probe = augmenter(torch.from_numpy(np.array(split.images[:1])).to(device),
-                                  augmenter.eval_params(1).to(device))
-                with autocast():
-                    open_logits(int(teacher(probe).shape[1]))
-        record = {"index": rank, "start": lo, "stop": hi, "num_classes": writer.num_classes, "files": writer.close()}
-        atomic_write_text(staging / f"{_shard_name(rank)}.json", json.dumps(record))
-        wait()
-
-        meta: Optional[StoreMeta] = None
-        if is_main:
-            records = [json.loads((staging / f"{_shard_name(r)}.json").read_text()) for r in range(world)]
-            num_classes = records[0]["num_classes"]
-            meta = StoreMeta(
-                num_images=n, views=views, num_classes=num_classes, topk=topk, dtype=dtype,
-                index_dtype=_index_dtype(num_classes) if topk is not None else None,
-                image_size=int(split.images.shape[-1]), channels=int(split.images.shape[1]),
-                augment=json.loads(json.dumps(augmenter.describe())), seed=seed, teacher_sha256=teacher_sha256,
-                data_fingerprint=data_fingerprint, mixup=float(mixup),
-                shards=tuple({k: r[k] for k in ("index", "start", "stop", "files")} for r in records),
-                extra=json.loads(json.dumps(extra_meta or {}, default=str)), runtime=_runtime(accelerator))
-            for r in range(world):
-                (staging / f"{_shard_name(r)}.json").unlink()
-            # meta.json last: a staging folder without it is never a store.
-            atomic_write_text(staging / "meta.json", json.dumps(meta.to_dict(), indent=2, sort_keys=True) + "\n")
-            _swap_in(staging, out)
+        _write_shard(teacher, split, augmenter, staging, procs, views=views, topk=topk, dtype=dtype,
+                     batch_size=batch_size, seed=seed, mixup=mixup)
+        procs.wait()
+        if procs.is_main:
+            fields = {
+                "num_images": len(split), "views": views, "topk": topk, "dtype": dtype, "seed": seed, "mixup": float(mixup),
+                "image_size": int(split.images.shape[-1]), "channels": int(split.images.shape[1]),
+                "augment": json.loads(json.dumps(augmenter.describe())), "teacher_sha256": teacher_sha256,
+                "data_fingerprint": data_fingerprint, "extra": json.loads(json.dumps(extra_meta or {}, default=str)),
+                "runtime": _runtime(accelerator)}
+            meta = _gather_meta(staging, procs.world, fields)
+            swap_in_dir(staging, out)
     except BaseException:
-        if is_main:
+        if procs.is_main:
             shutil.rmtree(staging, ignore_errors=True)
         raise
-    wait()
+    procs.wait()
     if meta is None:  # other processes read what the main process wrote
         meta = StoreMeta.from_dict(json.loads((out / "meta.json").read_text()))
     return meta
@@ -581,7 +596,8 @@ def _diff(stored: Any, expected: Any, name: str) -> list[str]:
     return [] if stored == expected else [f"{name}: stored {stored!r}, expected {expected!r}"]
 
 
-def _as_index(values: Any) -> np.ndarray:
+def as_index(values: Any) -> np.ndarray:
+    """Image positions (or view ids) as a flat int64 array, from a tensor, an array, a list or a number."""
     if isinstance(values, Tensor):
         values = values.detach().cpu().numpy()
     return np.asarray(values, dtype=np.int64).reshape(-1)
@@ -597,7 +613,7 @@ class SoftLabelStore:
         self._starts = np.array([s["start"] for s in meta.shards], dtype=np.int64)
 
     @classmethod
-    def open(cls, path: str | Path, *, expect: Optional[dict[str, Any]] = None, verify_hashes: bool = True) -> "SoftLabelStore":
+    def open(cls, path: str | Path, *, expect: dict[str, Any] | None = None, verify_hashes: bool = True) -> SoftLabelStore:
         """Open a store, refusing anything that is not exactly what the caller expects.
 
         Args:
@@ -612,7 +628,7 @@ class SoftLabelStore:
                 the message names the store, the field or file, and how to regenerate it.
         """
         path = Path(path)
-        _recover(path)
+        recover_dir(path)
         meta_file = path / "meta.json"
         if not meta_file.is_file():
             raise SoftLabelStoreError(f"no soft-label store at {path.resolve()} (no meta.json); run the soft_labels stage "
@@ -683,7 +699,7 @@ class SoftLabelStore:
 
     def _locate(self, indices: Any, view_ids: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Shard of each request, its row in that shard, and the view; vectorised."""
-        idx, k = np.broadcast_arrays(_as_index(indices), _as_index(view_ids))
+        idx, k = np.broadcast_arrays(as_index(indices), as_index(view_ids))
         if idx.size and (idx.min() < 0 or idx.max() >= self.num_images):
             raise IndexError(f"image index out of range [0, {self.num_images}) in soft-label store {self.path}")
         if k.size and (k.min() < 0 or k.max() >= self.views):
@@ -753,78 +769,6 @@ def _open_array(folder: Path, rec: dict[str, Any], shape: tuple[int, ...], dtype
     if tuple(arr.shape) != tuple(shape) or arr.dtype != np.dtype(dtype) or list(arr.shape) != list(rec["shape"]):
         raise fail(f"has shape {tuple(arr.shape)} {arr.dtype}, expected {tuple(shape)} {dtype}")
     return arr
-
-
-# --------------------------------------------------------------------------------------------------
-# Replay in training
-# --------------------------------------------------------------------------------------------------
-
-_MASK64 = (1 << 64) - 1
-
-
-def _splitmix64(x: np.ndarray) -> np.ndarray:
-    """A counter-based 64-bit mix (Steele et al. 2014): stateless per-sample randomness, vectorised."""
-    with np.errstate(over="ignore"):
-        z = x.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return z ^ (z >> np.uint64(31))
-
-
-class StoredViews:
-    """A view source for :class:`distill.engine.SupervisedTask` that replays the store: no teacher in the loop.
-
-    Each epoch, image ``i`` replays view ``(a_i * (epoch mod K) + b_i) mod K``, where ``b_i`` is uniform in
-    ``[0, K)`` and ``a_i`` is a unit modulo K, both drawn statelessly from ``(seed, epoch // K, i)``. So in any
-    epoch each image's view is uniform over its K views, and every block of K consecutive epochs
-    (``0..K-1``, ``K..2K-1``, ...) shows each image every one of its K views exactly once, in a fresh order
-    per block. Stateless: resume and multi-process training see the same views.
-
-    A store made with mixup also gives each view's partner: its image and label (from ``split``, by position),
-    its crop and the mixing weight, so the student renders exactly the mixed image the teacher saw.
-
-    Args:
-        store: an opened :class:`SoftLabelStore`.
-        seed: the run's seed.
-        split: the training :class:`distill.data.Split` the store was made from (needed for mixed views).
-    """
-
-    def __init__(self, store: SoftLabelStore, *, seed: int = 0, split: Any = None) -> None:
-        if store.meta.mixup > 0 and split is None:
-            raise ValueError("this soft-label store has mixed views: StoredViews needs the training split "
-                             "for the partners")
-        self.store = store
-        self.seed = int(seed)
-        self.split = split
-        k = store.views
-        self._units = np.array([a for a in range(1, k + 1) if math.gcd(a, k) == 1], dtype=np.uint64)
-
-    def view_ids(self, indices: Any, epoch: int) -> np.ndarray:
-        """The view each image in ``indices`` replays in ``epoch`` (int64 ``(B,)``)."""
-        k = self.store.views
-        cycle, pos = divmod(int(epoch), k)
-        base = int(_splitmix64(np.array([(self.seed * 0x2545F4914F6CDD1D + cycle) & _MASK64], dtype=np.uint64))[0])
-        h = _splitmix64(_as_index(indices).astype(np.uint64) ^ np.uint64(base))
-        b = h % np.uint64(k)
-        a = self._units[(h >> np.uint64(32)) % np.uint64(len(self._units))]
-        return ((a * np.uint64(pos) + b) % np.uint64(k)).astype(np.int64)
-
-    def __call__(self, batch: dict[str, Tensor], ctx: Any) -> Any:
-        """:class:`distill.engine.Views` for the batch: ``params (B, 5)``, ``teacher_logits (B, C)`` float32 and,
-        for a mixed store, the :class:`~distill.data.Mix`; on the batch's device."""
-        from distill.engine import Views
-
-        index = batch["index"]
-        device = batch["image"].device
-        idx = _as_index(index)
-        views = self.view_ids(idx, ctx.epoch)
-        params = self.store.params(idx, views)
-        logits = self.store.logits(idx, views)
-        mix = None
-        if self.store.meta.mixup > 0:
-            partner, rows = self.store.mix(idx, views)
-            mix = _stored_mix(self.split, partner, rows, device)
-        return Views(params.to(device, non_blocking=True), logits.to(device, non_blocking=True), mix)
 
 
 # --------------------------------------------------------------------------------------------------

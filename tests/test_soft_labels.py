@@ -13,12 +13,18 @@ import numpy as np
 import pytest
 import torch
 
-from distill.checkpoint import file_sha256
-from distill.data import AugmentSpec, Augmenter, Split
-from distill.engine import StepContext
-from distill.soft_labels import (SoftLabelStore, SoftLabelStoreError, StoredViews, describe_store, generate_store,
-                                 mix_params, view_params)
+from distill.data import Augmenter, AugmentSpec, Split
+from distill.io import file_sha256
+from distill.soft_labels import (
+    SoftLabelStore,
+    SoftLabelStoreError,
+    describe_store,
+    generate_store,
+    mix_params,
+    view_params,
+)
 from distill.teachers import build_teacher
+from distill.views import StepContext, StoredViews
 
 N, K = 40, 3
 SPEC = AugmentSpec(hflip=True)  # flips too, so replay covers every parameter
@@ -362,6 +368,7 @@ def test_stored_views_replay_every_view_over_k_epochs(store_path):
     index = torch.tensor([3, 17, 3, 39])
     batch = {"image": torch.zeros(4, 1, 16, 16, dtype=torch.uint8), "index": index, "label": torch.zeros(4)}
     params, logits, mix = views(batch, StepContext(seed=0, epoch=4, step=11))
+    assert mix is None  # a plain store: no mixup partners
     k = views.view_ids(index.numpy(), 4)
     assert params.shape == (4, 5) and logits.shape == (4, 4) and logits.dtype == torch.float32
     assert torch.equal(params, store.params(index, k)) and torch.equal(logits, store.logits(index, k))
@@ -426,3 +433,11 @@ def test_stored_views_of_a_mixed_store_need_the_split(tmp_path, split, aug):
     generate(make_teacher(), split, aug, tmp_path / "mixed", mixup=1.0)
     with pytest.raises(ValueError, match="needs the training split"):
         StoredViews(SoftLabelStore.open(tmp_path / "mixed"), seed=0)
+
+
+def test_the_store_imports_neither_the_views_nor_the_engine():
+    """Layering: engine -> views -> store; the store stands alone (no cycle, and its DVC deps stay small)."""
+    code = ("import sys, distill.soft_labels; "
+            "print(sorted(m for m in sys.modules if m in ('distill.views', 'distill.engine')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
