@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import io
 import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,7 +28,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from torch import Tensor
 
-from distill.checkpoint import atomic_write_bytes
+from distill.io import atomic_write_bytes
 from distill.report import format_count
 
 __all__ = ["plot_training_curves", "plot_confusion_matrix", "plot_accuracy_vs_throughput", "plot_head_agreement",
