@@ -1,42 +1,50 @@
 """The one training engine, on accelerate, used for the teacher, the baseline and the student.
 
 What differs between those runs lives in a small *task* object (timm's ``timm/task`` idea): the
-task turns a batch into ``{"loss", "logits", ...}``. :func:`fit` is the standard accelerate loop
-(``prepare`` / ``accumulate`` / ``backward`` / ``clip_grad_norm_`` / ``gather_for_metrics`` /
-``save_state``) with no branch on what is being trained.
+task turns a batch into ``{"loss", "logits", ...}``, and its view source (:mod:`distill.views`) says
+what the model sees and what the teacher said about it. :func:`fit` reads like DeiT's ``main.py``
+loop: set up (optimizer, ``prepare``, schedule), :func:`resume_state`, then per epoch
+:func:`train_one_epoch` (the standard accelerate loop: ``accumulate`` / ``backward`` /
+``clip_grad_norm_``), :func:`evaluate`, record, :func:`save_state`. No branch on what is trained.
+
+Step budget: an epoch has ``ceil(batches / grad_accum)`` optimizer steps (accelerate also steps at the
+end of the loader), see :func:`steps_per_epoch`. A run lasts ``total_steps`` optimizer steps (default
+``epochs * steps_per_epoch``), so its last epoch may be partial; the warm-up lasts ``warmup_steps``.
 
 Determinism and resume: every random draw is a function of ``(seed, epoch, step, process)``.
 Shuffling uses :class:`EpochSampler` (a permutation seeded by ``seed + epoch``), augmentation
-parameters come from a generator seeded per step (:meth:`StepContext.generator`), and the global
-RNGs (dropout, DropPath) are re-seeded at every epoch start. A run resumed from the state saved at
-the end of epoch ``k`` therefore replays epochs ``k+1 ...`` exactly as an uninterrupted run would.
-Across processes this also needs the model's *initialisation* seeded (``build_model(..., seed=)``)
-and the same number of CPU threads (``OMP_NUM_THREADS``): reductions split over a different number
-of threads round differently.
+parameters come from a generator seeded per step (:meth:`~distill.views.StepContext.generator`), and
+the global RNGs (dropout, DropPath) are re-seeded at every epoch start. A run resumed from the state
+saved at the end of epoch ``k`` therefore replays epochs ``k+1 ...`` exactly as an uninterrupted run
+would. Across processes this also needs the model's *initialisation* seeded
+(``build_model(..., seed=)``) and the same number of CPU threads (``OMP_NUM_THREADS``): reductions
+split over a different number of threads round differently.
 
 Crash safety (docs/reliability.md): the state of every finished epoch is written by
-``accelerator.save_state`` into a temporary folder that is renamed into place, so a kill leaves the
-previous epoch's state or the new one, never half of one. Everything in it is read back without
-unpickling code: weights from safetensors, optimizer and RNG states with ``torch.load(weights_only=True)``,
-the scheduler and the history from JSON. A state folder that is there but unreadable is an error
-that names it, never a silent restart.
+``accelerator.save_state`` into a staging folder that is ``fsync``-ed and renamed into place
+(:func:`distill.io.swap_in_dir`), so a kill or a power cut leaves the previous epoch's state or the new
+one, never half of one. Everything in it is read back without unpickling code: weights from
+safetensors, optimizer and RNG states with ``torch.load(weights_only=True)``, the scheduler and the
+history from JSON. A state folder that is there but unreadable is an error that names it, never a
+silent restart; one recorded under another ``state_key`` (other params, inputs or code) is ignored.
 
-Testing hook: ``DISTILL_FAULT=[<stage>:]<action>@<step>`` injects a fault when ``<step>`` optimizer
-steps are done (see :func:`_fault`); it exists for ``tests/test_reliability*.py``.
+Faults for tests come in through callbacks (:class:`Callback`): one may raise, kill the process,
+block, or write NaN into the weights after any optimizer step. Progress: one bar per :func:`fit`
+(optimizer steps); each epoch's record goes to the ``distill.engine`` logger and to ``on_epoch_end``.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
-import signal
-import sys
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, NamedTuple, Optional, Protocol, Sequence
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -44,27 +52,35 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from distill.checkpoint import CheckpointError
 from distill.config import TrainParams
-from distill.data import Mix, in_batch_mix
+from distill.io import atomic_write_text, make_staging_dir, progress, staging_dir, swap_in_dir
 from distill.losses import DistillationLoss
+from distill.views import StepContext, ViewSource, render
 
 __all__ = [
-    "StepContext",
-    "Task",
-    "SupervisedTask",
-    "Views",
-    "RandomViews",
-    "OnlineTeacher",
+    "Callback",
     "EpochSampler",
-    "NonFiniteLossError",
     "FitResult",
-    "discard_state",
-    "make_accelerator",
+    "NonFiniteLossError",
+    "ResumePoint",
+    "StepInfo",
+    "SupervisedTask",
+    "Task",
     "build_optimizer",
-    "warmup_cosine",
-    "fit",
-    "predict",
+    "discard_state",
     "evaluate",
+    "fit",
+    "loader_length",
+    "make_accelerator",
+    "predict",
+    "resume_state",
+    "save_state",
+    "steps_per_epoch",
+    "train_one_epoch",
+    "warmup_cosine",
 ]
+
+logger = logging.getLogger(__name__)
+STATE_META = "distill_state.json"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -72,102 +88,37 @@ class NonFiniteLossError(RuntimeError):
 
 
 @dataclass(frozen=True)
-class StepContext:
-    """Where a training step is: used to derive its random draws statelessly."""
+class StepInfo:
+    """What a :class:`Callback` sees after each optimizer step.
 
-    seed: int
+    Attributes:
+        epoch: the epoch, from 0 (as :class:`~distill.views.StepContext`).
+        step: the batch within the epoch that completed the step, from 0.
+        global_step: optimizer steps done in the whole run, this one included (restored ones too).
+        loss: that batch's loss.
+        lr: the learning rate this step used.
+        model: the model being trained, as ``accelerate.prepare`` wrapped it.
+    """
+
     epoch: int
     step: int
-    process_index: int = 0
-
-    def generator(self, stream: int = 0) -> torch.Generator:
-        """A CPU generator that depends only on (seed, epoch, step, process, stream)."""
-        g = torch.Generator()
-        g.manual_seed(hash((self.seed, self.epoch, self.step, self.process_index, stream)) & 0x7FFF_FFFF_FFFF)
-        return g
+    global_step: int
+    loss: float
+    lr: float
+    model: nn.Module
 
 
-class Views(NamedTuple):
-    """What a view source gives for a batch: each sample's crop, the teacher's logits for the exact input
-    the model will see (None without a teacher), and the mixup partners (None without mixup)."""
+class Callback(Protocol):
+    """Hooks into :func:`fit`'s loop, on every process. Tests inject faults through them: raise (an
+    interrupt), kill the process, block, or write NaN into ``info.model`` (the next loss is then NaN)."""
 
-    params: Tensor
-    teacher_logits: Optional[Tensor] = None
-    mix: Optional[Mix] = None
-
-
-class ViewSource(Protocol):
-    def __call__(self, batch: dict[str, Tensor], ctx: StepContext) -> Views:
-        """Return the batch's views: crop params ``(B, 5)``, teacher logits ``(B, C)`` or None, mix or None."""
-
-
-def _render(augmenter: Any, images: Tensor, params: Tensor, mix: Optional[Mix]) -> Tensor:
-    """The model's input; an augmenter without mixup support is called as ``augmenter(images, params)``."""
-    params = params.to(images.device)
-    return augmenter(images, params) if mix is None else augmenter(images, params, mix)
-
-
-def _random_views(augmenter: Any, batch: dict[str, Tensor], ctx: StepContext,
-                  mixup: float) -> tuple[Tensor, Optional[Mix]]:
-    images = batch["image"]
-    params = augmenter.sample(images.shape[0], ctx.generator())
-    mix = in_batch_mix(images, batch["label"], params, mixup, ctx.generator(1)) if mixup > 0 else None
-    return params, mix
-
-
-class RandomViews:
-    """Fresh random augmentation parameters per step; no teacher.
-
-    Args:
-        augmenter: the :class:`distill.data.Augmenter`.
-        mixup: Beta(mixup, mixup) mixup of every sample with the batch in reverse order; 0 turns it off.
-    """
-
-    def __init__(self, augmenter: Any, *, mixup: float = 0.0) -> None:
-        self.augmenter = augmenter
-        self.mixup = float(mixup)
-
-    def __call__(self, batch: dict[str, Tensor], ctx: StepContext) -> Views:
-        params, mix = _random_views(self.augmenter, batch, ctx, self.mixup)
-        return Views(params, None, mix)
-
-
-class OnlineTeacher:
-    """DeiT's way: the frozen teacher runs on the student's own augmented (and mixed) batch at every step.
-
-    The teacher is not a submodule of anything ``accelerate.prepare`` wraps: DDP never syncs it and
-    ``student.train()`` cannot flip its BatchNorm layers back to training mode.
-    """
-
-    def __init__(self, teacher: nn.Module, augmenter: Any, *, autocast: Callable[[], Any] | None = None,
-                 mixup: float = 0.0) -> None:
-        from distill.teachers import freeze
-
-        self.teacher = freeze(teacher)
-        self.augmenter = augmenter
-        self.autocast = autocast
-        self.mixup = float(mixup)
-
-    def __call__(self, batch: dict[str, Tensor], ctx: StepContext) -> Views:
-        images = batch["image"]
-        params, mix = _random_views(self.augmenter, batch, ctx, self.mixup)
-        device = next(self.teacher.parameters()).device
-        if device != images.device:
-            self.teacher.to(images.device)
-        with torch.no_grad(), (self.autocast() if self.autocast else _nullcontext()):
-            logits = self.teacher(_render(self.augmenter, images, params, mix)).float()
-        return Views(params, logits, mix)
-
-
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
+    def on_step_end(self, info: StepInfo) -> None:
+        """Called after each optimizer step; an exception stops training (the last saved state is kept)."""
 
 
 class Task(Protocol):
+    """Turns a batch into ``{"loss", "logits", ...}``; what differs between teacher, baseline and student."""
+
     model: nn.Module
     augmenter: Any
 
@@ -179,13 +130,14 @@ class SupervisedTask:
 
     The teacher, the baseline and the student differ only in the arguments: the criterion (mode
     ``none`` / ``soft`` / ``hard``) and where views and teacher logits come from
-    (:class:`RandomViews`, :class:`OnlineTeacher`, or the soft-label store's replay).
+    (:class:`~distill.views.RandomViews`, :class:`~distill.views.OnlineTeacher`, or
+    :class:`~distill.views.StoredViews`, the soft-label store's replay).
 
     Args:
         model: the trainable model.
         augmenter: a :class:`distill.data.Augmenter` (replayable crops + normalisation).
         criterion: a :class:`~distill.losses.DistillationLoss`.
-        views: a view source returning ``(params, teacher_logits or None)``.
+        views: a :class:`~distill.views.ViewSource`.
     """
 
     def __init__(self, *, model: nn.Module, augmenter: Any, criterion: DistillationLoss, views: ViewSource) -> None:
@@ -197,7 +149,7 @@ class SupervisedTask:
     def training_step(self, batch: dict[str, Tensor], ctx: StepContext) -> dict[str, Tensor]:
         params, teacher_logits, mix = self.views(batch, ctx)
         images = batch["image"]
-        x = _render(self.augmenter, images, params, mix)
+        x = render(self.augmenter, images, params, mix)
         out = self.model(x)
         if teacher_logits is not None:
             teacher_logits = teacher_logits.to(x.device)
@@ -226,7 +178,7 @@ class EpochSampler(Sampler[int]):
         return self.n
 
 
-def make_accelerator(*, grad_accum: int = 1, cpu: Optional[bool] = None) -> Any:
+def make_accelerator(*, grad_accum: int = 1, cpu: bool | None = None) -> Any:
     """Create the :class:`accelerate.Accelerator`.
 
     Precision, device and process count come from ``accelerate launch`` / ``accelerate config`` /
@@ -270,28 +222,115 @@ def warmup_cosine(step: int, *, warmup_steps: int, total_steps: int, min_ratio: 
 
 @dataclass
 class FitResult:
+    """What :func:`fit` returns.
+
+    Attributes:
+        model: the trained model, unwrapped from accelerate's wrappers.
+        history: one record per epoch (restored ones included after a resume).
+        resumed_from_epoch: the epochs restored from a saved state (None: started afresh).
+        steps: optimizer steps done, in total.
+        total_steps: the step budget; ``steps`` equals it when the run finished.
+        warmup_steps: the warm-up's length in optimizer steps.
+        steps_per_epoch: optimizer steps in a full epoch.
+        epochs: epochs run (the last one may be partial).
+    """
+
     model: nn.Module
     history: list[dict[str, float]] = field(default_factory=list)
-    resumed_from_epoch: Optional[int] = None
+    resumed_from_epoch: int | None = None
+    steps: int = 0
+    total_steps: int = 0
+    warmup_steps: int = 0
+    steps_per_epoch: int = 0
+    epochs: int = 0
 
 
-STATE_META = "distill_state.json"
+def _drop_last(num_samples: int, batch_size: int) -> bool:
+    """The project's rule: drop a ragged last batch, unless the whole set fits in one batch."""
+    return num_samples > batch_size
 
 
-def _latest_state(state_dir: Path) -> tuple[Optional[Path], Optional[dict]]:
+def loader_length(num_samples: int, batch_size: int, *, processes: int = 1) -> int:
+    """Batches per process per epoch of :func:`fit`'s training loader, as ``accelerate.prepare`` shards it.
+
+    One process: ``num_samples // batch_size`` (the ragged last batch is dropped when ``num_samples >
+    batch_size``), else one batch. Several: accelerate deals whole batches round-robin; with ``drop_last``
+    the incomplete last round is dropped (``floor(batches / processes)``), without it (a single batch) every
+    process gets a batch (``even_batches``: ``ceil(batches / processes)``).
+    """
+    if _drop_last(num_samples, batch_size):
+        return num_samples // batch_size // processes
+    return math.ceil(math.ceil(num_samples / batch_size) / processes)
+
+
+def steps_per_epoch(num_samples: int, batch_size: int, *, processes: int = 1, grad_accum: int = 1) -> int:
+    """Optimizer steps per epoch: ``ceil(loader_length / grad_accum)``.
+
+    accelerate's ``accumulate`` steps every ``grad_accum`` batches and also at the end of the loader
+    (``sync_with_dataloader``), so a ragged group of batches still makes a step.
+    """
+    return math.ceil(loader_length(num_samples, batch_size, processes=processes) / grad_accum)
+
+
+@dataclass(frozen=True)
+class _Budget:
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+
+    @property
+    def epochs(self) -> int:
+        return math.ceil(self.total_steps / self.steps_per_epoch)
+
+
+def _budget(params: TrainParams, accelerator: Any, loader: DataLoader, num_samples: int, total_steps: int | None,
+            warmup_steps: int | None) -> _Budget:
+    """The run's step budget, checked against the prepared loader (a mismatch would mis-plan every caller)."""
+    grad_accum = accelerator.gradient_accumulation_steps
+    if grad_accum != params.grad_accum:
+        raise ValueError(f"the accelerator accumulates {grad_accum} batches per step but params.grad_accum is "
+                         f"{params.grad_accum}: make it with make_accelerator(grad_accum=params.grad_accum)")
+    planned = loader_length(num_samples, params.batch_size, processes=accelerator.num_processes)
+    if planned != len(loader):
+        raise RuntimeError(f"accelerate gives {len(loader)} batches per process, loader_length() planned {planned}: "
+                           "the sharding rule changed; fix loader_length")
+    if planned == 0:
+        raise ValueError(f"{num_samples} training images make no full batch of {params.batch_size} for each of "
+                         f"{accelerator.num_processes} processes: lower batch_size")
+    per_epoch = math.ceil(planned / grad_accum)
+    total = params.epochs * per_epoch if total_steps is None else int(total_steps)
+    warmup = params.warmup_epochs * per_epoch if warmup_steps is None else int(warmup_steps)
+    if total < 0 or warmup < 0:
+        raise ValueError(f"total_steps and warmup_steps must be >= 0, got {total} and {warmup}")
+    return _Budget(per_epoch, total, warmup)
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """What :func:`resume_state` restored: the folder, the last finished epoch (from 0), the optimizer steps
+    done and the history so far."""
+
+    folder: Path
+    epoch: int
+    global_step: int
+    history: list[dict[str, float]]
+
+
+def _latest_state(state_dir: Path) -> tuple[Path | None, dict | None]:
     """The newest complete ``epoch_*`` folder and its metadata, or ``(None, None)``.
 
-    A folder only gets its final name once fully written (see :func:`_save_state`), and is renamed
+    A folder only gets its final name once fully written (see :func:`save_state`), and is renamed
     away before it is deleted (:func:`discard_state`), so a damaged ``epoch_*`` folder is an error
-    naming it, not a silent restart. Leftovers of a kill (``.tmp_*`` / ``.trash_*``) are ignored, and
-    so is an ``epoch_*`` folder with no metadata at all: what a plain ``rm -r`` killed midway leaves.
+    naming it, not a silent restart. Leftovers of a kill (hidden ``.epoch_*`` staging folders, ``.trash_*``)
+    are ignored, and so is an ``epoch_*`` folder with no metadata at all: what a plain ``rm -r`` killed
+    midway leaves.
     """
-    best: tuple[int, Optional[Path], Optional[dict]] = (-1, None, None)
+    best: tuple[int, Path | None, dict | None] = (-1, None, None)
     if not state_dir.is_dir():
         return None, None
     for d in state_dir.glob("epoch_*"):
         if not (d / STATE_META).exists():
-            print(f"warning: ignoring incomplete resume state {d} (no {STATE_META})", file=sys.stderr)
+            logger.warning("ignoring incomplete resume state %s (no %s)", d, STATE_META)
             continue
         try:
             meta = json.loads((d / STATE_META).read_text())
@@ -321,78 +360,212 @@ def _bad_state(folder: Path, why: str) -> str:
             "restart this stage from scratch; the stage's outputs are untouched.")
 
 
-def _save_state(accelerator: Any, state_dir: Path, epoch: int, history: list[dict], scheduler: Any,
-                global_step: int) -> Path:
-    """Save full training state for ``epoch`` atomically: write to a temp dir, then rename.
+def save_state(accelerator: Any, state_dir: str | Path, *, epoch: int, history: list[dict[str, float]],
+               scheduler: Any, global_step: int, key: str | None = None) -> Path:
+    """Save the full training state at the end of ``epoch`` as ``epoch_<epoch>``, atomically and durably.
 
-    accelerate writes model (safetensors), optimizer and RNG states; the scheduler (a JSON-able
-    dict) and the history go into ``distill_state.json``, so nothing needs unpickling on resume.
+    accelerate writes model (safetensors), optimizer and RNG states into a staging folder; the scheduler (a
+    JSON-able dict), the history, the step count and ``key`` go into ``distill_state.json``, so nothing needs
+    unpickling on resume. The folder is then swapped in (:func:`distill.io.swap_in_dir`) and older states go.
+
+    Args:
+        accelerator: the accelerator of the run.
+        state_dir: the run's state folder.
+        epoch: the epoch just finished, from 0.
+        history: every epoch's record so far.
+        scheduler: the LR scheduler (its ``state_dict`` must be JSON-able).
+        global_step: optimizer steps done.
+        key: what the state belongs to (see :func:`resume_state`).
+
+    Returns:
+        The new ``epoch_*`` folder.
     """
+    state_dir = Path(state_dir)
     final = state_dir / f"epoch_{epoch:05d}"
-    tmp = state_dir / f".tmp_epoch_{epoch:05d}"
+    staging = staging_dir(final, "save")  # one name every process agrees on (one run per state folder)
     if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True, exist_ok=True)
+        make_staging_dir(final, "save")
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
+    accelerator.save_state(str(staging), safe_serialization=True)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        meta = {"epoch": epoch, "global_step": global_step, "history": history, "scheduler": scheduler.state_dict()}
-        (tmp / STATE_META).write_text(json.dumps(meta))
-        discard_state(final)
-        os.replace(tmp, final)
-        for old in state_dir.glob("epoch_*"):
-            if old != final:
-                discard_state(old)
+        meta = {"epoch": epoch, "global_step": global_step, "history": history, "scheduler": scheduler.state_dict(),
+                "key": key}
+        atomic_write_text(staging / STATE_META, json.dumps(meta))
+        swap_in_dir(staging, final)
+        _drop_other_states(state_dir, keep=final)
     accelerator.wait_for_everyone()
     return final
 
 
-def _load_state(accelerator: Any, folder: Path, meta: dict, scheduler: Any) -> None:
-    """Restore what :func:`_save_state` wrote; any failure names the folder and how to recover."""
+def _drop_other_states(state_dir: Path, *, keep: Path) -> None:
+    """After a save: older ``epoch_*`` states and hidden leftovers of killed saves are no longer needed."""
+    for old in state_dir.glob("epoch_*"):
+        if old != keep:
+            discard_state(old)
+    for leftover in state_dir.glob(".epoch_*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def resume_state(accelerator: Any, state_dir: str | Path, scheduler: Any, *, key: str | None = None,
+                 ) -> ResumePoint | None:
+    """Restore the newest complete ``epoch_*`` state in ``state_dir`` into the prepared objects.
+
+    Args:
+        accelerator: the accelerator the model and optimizer were prepared with.
+        state_dir: the run's state folder (may not exist).
+        scheduler: the LR scheduler, restored from the state's JSON.
+        key: what this run is (the caller fingerprints params, inputs, code, processes, precision). A state
+            recorded under another key is ignored with a warning, and the run starts afresh.
+
+    Returns:
+        What was restored, or None when there is nothing to resume from.
+
+    Raises:
+        CheckpointError: the state is there but damaged; the message names it and how to recover.
+    """
+    folder, meta = _latest_state(Path(state_dir))
+    if folder is None or meta is None:
+        return None
+    if meta.get("key") != key:
+        logger.warning("ignoring resume state %s: it belongs to another run (key %r, this run %r); starting afresh",
+                       folder, meta.get("key"), key)
+        return None
+    return _load_state(accelerator, folder, meta, scheduler)
+
+
+def _load_state(accelerator: Any, folder: Path, meta: dict, scheduler: Any) -> ResumePoint:
+    """Restore what :func:`save_state` wrote; any failure names the folder and how to recover."""
     try:
         accelerator.load_state(str(folder))  # accelerate loads with weights_only=True
         scheduler.load_state_dict(meta["scheduler"])
+        return ResumePoint(folder, int(meta["epoch"]), int(meta["global_step"]), list(meta["history"]))
     except Exception as err:  # noqa: BLE001 - any reader failure means a damaged state folder
         raise CheckpointError(_bad_state(folder, f"{type(err).__name__}: {err}")) from None
 
 
-_FAULTS_FIRED: set[str] = set()
+def _begin_epoch(loader: DataLoader, seed: int, epoch: int) -> None:
+    """Seed everything an epoch draws from by ``(seed, epoch)`` alone (also after a resume)."""
+    from accelerate.utils import set_seed
+
+    set_seed(seed * 1009 + epoch, device_specific=True)
+    # accelerate's DataLoaderShard keeps its own epoch counter and forwards it to the sampler on
+    # iteration; set it explicitly so the order depends on the epoch alone.
+    if hasattr(loader, "set_epoch"):
+        loader.set_epoch(epoch)
+    else:
+        loader.sampler.set_epoch(epoch)
 
 
-def _fault(desc: str, global_step: int) -> bool:
-    """Testing hook: ``DISTILL_FAULT=[<stage>:]<action>@<step>`` fires once ``<step>`` optimizer steps are done.
+class _EpochMeter:
+    """Loss sums, batches and images of one epoch on this process; :meth:`summary` reduces over processes."""
 
-    Actions: ``kill`` (SIGKILL this very process: a real crash), ``raise`` (a ``RuntimeError``),
-    ``nan`` (the next loss is NaN), ``wait`` (touch ``$DISTILL_FAULT_FILE.waiting``, then block until
-    ``$DISTILL_FAULT_FILE`` exists). Each fires at most once per process, so a Prefect retry in the same
-    process runs on. With ``<stage>:`` only that stage's training (``fit``'s ``desc``) is affected.
+    def __init__(self) -> None:
+        self.sums = {"loss": 0.0, "base": 0.0, "distill": 0.0}
+        self.batches = 0
+        self.images = 0
+        self.t0 = time.perf_counter()
+
+    def add(self, out: dict[str, Tensor], batch: dict[str, Tensor]) -> float:
+        """Count one batch; returns its loss."""
+        self.images += batch["image"].shape[0]
+        self.batches += 1
+        for k in self.sums:
+            if k in out:
+                self.sums[k] += float(out[k].detach())
+        return float(out["loss"].detach())
+
+    def summary(self, accelerator: Any, scheduler: Any) -> dict[str, float]:
+        elapsed = time.perf_counter() - self.t0
+        # Means over every process's batches (what one process would log), not the main process's alone.
+        totals = torch.tensor([self.sums["loss"], self.sums["base"], self.sums["distill"], self.batches, self.images],
+                              device=accelerator.device)
+        loss_sum, base_sum, distill_sum, n_all, seen_all = accelerator.reduce(totals, reduction="sum").tolist()
+        return {
+            "train_loss": loss_sum / max(n_all, 1),
+            "train_base_loss": base_sum / max(n_all, 1),
+            "train_distill_loss": distill_sum / max(n_all, 1),
+            "lr": scheduler.get_last_lr()[0],
+            "train_images_per_sec": seen_all / max(elapsed, 1e-9),
+            "epoch_time_s": elapsed,
+        }
+
+
+def _optimizer_step(accelerator: Any, model: nn.Module, optimizer: Any, scheduler: Any,
+                    grad_clip: float | None) -> float | None:
+    """Clip, step, schedule and zero the gradients; between accumulation boundaries accelerate's optimizer
+    wrapper skips its step and zeroing, and this skips clipping and the schedule.
 
     Returns:
-        True when the next loss must be replaced by NaN.
+        The learning rate the step used, or None when this batch only accumulated gradients.
     """
-    spec = os.environ.get("DISTILL_FAULT", "")
-    if not spec or spec in _FAULTS_FIRED:
-        return False
-    stage, _, rule = spec.rpartition(":")
-    action, _, step = rule.partition("@")
-    if (stage and stage != desc) or not step.isdigit() or global_step != int(step):
-        return False
-    _FAULTS_FIRED.add(spec)
-    print(f"[{desc}] DISTILL_FAULT: {action} after {global_step} steps", file=sys.stderr, flush=True)
-    if action == "kill":
-        os.kill(os.getpid(), signal.SIGKILL)
-    elif action == "raise":
-        raise RuntimeError(f"[{desc}] injected fault (DISTILL_FAULT={spec})")
-    elif action == "wait":
-        release = Path(os.environ["DISTILL_FAULT_FILE"])
-        Path(f"{release}.waiting").touch()
-        while not release.exists():
-            time.sleep(0.1)
-    return action == "nan"
+    synced = accelerator.sync_gradients
+    if synced and grad_clip:
+        accelerator.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    lr = None
+    if synced:
+        lr = scheduler.get_last_lr()[0]
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return lr
 
 
-def _non_finite_message(desc: str, loss: Tensor, epoch: int, step: int, state_path: Optional[Path]) -> str:
+def train_one_epoch(task: Task, loader: DataLoader, *, optimizer: Any, scheduler: Any, accelerator: Any, epoch: int,
+                    seed: int, global_step: int = 0, stop_at: int | None = None, grad_clip: float | None = None,
+                    callbacks: Sequence[Callback] = (), bar: Any = None, desc: str = "train",
+                    state_dir: Path | None = None) -> tuple[dict[str, float], int]:
+    """One pass over ``loader`` (DeiT's ``train_one_epoch``), stopping early once ``stop_at`` steps are done.
+
+    Args:
+        task: its ``model`` is the prepared model.
+        loader: the prepared training loader.
+        optimizer / scheduler: the prepared optimizer and its LR schedule (stepped once per optimizer step).
+        accelerator: the accelerator everything was prepared with.
+        epoch: the epoch, from 0.
+        seed: the run's seed.
+        global_step: optimizer steps done before this epoch.
+        stop_at: stop right after this many optimizer steps in total (None: the whole loader).
+        grad_clip: max gradient norm (None or 0: no clipping).
+        callbacks: their ``on_step_end`` runs after each optimizer step.
+        bar: a progress bar advanced per optimizer step.
+        desc / state_dir: name the run and its saved state in a :class:`NonFiniteLossError`.
+
+    Returns:
+        The epoch's training record (mean losses, lr, images per second, time) and the new ``global_step``.
+
+    Raises:
+        NonFiniteLossError: a NaN or infinite loss (names epoch, step and the last good state).
+    """
+    _begin_epoch(loader, seed, epoch)
+    model = task.model
+    model.train()
+    meter = _EpochMeter()
+    for i, batch in enumerate(loader):
+        ctx = StepContext(seed=seed, epoch=epoch, step=i, process_index=accelerator.process_index)
+        with accelerator.accumulate(model):
+            out = task.training_step(batch, ctx)
+            if not torch.isfinite(out["loss"].detach()).all():
+                raise NonFiniteLossError(_non_finite_message(desc, out["loss"], epoch, i, state_dir))
+            accelerator.backward(out["loss"])
+            lr = _optimizer_step(accelerator, model, optimizer, scheduler, grad_clip)
+        loss = meter.add(out, batch)
+        if lr is None:
+            continue
+        global_step += 1
+        if bar is not None:
+            bar.update(1)
+        info = StepInfo(epoch=epoch, step=i, global_step=global_step, loss=loss, lr=lr, model=model)
+        for callback in callbacks:
+            hook = getattr(callback, "on_step_end", None)
+            if hook is not None:
+                hook(info)
+        if stop_at is not None and global_step >= stop_at:
+            break
+    return meter.summary(accelerator, scheduler), global_step
+
+
+def _non_finite_message(desc: str, loss: Tensor, epoch: int, step: int, state_path: Path | None) -> str:
     """Why training stopped, where (1-based epoch and step), and what is kept."""
     msg = f"[{desc}] loss is {loss.item()} at epoch {epoch + 1}, step {step + 1}; training stopped. "
     if state_path is not None and epoch > 0:
@@ -404,153 +577,145 @@ def _non_finite_message(desc: str, loss: Tensor, epoch: int, step: int, state_pa
     return msg
 
 
-def _progress(iterable: Any, *, total: int, desc: str, enabled: bool) -> Any:
-    if not enabled or os.environ.get("DISTILL_PROGRESS", "1") == "0":
-        return iterable
-    from tqdm.auto import tqdm
+def _prepare(task: Task, train_set: Dataset, val_set: Dataset | None, params: TrainParams, accelerator: Any, *,
+             seed: int, num_workers: int) -> tuple[DataLoader, DataLoader | None, Any]:
+    """Loaders and optimizer, prepared with ``task.model`` (which becomes the prepared model)."""
+    sampler = EpochSampler(len(train_set), seed)
+    loader = DataLoader(train_set, batch_size=params.batch_size, sampler=sampler,
+                        drop_last=_drop_last(len(train_set), params.batch_size), num_workers=num_workers)
+    lr = params.lr * (accelerator.num_processes * params.grad_accum if params.scale_lr else 1)
+    optimizer = build_optimizer(task.model, lr=lr, weight_decay=params.weight_decay)
+    task.model, optimizer, loader = accelerator.prepare(task.model, optimizer, loader)
+    val_loader = None
+    if val_set is not None:
+        val_loader = accelerator.prepare(DataLoader(val_set, batch_size=max(params.batch_size, 256), shuffle=False,
+                                                    num_workers=num_workers))
+    return loader, val_loader, optimizer
 
-    return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True, mininterval=0.5, file=sys.stderr)
+
+def _scheduler(optimizer: Any, budget: _Budget, params: TrainParams) -> torch.optim.lr_scheduler.LambdaLR:
+    # Not passed to prepare(): accelerate would step it num_processes times per step. Nor registered
+    # for checkpointing: accelerate reloads registered objects with pickle (weights_only=False); its
+    # state is a small dict that save_state keeps as JSON instead.
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: warmup_cosine(s, warmup_steps=budget.warmup_steps, total_steps=budget.total_steps,
+                                           min_ratio=params.min_lr / params.lr))
+
+
+def _fmt(value: float) -> str:
+    return str(value) if isinstance(value, int) else f"{value:.4g}"
+
+
+def _report_epoch(record: dict[str, float], *, desc: str, epochs: int, bar: Any, accelerator: Any,
+                  on_epoch_end: Callable[[dict[str, float]], None] | None) -> None:
+    """An epoch's record to the bar's postfix, the ``distill.engine`` log and ``on_epoch_end`` (main process)."""
+    epoch = int(record["epoch"])
+    postfix = f"epoch={epoch}/{epochs} loss={record['train_loss']:.4f}"
+    if "val_acc" in record:
+        postfix += f" val_acc={record['val_acc']:.4f}"
+    bar.set_postfix_str(postfix)
+    if not accelerator.is_main_process:
+        return
+    logger.info("[%s] epoch %d/%d %s", desc, epoch, epochs,
+                " ".join(f"{k}={_fmt(v)}" for k, v in record.items() if k != "epoch"))
+    if on_epoch_end is not None:
+        on_epoch_end(record)
+
+
+def _restore(accelerator: Any, state_dir: Path | None, scheduler: Any, *, key: str | None, desc: str, epochs: int,
+             on_epoch_end: Callable[[dict[str, float]], None] | None) -> ResumePoint | None:
+    """:func:`resume_state`, then the restored epochs replayed to ``on_epoch_end``: a fresh tracking run gets
+    the whole curve, not only the epochs after the crash."""
+    resumed = None if state_dir is None else resume_state(accelerator, state_dir, scheduler, key=key)
+    if resumed is None:
+        return None
+    logger.info("[%s] resuming from %s (epochs 1..%d of %d done)", desc, resumed.folder, resumed.epoch + 1, epochs)
+    if accelerator.is_main_process and on_epoch_end is not None:
+        for record in resumed.history:
+            on_epoch_end(record)
+    return resumed
 
 
 def fit(
     task: Task,
     *,
     train_set: Dataset,
-    val_set: Optional[Dataset],
+    val_set: Dataset | None,
     params: TrainParams,
     seed: int,
     accelerator: Any = None,
     state_dir: str | Path | None = None,
-    on_epoch_end: Optional[Callable[[dict[str, float]], None]] = None,
+    on_epoch_end: Callable[[dict[str, float]], None] | None = None,
     desc: str = "train",
     num_workers: int = 0,
-    stop_after_steps: Optional[int] = None,
+    callbacks: Sequence[Callback] = (),
+    total_steps: int | None = None,
+    warmup_steps: int | None = None,
+    state_key: str | None = None,
 ) -> FitResult:
-    """Train ``task.model`` with the standard accelerate loop.
+    """Train ``task.model``: set up, resume, then per epoch train, evaluate, record and save the state.
 
     Args:
         task: turns a batch into ``{"loss", "logits", ...}``.
         train_set / val_set: datasets yielding ``{"image", "label", "index"}`` (uint8 images).
         params: the training recipe (epochs, batch size, lr, warm-up, clipping, accumulation ...).
         seed: global seed; all randomness derives from it.
-        accelerator: an :class:`accelerate.Accelerator`; one is made from the environment if None.
-        state_dir: where full training state is saved every epoch and resumed from. ``None``: no resume.
+        accelerator: an :class:`accelerate.Accelerator` accumulating ``params.grad_accum`` batches; one is
+            made from the environment if None.
+        state_dir: where the full training state is saved every epoch and resumed from. ``None``: no resume.
         on_epoch_end: called on the main process with each epoch's record (e.g. MLflow logging). After a
             resume it is first called with the records of the epochs restored from the state.
-        desc: progress-bar label.
+        desc: the run's name, in the progress bar, the log and error messages.
         num_workers: DataLoader workers.
-        stop_after_steps: testing hook: raise ``KeyboardInterrupt`` after this many optimizer steps.
+        callbacks: objects with ``on_step_end(StepInfo)``, called after every optimizer step (see :class:`Callback`).
+        total_steps: stop after exactly this many optimizer steps (default ``params.epochs * steps_per_epoch``);
+            ``ceil(total_steps / steps_per_epoch)`` epochs run and the last may be partial.
+        warmup_steps: the LR warm-up in optimizer steps (default ``params.warmup_epochs * steps_per_epoch``).
+        state_key: recorded in the saved state; a state with another key is not resumed (see :func:`resume_state`).
 
     Returns:
-        :class:`FitResult` with the unwrapped trained model and per-epoch history.
+        :class:`FitResult`: the unwrapped trained model, the per-epoch history and the step counts.
 
     Raises:
         NonFiniteLossError: NaN/inf loss (names epoch and step; the last good state is kept).
         CheckpointError: the resume state in ``state_dir`` is there but damaged (names it and how to recover).
+        ValueError: an accelerator that accumulates another number of batches than ``params.grad_accum``, a
+            training set too small for one batch per process, or a bad step budget.
     """
-    from accelerate.utils import set_seed
-
     accelerator = accelerator or make_accelerator(grad_accum=params.grad_accum)
-    sampler = EpochSampler(len(train_set), seed)
-    loader = DataLoader(train_set, batch_size=params.batch_size, sampler=sampler, drop_last=len(train_set) > params.batch_size,
-                        num_workers=num_workers)
-    lr = params.lr * (accelerator.num_processes * params.grad_accum if params.scale_lr else 1)
-    optimizer = build_optimizer(task.model, lr=lr, weight_decay=params.weight_decay)
-    model, optimizer, loader = accelerator.prepare(task.model, optimizer, loader)
-    task.model = model
-    val_loader = None
-    if val_set is not None:
-        val_loader = accelerator.prepare(DataLoader(val_set, batch_size=max(params.batch_size, 256), shuffle=False,
-                                                    num_workers=num_workers))
-
-    steps_per_epoch = max(1, len(loader) // params.grad_accum)
-    total_steps = steps_per_epoch * params.epochs
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: warmup_cosine(s, warmup_steps=params.warmup_epochs * steps_per_epoch, total_steps=total_steps,
-                                           min_ratio=params.min_lr / params.lr))
-    # Not passed to prepare(): accelerate would step it num_processes times per step. Nor registered
-    # for checkpointing: accelerate reloads registered objects with pickle (weights_only=False); its
-    # state is a small dict that _save_state keeps as JSON instead.
-
-    history: list[dict[str, float]] = []
-    start_epoch, resumed = 0, None
-    state_path = Path(state_dir) if state_dir is not None else None
-    if state_path is not None:
-        latest, meta = _latest_state(state_path)
-        if latest is not None and meta is not None:
-            _load_state(accelerator, latest, meta, scheduler)
-            history = meta["history"]
-            start_epoch = resumed = meta["epoch"] + 1
-            accelerator.print(f"[{desc}] resuming from {latest} (epochs 1..{start_epoch} of {params.epochs} done)")
-            if accelerator.is_main_process and on_epoch_end is not None:
-                for record in history:  # a fresh tracking run gets the whole curve, not only the epochs after the crash
-                    on_epoch_end(record)
-
-    global_step = start_epoch * steps_per_epoch
-    for epoch in range(start_epoch, params.epochs):
-        set_seed(seed * 1009 + epoch, device_specific=True)
-        # accelerate's DataLoaderShard keeps its own epoch counter and forwards it to the sampler on
-        # iteration; set it explicitly so the order depends on the epoch alone (also after a resume).
-        loader.set_epoch(epoch) if hasattr(loader, "set_epoch") else sampler.set_epoch(epoch)
-        model.train()
-        t0, seen, sums, n_batches = time.perf_counter(), 0, {"loss": 0.0, "base": 0.0, "distill": 0.0}, 0
-        bar = _progress(loader, total=len(loader), desc=f"{desc} {epoch + 1}/{params.epochs}", enabled=accelerator.is_local_main_process)
-        for i, batch in enumerate(bar):
-            ctx = StepContext(seed=seed, epoch=epoch, step=i, process_index=accelerator.process_index)
-            inject_nan = _fault(desc, global_step)
-            with accelerator.accumulate(model):
-                out = task.training_step(batch, ctx)
-                loss = out["loss"] * float("nan") if inject_nan else out["loss"]
-                if not torch.isfinite(loss.detach()).all():
-                    raise NonFiniteLossError(_non_finite_message(desc, loss, epoch, i, state_path))
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    if params.grad_clip:
-                        accelerator.clip_grad_norm_(model.parameters(), params.grad_clip)
-                optimizer.step()
-                if accelerator.sync_gradients:
-                    scheduler.step()
-                    global_step += 1
-                optimizer.zero_grad(set_to_none=True)
-            seen += batch["image"].shape[0]
-            n_batches += 1
-            for k in sums:
-                if k in out:
-                    sums[k] += float(out[k].detach())
-            if hasattr(bar, "set_postfix") and i % 5 == 0:
-                elapsed = time.perf_counter() - t0
-                bar.set_postfix(loss=f"{sums['loss'] / n_batches:.4f}", img_s=f"{seen * accelerator.num_processes / max(elapsed, 1e-9):.0f}")
-            if stop_after_steps is not None and global_step >= stop_after_steps:
-                raise KeyboardInterrupt(f"stop_after_steps={stop_after_steps} reached")
-        elapsed = time.perf_counter() - t0
-        # Means over every process's batches (what one process would log), not the main process's alone.
-        totals = torch.tensor([sums["loss"], sums["base"], sums["distill"], n_batches, seen], device=accelerator.device)
-        loss_sum, base_sum, distill_sum, n_all, seen_all = accelerator.reduce(totals, reduction="sum").tolist()
-        record: dict[str, float] = {
-            "epoch": epoch + 1,
-            "train_loss": loss_sum / max(n_all, 1),
-            "train_base_loss": base_sum / max(n_all, 1),
-            "train_distill_loss": distill_sum / max(n_all, 1),
-            "lr": scheduler.get_last_lr()[0],
-            "train_images_per_sec": seen_all / max(elapsed, 1e-9),
-            "epoch_time_s": elapsed,
-        }
-        if val_loader is not None:
-            record.update({f"val_{k}": v for k, v in evaluate(model, val_loader, accelerator, task.augmenter).items()})
-        history.append(record)
-        if accelerator.is_main_process:
-            msg = " ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "epoch")
-            accelerator.print(f"[{desc}] epoch {epoch + 1}/{params.epochs} {msg}")
-            if on_epoch_end is not None:
-                on_epoch_end(record)
-        if state_path is not None:
-            _save_state(accelerator, state_path, epoch, history, scheduler, global_step)
-
+    loader, val_loader, optimizer = _prepare(task, train_set, val_set, params, accelerator, seed=seed,
+                                             num_workers=num_workers)
+    budget = _budget(params, accelerator, loader, len(train_set), total_steps, warmup_steps)
+    scheduler = _scheduler(optimizer, budget, params)
+    state_path = None if state_dir is None else Path(state_dir)
+    resumed = _restore(accelerator, state_path, scheduler, key=state_key, desc=desc, epochs=budget.epochs,
+                       on_epoch_end=on_epoch_end)
+    history = [] if resumed is None else resumed.history
+    global_step = 0 if resumed is None else resumed.global_step
+    with progress(total=budget.total_steps, initial=global_step, desc=desc, unit="step",
+                  enabled=accelerator.is_local_main_process) as bar:
+        for epoch in range(0 if resumed is None else resumed.epoch + 1, budget.epochs):
+            stats, global_step = train_one_epoch(
+                task, loader, optimizer=optimizer, scheduler=scheduler, accelerator=accelerator, epoch=epoch, seed=seed,
+                global_step=global_step, stop_at=budget.total_steps, grad_clip=params.grad_clip, callbacks=callbacks,
+                bar=bar, desc=desc, state_dir=state_path)
+            record: dict[str, float] = {"epoch": epoch + 1, "steps": global_step, **stats}
+            if val_loader is not None:
+                record.update({f"val_{k}": v for k, v in evaluate(task.model, val_loader, accelerator,
+                                                                  task.augmenter).items()})
+            history.append(record)
+            _report_epoch(record, desc=desc, epochs=budget.epochs, bar=bar, accelerator=accelerator,
+                          on_epoch_end=on_epoch_end)
+            if state_path is not None:
+                save_state(accelerator, state_path, epoch=epoch, history=history, scheduler=scheduler,
+                           global_step=global_step, key=state_key)
     accelerator.wait_for_everyone()
     # Without DDP, the mixed-precision forward wrapper and torch.compile's wrapper (accelerate's dynamo
     # backend): a compiled module's state_dict would prefix every key with "_orig_mod.".
-    model = accelerator.unwrap_model(model, keep_fp32_wrapper=False, keep_torch_compile=False)
-    return FitResult(model=model, history=history, resumed_from_epoch=resumed)
+    model = accelerator.unwrap_model(task.model, keep_fp32_wrapper=False, keep_torch_compile=False)
+    return FitResult(model=model, history=history, resumed_from_epoch=None if resumed is None else resumed.epoch + 1,
+                     steps=global_step, total_steps=budget.total_steps, warmup_steps=budget.warmup_steps,
+                     steps_per_epoch=budget.steps_per_epoch, epochs=budget.epochs)
 
 
 @torch.no_grad()

@@ -1,15 +1,30 @@
-"""A few real training steps through the one engine, for each task kind."""
+"""A few real training steps through the one engine, for each task kind; the step budget, the callbacks, the
+progress bar and the log of :func:`distill.engine.fit`."""
+
+import logging
+import math
 
 import pytest
 import torch
-from torch.utils.data import Dataset
+from torch import nn
+from torch.utils.data import BatchSampler, DataLoader, Dataset, SequentialSampler
 
 from distill.config import TrainParams
-from distill.engine import (EpochSampler, NonFiniteLossError, OnlineTeacher, RandomViews, StepContext,
-                            SupervisedTask, fit, make_accelerator, warmup_cosine)
+from distill.engine import (
+    EpochSampler,
+    NonFiniteLossError,
+    StepInfo,
+    SupervisedTask,
+    fit,
+    loader_length,
+    make_accelerator,
+    steps_per_epoch,
+    warmup_cosine,
+)
 from distill.losses import DistillationLoss
 from distill.models.deit import build_deit
 from distill.teachers import build_teacher
+from distill.views import OnlineTeacher, RandomViews, StepContext
 
 
 class ToyAugmenter:
@@ -47,7 +62,16 @@ class Blobs(Dataset):
         return {"image": self.images[i], "label": self.labels[i], "index": torch.tensor(i)}
 
 
-PARAMS = TrainParams(epochs=3, batch_size=16, lr=3e-3, warmup_epochs=1, weight_decay=0.0, label_smoothing=0.0)
+RECIPE = {"epochs": 3, "batch_size": 16, "lr": 3e-3, "min_lr": 1e-5, "weight_decay": 0.0, "warmup_epochs": 1,
+          "label_smoothing": 0.0, "grad_clip": 1.0, "grad_accum": 1, "scale_lr": True, "mixup": 0.0}
+
+
+def recipe(**changes) -> TrainParams:
+    """A complete training recipe (TrainParams has no defaults: params.yaml is their only source)."""
+    return TrainParams(**{**RECIPE, **changes})
+
+
+PARAMS = recipe()
 
 
 def _deit(distilled=True):
@@ -80,43 +104,44 @@ def test_teacher_stays_frozen_in_eval_mode():
     aug = ToyAugmenter()
     teacher = _teacher()
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
-    task = SupervisedTask(model=_deit(True), augmenter=aug, criterion=DistillationLoss(mode="hard"), views=OnlineTeacher(teacher, aug))
-    fit(task, train_set=Blobs(48), val_set=None, params=TrainParams(epochs=1, batch_size=16, warmup_epochs=0), seed=0,
+    task = SupervisedTask(model=_deit(True), augmenter=aug, criterion=DistillationLoss(mode="hard"),
+                          views=OnlineTeacher(teacher, aug))
+    fit(task, train_set=Blobs(48), val_set=None, params=recipe(epochs=1, warmup_epochs=0), seed=0,
         accelerator=make_accelerator(cpu=True))
     assert not teacher.training
     # BatchNorm running stats would move if the teacher had been in train mode
     assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
 
 
+def baseline_task(seed=123):
+    """The labels-only DeiT on the toy data, initialised from ``seed``."""
+    torch.manual_seed(seed)
+    aug = ToyAugmenter()
+    return SupervisedTask(model=_deit(False), augmenter=aug, criterion=DistillationLoss(mode="none"),
+                          views=RandomViews(aug))
+
+
+class Steps:
+    """A callback that records every optimizer step it sees."""
+
+    def __init__(self):
+        self.seen: list[StepInfo] = []
+
+    def on_step_end(self, info):
+        self.seen.append(info)
+
+    @property
+    def lrs(self):
+        return [s.lr for s in self.seen]
+
+
 def test_nan_loss_stops_with_epoch_and_step():
-    aug = ToyAugmenter()
-    model = _deit(False)
+    task = baseline_task()
     with torch.no_grad():
-        model.head.weight.fill_(float("nan"))
-    task = SupervisedTask(model=model, augmenter=aug, criterion=DistillationLoss(mode="none"), views=RandomViews(aug))
-    with pytest.raises(NonFiniteLossError, match=r"epoch 1, step 1"):
-        fit(task, train_set=Blobs(32), val_set=None, params=TrainParams(epochs=1, batch_size=16, warmup_epochs=0), seed=0,
-            accelerator=make_accelerator(cpu=True))
-
-
-def _run(state_dir, stop_after=None):
-    torch.manual_seed(123)
-    aug = ToyAugmenter()
-    task = SupervisedTask(model=_deit(False), augmenter=aug, criterion=DistillationLoss(mode="none"), views=RandomViews(aug))
-    return fit(task, train_set=Blobs(64), val_set=None, params=PARAMS, seed=7, accelerator=make_accelerator(cpu=True),
-               state_dir=state_dir, stop_after_steps=stop_after)
-
-
-def test_resume_from_saved_state_matches_uninterrupted(tmp_path):
-    ref = _run(None)
-    with pytest.raises(KeyboardInterrupt):
-        _run(tmp_path / "state", stop_after=6)  # 4 steps/epoch: dies in epoch 2, state of epoch 1 saved
-    assert any(p.name.startswith("epoch_") for p in (tmp_path / "state").iterdir())
-    resumed = _run(tmp_path / "state")
-    assert resumed.resumed_from_epoch == 1
-    for (k, a), b in zip(ref.model.state_dict().items(), resumed.model.state_dict().values()):
-        assert torch.equal(a, b), k
-    assert [h["train_loss"] for h in ref.history] == [h["train_loss"] for h in resumed.history]
+        task.model.head.weight.fill_(float("nan"))
+    with pytest.raises(NonFiniteLossError, match=r"epoch 1, step 1; training stopped\. Earlier outputs"):
+        fit(task, train_set=Blobs(32), val_set=None, params=recipe(epochs=1, warmup_epochs=0), seed=0,
+            accelerator=make_accelerator(cpu=True), state_dir=None)
 
 
 def test_sampler_and_step_generators_are_stateless():
@@ -133,7 +158,7 @@ def test_sampler_and_step_generators_are_stateless():
 
 
 def test_warmup_cosine_schedule():
-    kw = dict(warmup_steps=10, total_steps=110, min_ratio=0.01)
+    kw = {"warmup_steps": 10, "total_steps": 110, "min_ratio": 0.01}
     assert warmup_cosine(0, **kw) == pytest.approx(0.1)
     assert warmup_cosine(9, **kw) == pytest.approx(1.0)
     assert warmup_cosine(60, **kw) == pytest.approx(0.505, abs=1e-3)
@@ -141,7 +166,7 @@ def test_warmup_cosine_schedule():
 
 
 def test_online_teacher_with_mixup_labels_the_mixed_image():
-    from distill.data import AugmentSpec, Augmenter
+    from distill.data import Augmenter, AugmentSpec
 
     aug = Augmenter(spec=AugmentSpec(), out_size=16, mean=[0.5], std=[0.25])
     teacher = _teacher().eval()
@@ -161,3 +186,82 @@ def test_online_teacher_with_mixup_labels_the_mixed_image():
                           views=OnlineTeacher(teacher, aug, mixup=0.4))
     out = task.training_step(batch, ctx)
     assert torch.isfinite(out["loss"]) and out["logits"].shape == (8, 4)
+
+
+# ------------------------------------------------------------------------------------------------ step budget
+@pytest.mark.parametrize("n, batch, grad_accum", [(64, 16, 1), (70, 16, 1), (80, 16, 2), (70, 16, 3), (33, 8, 4),
+                                                  (16, 16, 2), (10, 16, 1), (5, 1, 2)])
+def test_loader_length_and_steps_per_epoch_equal_the_prepared_loader(n, batch, grad_accum):
+    accelerator = make_accelerator(grad_accum=grad_accum, cpu=True)
+    model = nn.Linear(1, 1)
+    loader = DataLoader(range(n), batch_size=batch, sampler=EpochSampler(n, seed=0), drop_last=n > batch)
+    model, loader = accelerator.prepare(model, loader)
+    assert loader_length(n, batch) == len(loader)
+    steps = 0
+    for _ in range(2):  # two epochs: accelerate's accumulation counter must not carry over
+        for _batch in loader:
+            with accelerator.accumulate(model):
+                steps += accelerator.sync_gradients
+    assert steps_per_epoch(n, batch, grad_accum=grad_accum) == math.ceil(len(loader) / grad_accum) == steps / 2
+
+
+@pytest.mark.parametrize("processes", [2, 3])
+@pytest.mark.parametrize("n, batch", [(64, 16), (70, 16), (100, 16), (16, 16), (10, 16), (40, 16)])
+def test_loader_length_follows_accelerate_sharding(n, batch, processes):
+    from accelerate.data_loader import BatchSamplerShard
+
+    sampler = BatchSampler(SequentialSampler(range(n)), batch, drop_last=n > batch)
+    for rank in range(processes):
+        shard = BatchSamplerShard(sampler, num_processes=processes, process_index=rank, even_batches=True)
+        assert loader_length(n, batch, processes=processes) == len(shard) == len(list(shard))
+
+
+def test_total_steps_and_warmup_steps_are_exact():
+    steps = Steps()
+    params = recipe(epochs=30, warmup_epochs=5)  # overridden by the step budget below
+    res = fit(baseline_task(), train_set=Blobs(64), val_set=Blobs(16, seed=1), params=params, seed=0,
+              accelerator=make_accelerator(cpu=True), callbacks=[steps], total_steps=7, warmup_steps=3)
+    assert (res.steps, res.total_steps, res.warmup_steps, res.steps_per_epoch, res.epochs) == (7, 7, 3, 4, 2)
+    assert [s.global_step for s in steps.seen] == list(range(1, 8))
+    assert [(s.epoch, s.step) for s in steps.seen] == [(0, 0), (0, 1), (0, 2), (0, 3), (1, 0), (1, 1), (1, 2)]
+    # the partial last epoch is evaluated and recorded as an epoch
+    assert [h["steps"] for h in res.history] == [4, 7] and "val_acc" in res.history[-1]
+    peak = params.lr  # one process, no accumulation: scale_lr leaves it as it is
+    assert steps.lrs[:3] == pytest.approx([peak / 3, 2 * peak / 3, peak])  # warm-up: exactly 3 steps
+    assert max(steps.lrs) == pytest.approx(peak)
+    assert all(a >= b for a, b in zip(steps.lrs[2:], steps.lrs[3:]))  # then the cosine decay
+    assert res.history[-1]["lr"] == pytest.approx(params.min_lr)  # reached at the budget's last step
+
+
+def test_grad_accum_steps_at_the_end_of_the_loader():
+    steps = Steps()
+    params = recipe(epochs=2, warmup_epochs=1, grad_accum=2, scale_lr=False)
+    # 80 images, batch 16: 5 batches per epoch, so 3 optimizer steps (2 + 2 + the ragged 1), not 5 // 2
+    res = fit(baseline_task(), train_set=Blobs(80), val_set=None, params=params, seed=0,
+              accelerator=make_accelerator(grad_accum=2, cpu=True), callbacks=[steps])
+    assert (res.steps_per_epoch, res.steps, res.warmup_steps) == (3, 6, 3)
+    assert [(s.epoch, s.step) for s in steps.seen] == [(0, 1), (0, 3), (0, 4), (1, 1), (1, 3), (1, 4)]
+    assert [h["steps"] for h in res.history] == [3, 6]
+    assert res.history[-1]["lr"] == pytest.approx(params.min_lr)
+
+
+def test_an_accelerator_with_another_grad_accum_is_refused():
+    with pytest.raises(ValueError, match=r"accumulates 1 batches per step but params\.grad_accum is 2"):
+        fit(baseline_task(), train_set=Blobs(32), val_set=None, params=recipe(grad_accum=2), seed=0,
+            accelerator=make_accelerator(cpu=True))
+
+
+# ------------------------------------------------------------------------------------------ progress and log
+def test_one_progress_bar_per_fit_and_epochs_go_to_the_log(monkeypatch, capsys, caplog):
+    monkeypatch.setenv("DISTILL_PROGRESS", "1")
+    records = []
+    with caplog.at_level(logging.INFO, logger="distill.engine"):
+        fit(baseline_task(), train_set=Blobs(64), val_set=Blobs(16, seed=1), params=PARAMS, seed=0,
+            accelerator=make_accelerator(cpu=True), desc="toyfit", on_epoch_end=records.append)
+    out, err = capsys.readouterr()
+    assert out == ""  # no print per epoch
+    assert "12/12" in err and "epoch=3/3" in err and "val_acc=" in err
+    assert "toyfit 1/3" not in err and err.count("\n") <= 1  # one bar for the whole run, not one per epoch
+    logged = [r.getMessage() for r in caplog.records if r.name == "distill.engine"]
+    assert [m.split(" train_loss")[0] for m in logged] == [f"[toyfit] epoch {e}/3 steps={4 * e}" for e in (1, 2, 3)]
+    assert [r["epoch"] for r in records] == [1, 2, 3] and [r["steps"] for r in records] == [4, 8, 12]

@@ -1,35 +1,95 @@
-"""Resume from the engine's saved training state: corrupt state is an error, deletion is kill-safe, nothing is
-unpickled, restored epochs reach the tracker; and seeded model builds (engine level, no stage involved)."""
+"""Resume from the engine's saved training state (engine level, no stage involved).
+
+Faults come in through fit's callbacks: an interrupt after an exact optimizer step, NaN written into the
+weights (a realistic divergence). A resumed run equals an uninterrupted one bit for bit; corrupt state is an
+error, deletion is kill-safe, nothing is unpickled, restored epochs reach the tracker, a state made for
+another run (another key) is not resumed.
+"""
 
 from __future__ import annotations
 
+import logging
 import re
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from test_engine import Blobs, ToyAugmenter, _deit
+from safetensors.torch import load_file
+from test_engine import Blobs, Steps, baseline_task, recipe
 
-from distill.checkpoint import CheckpointError, build_model
-from distill.config import TrainParams
-from distill.engine import RandomViews, SupervisedTask, fit, make_accelerator
-from distill.losses import DistillationLoss
+from distill.checkpoint import CheckpointError
+from distill.engine import NonFiniteLossError, _latest_state, discard_state, fit, make_accelerator
+from distill.models.build import build_model
+
+STEPS_PER_EPOCH = 4  # Blobs(64), batch 16
+TOTAL = 3 * STEPS_PER_EPOCH
 
 
-def _fit(state_dir, stop_after=None):
-    aug = ToyAugmenter()
-    task = SupervisedTask(model=_deit(False), augmenter=aug, criterion=DistillationLoss(mode="none"), views=RandomViews(aug))
-    return fit(task, train_set=Blobs(64), val_set=None, params=TrainParams(epochs=3, batch_size=16, warmup_epochs=1),
-               seed=7, accelerator=make_accelerator(cpu=True), state_dir=state_dir, stop_after_steps=stop_after)
+class InterruptAt:
+    """Raise KeyboardInterrupt (a user's Ctrl-C, a crash) once ``step`` optimizer steps are done."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, info) -> None:
+        if info.global_step == self.step:
+            raise KeyboardInterrupt(f"interrupted after {info.global_step} steps")
+
+
+class NanAt:
+    """Write NaN into the weights once ``step`` optimizer steps are done: the next loss is NaN."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, info) -> None:
+        if info.global_step == self.step:
+            with torch.no_grad():
+                next(info.model.parameters()).fill_(float("nan"))
+
+
+def _fit(state_dir, callbacks=(), **kwargs):
+    return fit(baseline_task(), train_set=Blobs(64), val_set=None, params=recipe(epochs=3, warmup_epochs=1), seed=7,
+               accelerator=make_accelerator(cpu=True), state_dir=state_dir, callbacks=callbacks, **kwargs)
 
 
 @pytest.fixture()
 def saved_state(tmp_path) -> Path:
     with pytest.raises(KeyboardInterrupt):
-        _fit(tmp_path / "state", stop_after=6)  # 4 steps per epoch: epoch 1 saved, killed in epoch 2
+        _fit(tmp_path / "state", [InterruptAt(STEPS_PER_EPOCH + 2)])  # epoch 1 saved, interrupted in epoch 2
     (folder,) = (tmp_path / "state").glob("epoch_*")
     return folder
+
+
+def test_interrupted_then_resumed_equals_uninterrupted(saved_state):
+    full, resumed_steps = Steps(), Steps()
+    ref = _fit(None, [full])
+    resumed = _fit(saved_state.parent, [resumed_steps])
+    # a resume happened: from the end of epoch 1, running only the remaining steps
+    assert resumed.resumed_from_epoch == 1 and ref.resumed_from_epoch is None
+    assert len(full.seen) == TOTAL and len(resumed_steps.seen) == TOTAL - STEPS_PER_EPOCH
+    assert [s.global_step for s in resumed_steps.seen] == list(range(STEPS_PER_EPOCH + 1, TOTAL + 1))
+    assert resumed.steps == ref.steps == TOTAL
+    for (k, a), b in zip(ref.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert [s.loss for s in full.seen[STEPS_PER_EPOCH:]] == [s.loss for s in resumed_steps.seen]
+    keys = ("epoch", "steps", "train_loss", "train_base_loss", "lr")
+    assert [[h[k] for k in keys] for h in ref.history] == [[h[k] for k in keys] for h in resumed.history]
+
+
+def test_nan_weights_stop_training_and_keep_the_last_good_state(tmp_path):
+    state = tmp_path / "state"
+    with pytest.raises(NonFiniteLossError, match=rf"loss is nan at epoch 2, step 2; training stopped\. The last good "
+                                                 rf"training state \(end of epoch 1\) is kept in "
+                                                 rf"{re.escape(str(state / 'epoch_00000'))}"):
+        _fit(state, [NanAt(STEPS_PER_EPOCH + 1)])
+    (folder,) = state.glob("epoch_*")
+    assert folder.name == "epoch_00000"
+    assert all(torch.isfinite(w).all() for w in load_file(folder / "model.safetensors").values())
+    resumed = _fit(state)  # the rerun resumes from it and finishes
+    assert resumed.resumed_from_epoch == 1 and resumed.steps == TOTAL
+    assert all(torch.isfinite(w).all() for w in resumed.model.state_dict().values())
 
 
 @pytest.mark.parametrize("damage", ["model.safetensors", "optimizer.bin", "distill_state.json"])
@@ -40,9 +100,7 @@ def test_corrupt_resume_state_is_an_error_not_a_silent_restart(saved_state, dama
         _fit(saved_state.parent)
 
 
-def test_state_deletion_killed_midway_is_not_mistaken_for_damage(saved_state, monkeypatch, capsys):
-    from distill.engine import _latest_state, discard_state
-
+def test_state_deletion_killed_midway_is_not_mistaken_for_damage(saved_state, monkeypatch, caplog):
     monkeypatch.setattr(shutil, "rmtree", lambda *a, **k: None)  # killed right after the rename
     discard_state(saved_state)
     assert _latest_state(saved_state.parent) == (None, None)
@@ -50,8 +108,15 @@ def test_state_deletion_killed_midway_is_not_mistaken_for_damage(saved_state, mo
     discard_state(saved_state)  # the next deletion sweeps the leftovers
     assert list(saved_state.parent.iterdir()) == []
     (saved_state.parent / "epoch_00003").mkdir()  # what a killed plain `rm -r` leaves: no metadata
-    assert _latest_state(saved_state.parent) == (None, None)
-    assert "ignoring incomplete resume state" in capsys.readouterr().err
+    with caplog.at_level(logging.WARNING, logger="distill.engine"):
+        assert _latest_state(saved_state.parent) == (None, None)
+    assert "ignoring incomplete resume state" in caplog.text
+
+
+def test_a_save_leaves_one_state_and_no_staging(saved_state):
+    assert sorted(p.name for p in saved_state.parent.iterdir()) == ["epoch_00000"]
+    assert _fit(saved_state.parent).resumed_from_epoch == 1
+    assert sorted(p.name for p in saved_state.parent.iterdir()) == ["epoch_00002"]
 
 
 def test_resume_never_unpickles_code(saved_state, monkeypatch):
@@ -69,12 +134,23 @@ def test_resume_never_unpickles_code(saved_state, monkeypatch):
 
 
 def test_resume_replays_restored_epochs_to_the_tracker(saved_state):
-    aug = ToyAugmenter()
     logged = []
-    task = SupervisedTask(model=_deit(False), augmenter=aug, criterion=DistillationLoss(mode="none"), views=RandomViews(aug))
-    fit(task, train_set=Blobs(64), val_set=None, params=TrainParams(epochs=3, batch_size=16, warmup_epochs=1), seed=7,
-        accelerator=make_accelerator(cpu=True), state_dir=saved_state.parent, on_epoch_end=logged.append)
+    _fit(saved_state.parent, on_epoch_end=logged.append)
     assert [r["epoch"] for r in logged] == [1, 2, 3]
+    assert [r["steps"] for r in logged] == [4, 8, 12]
+
+
+def test_a_state_made_for_another_run_is_not_resumed(tmp_path, caplog):
+    with pytest.raises(KeyboardInterrupt):
+        _fit(tmp_path, [InterruptAt(STEPS_PER_EPOCH + 2)], state_key="params-a")
+    steps = Steps()
+    with caplog.at_level(logging.WARNING, logger="distill.engine"):
+        other = _fit(tmp_path, [steps], state_key="params-b")
+    assert other.resumed_from_epoch is None and len(steps.seen) == TOTAL  # started afresh
+    assert "ignoring resume state" in caplog.text and "'params-a'" in caplog.text
+    with pytest.raises(KeyboardInterrupt):
+        _fit(tmp_path, [InterruptAt(STEPS_PER_EPOCH + 2)], state_key="params-a")
+    assert _fit(tmp_path, state_key="params-a").resumed_from_epoch == 1  # its own key resumes
 
 
 def test_build_model_seed_fixes_init_and_leaves_global_rng_alone():
@@ -88,3 +164,5 @@ def test_build_model_seed_fixes_init_and_leaves_global_rng_alone():
     build_model("teacher", cfg, seed=5)
     assert torch.equal(torch.get_rng_state(), state)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    with pytest.raises(ValueError, match="unknown model kind 'vit'"):
+        build_model("vit", {})
