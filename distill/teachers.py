@@ -1,13 +1,29 @@
-"""CNN teachers.
+"""CNN teachers: built here, trained by the pipeline, or trained elsewhere and used as they are.
 
 DeiT (Touvron et al. 2021, Table 2) found that a convnet teacher gives a better transformer
 student than a transformer teacher of the same accuracy, most likely through the inductive bias
-it passes on. Two kinds are offered:
+it passes on. Three kinds of architecture (``teacher.arch``):
 
 * ``resnet_small``: a CIFAR-style ResNet (He et al. 2016) for 8-64 px images: a 3x3 stem, three
   stages of BasicBlocks at widths ``w, 2w, 4w`` with strides 1, 2, 2, global pooling, a linear head.
-* any torchvision classification model by name (``resnet18``, ``convnext_tiny``, ...), built with
-  ``num_classes`` set and no downloaded weights; local weights can be loaded from a file.
+* any torchvision classification model by name (``resnet18``, ``convnext_tiny``, ...);
+* any timm model as ``timm/<name>`` (``timm/resnet18``, ``timm/convnext_atto``, ``timm/resnet18.a1_in1k``).
+  timm is imported only when such a name is used (it is an optional dependency: ``pip install timm``).
+
+All are built with ``num_classes`` set and never download weights. Weights trained elsewhere come from a
+local file (:func:`load_teacher_weights`, reading through :mod:`distill.weights`) in one of two modes:
+
+* fine-tuning (``teacher.train.epochs >= 1``, ``strict=False``): every tensor that fits is loaded; a
+  classifier of another class count keeps the freshly built model's initialisation and is trained;
+* used as it is (``teacher.train.epochs: 0``, ``strict=True``): every tensor must load, including a head
+  with the dataset's class count, or the error names the file, the keys, the shapes and what to do.
+
+A teacher trained elsewhere expects its own input normalisation and size; :class:`InputAdapter` turns the
+pipeline's input (normalised with the dataset's mean/std at ``data.image_size``) into exactly that.
+
+1-channel data with a 3-channel torchvision or timm model goes through :class:`_GrayToRGB` (the channel is
+repeated), so the model keeps its 3-channel stem and 3-channel pretrained weights load unchanged. timm's
+``in_chans=1`` is not used: it would change the stem's shape and no RGB checkpoint would load strictly.
 
 A teacher used for distillation is frozen with :func:`freeze`: ``eval()`` and no gradients. It is
 never part of what ``accelerate.prepare`` wraps, so DDP never syncs it and ``student.train()``
@@ -16,15 +32,22 @@ never flips its BatchNorm back to training mode.
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["ResNetSmall", "build_teacher", "freeze", "load_weights_file", "TEACHER_ARCHS"]
+from distill.weights import diff_state, format_keys, load_weights_file, strip_wrapper_prefixes
 
-TEACHER_ARCHS = ("resnet_small",)  # plus every name in torchvision.models.list_models(module=torchvision.models)
+__all__ = ["TEACHER_ARCHS", "TIMM_PREFIX", "InputAdapter", "ResNetSmall", "build_teacher", "freeze",
+           "load_pretrained", "load_teacher_weights", "load_weights_file"]
+
+TEACHER_ARCHS = ("resnet_small",)  # plus every torchvision classification model name, plus "timm/<any timm model>"
+TIMM_PREFIX = "timm/"
 
 
 class BasicBlock(nn.Module):
@@ -36,7 +59,8 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(out_ch)
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or in_ch != out_ch:
-            self.shortcut = nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, stride=stride, bias=False), nn.BatchNorm2d(out_ch))
+            self.shortcut = nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, stride=stride, bias=False),
+                                          nn.BatchNorm2d(out_ch))
 
     def forward(self, x: Tensor) -> Tensor:
         out = torch.relu(self.bn1(self.conv1(x)))
@@ -56,12 +80,13 @@ class ResNetSmall(nn.Module):
 
     def __init__(self, *, num_classes: int, in_chans: int = 3, width: int = 32, blocks: int = 2) -> None:
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(in_chans, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True))
+        self.stem = nn.Sequential(nn.Conv2d(in_chans, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),
+                                  nn.ReLU(inplace=True))
         stages, in_ch = [], width
         for i, mult in enumerate((1, 2, 4)):
             out_ch = width * mult
-            layers = [BasicBlock(in_ch=in_ch if j == 0 else out_ch, out_ch=out_ch, stride=(1 if i == 0 else 2) if j == 0 else 1)
-                      for j in range(blocks)]
+            layers = [BasicBlock(in_ch=in_ch if j == 0 else out_ch, out_ch=out_ch,
+                                 stride=(1 if i == 0 else 2) if j == 0 else 1) for j in range(blocks)]
             stages.append(nn.Sequential(*layers))
             in_ch = out_ch
         self.stages = nn.Sequential(*stages)
@@ -81,7 +106,7 @@ class ResNetSmall(nn.Module):
 
 
 class _GrayToRGB(nn.Module):
-    """Lets a 3-channel torchvision model take 1-channel images by repeating the channel."""
+    """Lets a 3-channel torchvision or timm model take 1-channel images by repeating the channel."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -91,72 +116,203 @@ class _GrayToRGB(nn.Module):
         return self.model(x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x)
 
 
-def build_teacher(arch: str, *, num_classes: int, in_chans: int = 3, width: int = 32, blocks: int = 2) -> nn.Module:
-    """Build an untrained teacher.
+def _stats(values: Sequence[float], name: str, *, positive: bool = False) -> Tensor:
+    t = torch.as_tensor([float(v) for v in values], dtype=torch.float32)
+    if t.ndim != 1 or len(t) == 0 or (positive and (t <= 0).any()):
+        raise ValueError(f"{name} must be a non-empty list of {'positive ' if positive else ''}numbers, got "
+                         f"{list(values)!r}")
+    return t.view(1, -1, 1, 1)  # (1, C, 1, 1): broadcasts over (B, C, H, W)
+
+
+class InputAdapter(nn.Module):
+    """Show a teacher trained elsewhere exactly the input it was trained on.
+
+    The pipeline feeds images normalised with the dataset's mean/std at ``data.image_size``. This module maps
+    them back to ``[0, 1]`` pixels, resizes them to ``size`` (bilinear, antialiased: the usual way a pretrained
+    model's inputs are resized) and normalises them with the teacher's own mean/std. With 1-channel data and
+    3-channel teacher statistics, broadcasting yields 3 channels.
+
+    The statistics are non-persistent buffers: they move with ``.to(device)`` but stay out of the state dict,
+    whose keys are the inner model's under ``model.``. They are rebuilt from the checkpoint's config
+    (:func:`build_teacher` takes them), so the weights file holds weights only.
 
     Args:
-        arch: ``'resnet_small'`` or a torchvision classification model name.
-        num_classes: output classes.
-        in_chans: input channels.
-        width: base width (``resnet_small`` only).
-        blocks: blocks per stage (``resnet_small`` only).
-
-    Raises:
-        ValueError: unknown architecture, listing the valid names.
+        model: The teacher.
+        data_mean: Per-channel mean the pipeline normalised with (the dataset's).
+        data_std: Per-channel std the pipeline normalised with.
+        mean: The teacher's own per-channel mean (e.g. ImageNet's); None keeps the dataset's.
+        std: The teacher's own per-channel std; None keeps the dataset's.
+        size: Input side (or ``(height, width)``) the teacher expects; None keeps the pipeline's size.
     """
-    if arch == "resnet_small":
-        return ResNetSmall(num_classes=num_classes, in_chans=in_chans, width=width, blocks=blocks)
+
+    def __init__(self, model: nn.Module, *, data_mean: Sequence[float], data_std: Sequence[float],
+                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                 size: int | Sequence[int] | None = None) -> None:
+        super().__init__()
+        if (mean is None) != (std is None):
+            raise ValueError("give the teacher's mean and std together (both null means the dataset's own)")
+        self.model = model
+        self.register_buffer("data_mean", _stats(data_mean, "data mean"), persistent=False)
+        self.register_buffer("data_std", _stats(data_std, "data std", positive=True), persistent=False)
+        self.register_buffer("mean", _stats(data_mean if mean is None else mean, "teacher mean"), persistent=False)
+        self.register_buffer("std", _stats(data_std if std is None else std, "teacher std", positive=True),
+                             persistent=False)
+        if size is not None:
+            size = (size, size) if isinstance(size, int) else tuple(size)
+            if len(size) != 2 or not all(isinstance(s, int) and s > 0 for s in size):
+                raise ValueError(f"teacher input size must be a positive int or (height, width), got {size!r}")
+        self.size: tuple[int, int] | None = size
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x * self.data_std + self.data_mean  # (B, C, H, W) pixels in [0, 1]
+        if self.size is not None and tuple(x.shape[-2:]) != self.size:
+            x = F.interpolate(x, size=self.size, mode="bilinear", align_corners=False, antialias=True)
+        return self.model((x - self.mean) / self.std)  # the teacher's own normalisation
+
+    def extra_repr(self) -> str:
+        return f"mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()}, size={self.size}"
+
+
+def _timm_model(name: str, *, num_classes: int) -> nn.Module:
+    try:
+        import timm
+    except ImportError:
+        msg = f"teacher arch {TIMM_PREFIX}{name} needs timm, which is not installed: pip install timm"
+        raise ImportError(msg) from None
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name.split(".")[0], timm.list_models(), n=8)
+        raise ValueError(f"unknown timm model {name!r} in teacher arch {TIMM_PREFIX}{name}"
+                         + (f"; close names: {', '.join(close)}" if close else "; see timm.list_models()"))
+    try:
+        return timm.create_model(name, pretrained=False, num_classes=num_classes)
+    except (RuntimeError, ValueError) as err:  # e.g. an unknown pretrained tag
+        raise ValueError(f"cannot build timm model {name!r} (teacher arch {TIMM_PREFIX}{name}): {err}") from None
+
+
+def _torchvision_model(name: str, *, num_classes: int) -> nn.Module:
     import torchvision
 
     names = torchvision.models.list_models(module=torchvision.models)
-    if arch not in names:
-        raise ValueError(f"unknown teacher arch {arch!r}; use 'resnet_small' or a torchvision classification model: "
-                         f"{', '.join(sorted(names))}")
-    model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
-    return _GrayToRGB(model) if in_chans == 1 else model
+    if name not in names:
+        raise ValueError(f"unknown teacher arch {name!r}; use 'resnet_small', a torchvision classification model "
+                         f"({', '.join(sorted(names))}), or a timm model as '{TIMM_PREFIX}<name>'")
+    return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
 
 
-def load_weights_file(path: str | Path) -> dict[str, Tensor]:
-    """Read a state dict from ``.safetensors`` or a torch file, never unpickling arbitrary objects.
+def build_teacher(arch: str, *, num_classes: int, in_chans: int = 3, width: int = 32, blocks: int = 2,
+                  input: Mapping[str, Any] | None = None) -> nn.Module:  # `input`: the checkpoint config's key
+    """Build an untrained teacher (no weights are ever downloaded).
+
+    Args:
+        arch: ``'resnet_small'``, a torchvision classification model name, or ``'timm/<name>'``.
+        num_classes: Output classes.
+        in_chans: Input channels of the data; 1 with a torchvision/timm model adds :class:`_GrayToRGB`.
+        width: Base width (``resnet_small`` only).
+        blocks: Blocks per stage (``resnet_small`` only).
+        input: For a teacher trained elsewhere, the :class:`InputAdapter` keywords: ``data_mean``, ``data_std``
+            (the dataset's), ``mean``, ``std`` (``teacher.mean``/``std``), ``size`` (``teacher.input_size``).
+            None: the teacher takes the pipeline's input as it is.
+
+    Returns:
+        The model, wrapped in :class:`InputAdapter` when ``input`` is given. Saving this function's keyword
+        arguments as the checkpoint config rebuilds the same module tree.
 
     Raises:
-        FileNotFoundError: the file is missing.
-        ValueError: the file is corrupt or not a state dict (message names the file).
+        ValueError: Unknown architecture (listing valid or similar names), or statistics that do not fit.
+        ImportError: A ``timm/`` architecture without timm installed.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"teacher weights file not found: {path} (set teacher.pretrained_path to an existing file or null)")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+    if arch == "resnet_small":
+        model: nn.Module = ResNetSmall(num_classes=num_classes, in_chans=in_chans, width=width, blocks=blocks)
+    else:
+        if arch.startswith(TIMM_PREFIX):
+            model = _timm_model(arch[len(TIMM_PREFIX):], num_classes=num_classes)
+        else:
+            model = _torchvision_model(arch, num_classes=num_classes)
+        if in_chans == 1:
+            model = _GrayToRGB(model)
+    if input is None:
+        return model
+    keys, required = set(input), {"data_mean", "data_std"}
+    if not required <= keys <= required | {"mean", "std", "size"}:
+        raise ValueError(f"teacher input adapter keys {sorted(keys)}: data_mean and data_std are required, mean, std "
+                         "and size optional")
+    data_mean, mean = input["data_mean"], input.get("mean")
+    if len(data_mean) != in_chans or (mean is not None and len(mean) not in (1, 3, in_chans)):
+        raise ValueError(f"teacher input statistics do not fit {in_chans}-channel data: data mean {data_mean}, "
+                         f"teacher mean {mean}")
+    return InputAdapter(model, **input)
 
-            return load_file(str(path))
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any reader failure means a bad file
-        raise ValueError(f"cannot read weights from {path}: {err}. Re-export them with torch.save(model.state_dict()) "
-                         "or safetensors.") from None
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise ValueError(f"{path} does not hold a state dict of tensors")
-    return state
+
+def _core(model: nn.Module) -> nn.Module:
+    """The network inside the :class:`InputAdapter`/:class:`_GrayToRGB` wrappers (what weight files describe)."""
+    while isinstance(model, (InputAdapter, _GrayToRGB)):
+        model = model.model
+    return model
+
+
+def _classifier_keys(model: nn.Module) -> list[str]:
+    """State-dict keys of the classifier: timm's ``get_classifier()``, else the last Linear layer."""
+    get = getattr(model, "get_classifier", None)
+    head = get() if callable(get) else None
+    if not isinstance(head, nn.Module) or not any(True for _ in head.parameters()):
+        head = next((m for m in reversed(list(model.modules())) if isinstance(m, nn.Linear)), None)
+    if head is None:
+        return []
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [names[id(p)] for p in head.parameters() if id(p) in names]
+
+
+def load_teacher_weights(model: nn.Module, path: str | Path, *, strict: bool) -> dict[str, Any]:
+    """Load a local weights file into a teacher from :func:`build_teacher` (wrappers included).
+
+    Args:
+        model: The teacher.
+        path: ``.safetensors`` or torch file (``torch.load(weights_only=True)``); the wrappings listed in
+            :mod:`distill.weights` are accepted.
+        strict: True for a teacher used as it is (``teacher.train.epochs: 0``): every tensor must load, the head
+            included. False for fine-tuning: load what fits; a classifier of another shape keeps the model's
+            fresh initialisation.
+
+    Returns:
+        A report for logging: ``path``, ``mode`` (``'as_is'`` or ``'fine_tune'``), ``loaded`` (tensor count),
+        ``prefixes_removed``, ``skipped`` (file keys not loaded), ``missing`` (model keys not loaded) and
+        ``reinitialised`` (classifier keys not loaded).
+
+    Raises:
+        FileNotFoundError: The file is missing.
+        ValueError: Unreadable file; in strict mode any missing, extra or mismatched tensor; in fine-tuning mode
+            no tensor that fits. The message names the file, the keys and shapes, and what to do.
+    """
+    target = _core(model)
+    own = target.state_dict()
+    state, removed = strip_wrapper_prefixes(load_weights_file(path), own)
+    diff = diff_state(state, own)
+    head = _classifier_keys(target)
+    name = type(target).__name__
+    if strict and not diff.ok:
+        hint = ("Is the file for another architecture? A teacher used as it is (teacher.train.epochs: 0) must match "
+                "in every tensor; with teacher.train.epochs >= 1 what fits is loaded and the rest trained")
+        out_dims = {k: (a[0], b[0]) for k, (a, b) in diff.mismatched.items() if k in head and a[1:] == b[1:]}
+        if out_dims and set(diff.mismatched) == set(out_dims) and not diff.missing and not diff.unexpected:
+            (n_file, n_data), = set(out_dims.values())
+            hint = (f"Its head ({format_keys(list(out_dims))}) has {n_file} outputs but the data has {n_data} "
+                    "classes: fine-tune it with teacher.train.epochs >= 1 (the head is then re-initialised), or use "
+                    f"weights whose head has {n_data} outputs")
+        raise ValueError(f"{path} does not fit teacher {name} exactly: {diff.describe()}. {hint}")
+    kept = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    if not kept:
+        raise ValueError(f"{path}: none of its tensors fit teacher {name} ({diff.describe()}); is teacher.arch the "
+                         "architecture the file was saved from?")
+    target.load_state_dict(kept, strict=False)
+    not_loaded = [k for k in own if k in diff.mismatched or k in diff.missing]  # the model's order
+    return {"path": str(path), "mode": "as_is" if strict else "fine_tune", "loaded": len(kept),
+            "prefixes_removed": removed, "skipped": sorted(set(state) - set(kept)), "missing": not_loaded,
+            "reinitialised": [k for k in head if k in not_loaded]}
 
 
 def load_pretrained(model: nn.Module, path: str | Path) -> dict[str, Any]:
-    """Load local weights into ``model``; classifier tensors whose shape differs are skipped (fine-tuning).
-
-    Returns:
-        ``{"skipped": [...], "missing": [...]}`` for logging.
-    """
-    state = load_weights_file(path)
-    target = model.model if isinstance(model, _GrayToRGB) else model
-    own = target.state_dict()
-    kept = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-    skipped = sorted(set(state) - set(kept))
-    result = target.load_state_dict(kept, strict=False)
-    if len(kept) == 0:
-        raise ValueError(f"{path}: none of its tensors match teacher {type(target).__name__}; wrong architecture?")
-    return {"skipped": skipped, "missing": sorted(result.missing_keys)}
+    """Fine-tuning load, the former name of ``load_teacher_weights(model, path, strict=False)``."""
+    return load_teacher_weights(model, path, strict=False)
 
 
 def freeze(model: nn.Module) -> nn.Module:
