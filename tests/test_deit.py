@@ -6,18 +6,23 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from distill.checkpoint import save_model
 from distill.models.deit import (
     PRESETS,
     Attention,
     DeiT,
     DeiTConfig,
     DropPath,
+    adapt_input_channels,
     adapt_state_dict,
     build_deit,
     count_parameters,
     drop_path,
+    load_pretrained_deit,
+    resample_patch_embed,
     resample_pos_embed,
 )
 
@@ -352,7 +357,8 @@ def test_load_16px_checkpoint_into_32px_model(distilled: bool) -> None:
     state = small.state_dict()
     with pytest.raises(RuntimeError, match="pos_embed"):
         big.load_state_dict(state)
-    big.load_state_dict_resampled(state)
+    report = load_pretrained_deit(big, state)
+    assert list(report["resampled"]) == ["pos_embed"]
     prefix = big.num_prefix_tokens
     assert big.pos_embed.shape == (1, 64 + prefix, 64)
     torch.testing.assert_close(big.pos_embed[:, :prefix], small.pos_embed[:, :prefix])
@@ -360,7 +366,7 @@ def test_load_16px_checkpoint_into_32px_model(distilled: bool) -> None:
     out = big.eval()(torch.randn(2, 3, 32, 32))
     assert out.shape == (2, 10) and torch.isfinite(out).all()
     # same grid: adapt_state_dict leaves pos_embed untouched
-    assert adapt_state_dict(state, small)["pos_embed"] is state["pos_embed"]
+    assert adapt_state_dict(state, small)[0]["pos_embed"] is state["pos_embed"]
 
 
 def test_adapt_state_dict_rejects_other_width() -> None:
@@ -424,3 +430,187 @@ def test_resample_matches_timm_when_downsampling() -> None:
     ours = resample_pos_embed(pos, (4, 4), num_prefix_tokens=2)
     reference = timm_layers.resample_abs_pos_embed(pos, new_size=(4, 4), old_size=(8, 8), num_prefix_tokens=2)
     torch.testing.assert_close(ours, reference, atol=1e-6, rtol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------
+# Starting from pretrained weights (timm / facebookresearch/deit checkpoints on disk)
+# --------------------------------------------------------------------------------------------------
+
+SMALL = {"img_size": 16, "patch_size": 4, "embed_dim": 64, "depth": 2, "num_heads": 2}
+
+
+def _timm_small(name: str = "deit_tiny_distilled_patch16_224", num_classes: int = 10, **overrides):
+    """A small timm DeiT/ViT whose weights are all moved off their init (timm draws cls_token with std 1e-6)."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=num_classes, drop_path_rate=0.0,
+                              **{**SMALL, **overrides})
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model.eval()
+
+
+def _ours(**overrides) -> DeiT:
+    return build_deit("deit_micro", **{**SMALL, "num_classes": 10, "drop_path_rate": 0.0, **overrides})
+
+
+def _save(state: dict, path, fmt: str):
+    """Write weights as timm (safetensors), facebookresearch/deit ({"model": ...}) or a DDP training run would."""
+    if fmt == "safetensors":
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    elif fmt == "deit_pth":
+        torch.save({"model": state}, path)
+    else:
+        torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}, "epoch": 9}, path)
+    return path
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "deit_pth", "ddp"])
+def test_timm_distilled_checkpoint_gives_equal_outputs(tmp_path, fmt: str) -> None:
+    reference = _timm_small()
+    path = _save(reference.state_dict(), tmp_path / f"deit.{fmt}", fmt)
+    ours = _ours()
+    report = load_pretrained_deit(ours, path)
+    assert report["source"] == str(path) and report["prefixes_removed"] == (["module."] if fmt == "ddp" else [])
+    assert not any(report[k] for k in ("resampled", "converted", "copied", "dropped", "reinitialised"))
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.eval()(x), reference(x), atol=1e-5, rtol=0)  # average of both heads
+        reference.train().set_distilled_training(True)
+        for mine, theirs in zip(ours.train()(x), reference(x)):  # train: (cls, dist)
+            torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=0)
+
+
+def test_checkpoint_into_other_image_size_resamples_pos_embed(tmp_path) -> None:
+    reference = _timm_small()
+    path = _save(reference.state_dict(), tmp_path / "deit.safetensors", "safetensors")
+    ours = _ours(img_size=32)  # 8x8 grid instead of 4x4
+    report = load_pretrained_deit(ours, path)
+    assert report["resampled"] == {"pos_embed": "[1, 18, 64] -> [1, 66, 64]"}
+    assert ours.pos_embed.shape == (1, 2 + 64, 64)
+    assert torch.equal(ours.pos_embed[:, :2], reference.pos_embed[:, :2])  # cls and dist slots kept exactly
+    torch.testing.assert_close(ours.pos_embed, resample_pos_embed(reference.pos_embed.detach(), (8, 8), 2))
+    for name, value in reference.state_dict().items():
+        if name != "pos_embed":
+            assert torch.equal(ours.state_dict()[name], value), name
+    assert torch.isfinite(ours.eval()(torch.randn(2, 3, 32, 32))).all()
+
+
+def test_checkpoint_into_other_class_count_gets_new_heads(tmp_path) -> None:
+    reference = _timm_small(num_classes=1000)
+    path = _save(reference.state_dict(), tmp_path / "deit.pth", "deit_pth")
+    ours = _ours(num_classes=5)
+    fresh = {k: v.clone() for k, v in ours.state_dict().items() if k.startswith("head")}
+    report = load_pretrained_deit(ours, path)
+    assert report["reinitialised"] == ["head.weight", "head.bias", "head_dist.weight", "head_dist.bias"]
+    for name, value in ours.state_dict().items():
+        if name.startswith("head"):
+            assert torch.equal(value, fresh[name]), name  # DeiT's init, as built
+            assert value.shape[0] == 5
+        else:
+            assert torch.equal(value, reference.state_dict()[name]), name
+    assert torch.count_nonzero(ours.head.bias) == 0 and ours.head.weight.abs().max() <= 0.04
+
+
+def test_plain_vit_checkpoint_into_distilled_model(tmp_path) -> None:
+    """One prefix token into the distilled model: dist token, its position slot and head_dist copy the class token's,
+    so both heads start predicting what the pretrained class head predicts (see adapt_state_dict for why)."""
+    reference = _timm_small("deit_tiny_patch16_224")
+    path = _save(reference.state_dict(), tmp_path / "vit.safetensors", "safetensors")
+    ours = _ours()
+    report = load_pretrained_deit(ours, path)
+    assert report["copied"] == {"pos_embed[:, 1]": "pos_embed[:, 0]", "dist_token": "cls_token",
+                                "head_dist.weight": "head.weight", "head_dist.bias": "head.bias"}
+    assert torch.equal(ours.dist_token, ours.cls_token) and torch.equal(ours.pos_embed[:, 1], ours.pos_embed[:, 0])
+    assert torch.equal(ours.pos_embed[:, 2:], reference.pos_embed[:, 1:])
+    assert torch.equal(ours.head_dist.weight, reference.head.weight)
+    assert ours.dist_token.data_ptr() != ours.cls_token.data_ptr()  # two parameters, free to diverge
+    with torch.no_grad():
+        cls_logits, dist_logits = ours.train()(torch.randn(3, 3, 16, 16))
+    torch.testing.assert_close(cls_logits, dist_logits, atol=1e-6, rtol=0)
+
+
+def test_distilled_checkpoint_into_cls_only_baseline(tmp_path) -> None:
+    reference = _timm_small()
+    path = _save(reference.state_dict(), tmp_path / "deit.safetensors", "safetensors")
+    baseline = _ours(distilled=False)
+    report = load_pretrained_deit(baseline, path)
+    assert sorted(report["dropped"]) == ["dist_token", "head_dist.bias", "head_dist.weight", "pos_embed[:, 1]"]
+    expected_pos = torch.cat([reference.pos_embed[:, :1], reference.pos_embed[:, 2:]], dim=1)
+    assert torch.equal(baseline.pos_embed, expected_pos)
+    assert torch.equal(baseline.head.weight, reference.head.weight)
+    assert baseline.eval()(torch.randn(2, 3, 16, 16)).shape == (2, 10)
+
+
+def test_rgb_checkpoint_into_gray_model_is_exact_on_gray_images(tmp_path) -> None:
+    reference = _timm_small()
+    ours = _ours(in_chans=1)
+    report = load_pretrained_deit(ours, _save(reference.state_dict(), tmp_path / "d.safetensors", "safetensors"))
+    assert report["converted"] == {"patch_embed.proj.weight": "3 -> 1 input channels"}
+    gray = torch.randn(2, 1, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.eval()(gray), reference(gray.expand(-1, 3, -1, -1)), atol=1e-5, rtol=0)
+    one = torch.randn(4, 1, 2, 2)
+    torch.testing.assert_close(adapt_input_channels(one, 3).sum(1, keepdim=True), one)  # 1 -> 3: same on gray
+    with pytest.raises(ValueError, match="4 input channels"):
+        adapt_input_channels(torch.randn(4, 4, 2, 2), 3)
+
+
+def test_patch_size_change_resamples_the_kernel(tmp_path) -> None:
+    reference = _timm_small()  # 16 px, patch 4
+    ours = _ours(img_size=32, patch_size=8)  # the same 4x4 grid at twice the resolution
+    report = load_pretrained_deit(ours, _save(reference.state_dict(), tmp_path / "d.safetensors", "safetensors"))
+    assert report["resampled"] == {"patch_embed.proj.weight": "[64, 3, 4, 4] -> [64, 3, 8, 8]"}
+    # FlexiViT's PI-resize: a patch upsampled 4 -> 8 px (bicubic) gives the same token (exact when upsampling)
+    x = torch.randn(2, 3, 16, 16)
+    patches = x.unfold(2, 4, 4).unfold(3, 4, 4).permute(0, 2, 3, 1, 4, 5).reshape(-1, 3, 4, 4)  # (B*16, 3, 4, 4)
+    patches = F.interpolate(patches, size=(8, 8), mode="bicubic", antialias=True, align_corners=False)
+    up = patches.reshape(2, 4, 4, 3, 8, 8).permute(0, 3, 1, 4, 2, 5).reshape(2, 3, 32, 32)  # patches back in place
+    with torch.no_grad():
+        torch.testing.assert_close(ours.patch_embed(up), reference.patch_embed(x), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("new_size", [(2, 2), (8, 8), (6, 10)])
+def test_resample_patch_embed_matches_timm(new_size) -> None:
+    timm_layers = pytest.importorskip("timm.layers")
+    torch.manual_seed(0)
+    weight = torch.randn(8, 3, 4, 4)
+    expected = timm_layers.resample_patch_embed(weight, list(new_size))
+    torch.testing.assert_close(resample_patch_embed(weight, new_size), expected, atol=1e-4, rtol=1e-4)
+    assert resample_patch_embed(weight, (4, 4)) is weight
+
+
+def test_other_embed_dim_is_a_clear_error(tmp_path) -> None:
+    path = _save(_timm_small().state_dict(), tmp_path / "d.safetensors", "safetensors")
+    with pytest.raises(ValueError) as err:
+        load_pretrained_deit(_ours(embed_dim=48), path)
+    msg = str(err.value)
+    assert str(path) in msg and "cls_token" in msg and "[1, 1, 64]" in msg and "[1, 1, 48]" in msg
+    assert "embed_dim is 64, the model's 48" in msg
+
+
+def test_other_depth_and_missing_qkv_bias_are_clear_errors(tmp_path) -> None:
+    path = _save(_timm_small().state_dict(), tmp_path / "d.safetensors", "safetensors")
+    with pytest.raises(ValueError, match=r"the checkpoint has 2 blocks .* the model 3; build the student with depth=2"):
+        load_pretrained_deit(_ours(depth=3), path)
+    no_bias = _save(_timm_small(qkv_bias=False).state_dict(), tmp_path / "nb.safetensors", "safetensors")
+    with pytest.raises(ValueError, match=r"missing from the file: blocks.0.attn.qkv.bias, blocks.1.attn.qkv.bias"):
+        load_pretrained_deit(_ours(), no_bias)
+    wide_mlp = _save(_timm_small(mlp_ratio=2.0).state_dict(), tmp_path / "mlp.safetensors", "safetensors")
+    with pytest.raises(ValueError, match=r"blocks.0.mlp.fc1.weight: file \[128, 64\] vs model \[256, 64\]"):
+        load_pretrained_deit(_ours(), wide_mlp)
+
+
+def test_num_heads_checked_against_our_own_checkpoint(tmp_path) -> None:
+    """num_heads leaves no trace in the weights; our own checkpoints carry it in their config."""
+    source = _ours()
+    path = tmp_path / "student.safetensors"
+    save_model(path, source, kind="deit", config=source.config.to_dict())
+    with pytest.raises(ValueError, match=r"saved with num_heads=2, the model has 4"):
+        load_pretrained_deit(_ours(num_heads=4), path)
+    ours = _ours(img_size=32)
+    load_pretrained_deit(ours, path)
+    assert torch.equal(ours.blocks[1].mlp.fc2.weight, source.blocks[1].mlp.fc2.weight)

@@ -9,11 +9,15 @@ from distill.models.deit import (
     DropPath,
     Mlp,
     PatchEmbed,
+    adapt_input_channels,
     adapt_state_dict,
     build_deit,
     count_parameters,
     drop_path,
+    load_pretrained_deit,
+    resample_patch_embed,
     resample_pos_embed,
+    trunc_normal_init_,
 )
 
 __all__ = [
@@ -25,9 +29,13 @@ __all__ = [
     "DropPath",
     "Mlp",
     "PatchEmbed",
+    "adapt_input_channels",
     "adapt_state_dict",
     "build_deit",
     "count_parameters",
     "drop_path",
+    "load_pretrained_deit",
+    "resample_patch_embed",
     "resample_pos_embed",
+    "trunc_normal_init_",
 ]
