@@ -1,10 +1,24 @@
 """Register the distilled student in the MLflow model registry and keep a champion per dataset.
 
-MLflow records, it never decides what the pipeline computes; here it only labels versions. Each
-call adds a new version of the registered model whose source is ``runs:/<run_id>/<artifact_path>``
-(a plain artifact folder holding the self-describing ``.safetensors`` checkpoint; MLflow 3 accepts a
-``runs:/`` source for ``create_model_version`` without an MLflow "logged model"). The version is
-tagged with ``dataset_key``, ``metric_name`` and ``metric_value``.
+MLflow records, it never decides what the pipeline computes; here it only labels versions. Two ways in,
+one alias policy (below):
+
+* :func:`log_and_register_student` (what the evaluate stage calls): logs the servable student
+  (:mod:`distill.serving`: raw uint8 images in, class probabilities out; signature, input example and
+  preprocessing included) to the stage's run as an MLflow 3 *logged model*, and registers it, so
+  ``mlflow.pyfunc.load_model("models:/<name>@champion")`` and ``mlflow models serve`` work. The logged
+  model is made with :func:`mlflow.models.Model.log` (the function behind ``mlflow.pyfunc.log_model``,
+  which also takes the ``run_id`` to log to, so the stage's run is not made the active run and not ended)
+  from the same arguments that wrote the saved folder (:func:`distill.serving.servable_spec`) and from the
+  checkpoint inside that folder: the registered model is the DVC output ``models/student_mlflow`` up to
+  the ids and times MLflow writes into ``MLmodel``. The version's source is ``models:/<model_id>``, as
+  ``mlflow.register_model`` makes it, linked to the run. (``Model.log`` also copies the run's params and
+  step-0 metrics onto the logged model, and logs its ``model_config`` defaults, ``device`` and
+  ``batch_size``, as two params of the run.)
+* :func:`register_student`: registers a file artifact a run already logged (source
+  ``runs:/<run_id>/<artifact_path>``); such a version cannot be loaded with ``mlflow.pyfunc``.
+
+Each version is tagged with ``dataset_key``, ``metric_name`` and ``metric_value``.
 
 Alias policy. Aliases belong to a registered model, but accuracies are only comparable on the same
 test set, so champions are kept per dataset:
@@ -28,12 +42,23 @@ from __future__ import annotations
 
 import hashlib
 import math
-from typing import Any, Optional
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
 
-__all__ = ["RegistryError", "register_student", "dataset_alias", "CHAMPION", "CANDIDATE"]
+import mlflow
+from mlflow.exceptions import MlflowException
+from mlflow.models import Model
+
+from distill.serving import servable_checkpoint, servable_spec
+from distill.tracking import Tracker
+
+__all__ = ["CANDIDATE", "CHAMPION", "RegistryError", "dataset_alias", "log_and_register_student", "register_student"]
 
 CHAMPION = "champion"
 CANDIDATE = "candidate"
+_T = TypeVar("_T")
 
 
 class RegistryError(RuntimeError):
@@ -45,7 +70,7 @@ def dataset_alias(dataset_key: str) -> str:
     return f"{CHAMPION}-{hashlib.sha256(dataset_key.encode()).hexdigest()[:12]}"
 
 
-def _alias_holder(client: Any, name: str, alias: str) -> Optional[Any]:
+def _alias_holder(client: Any, name: str, alias: str) -> Any | None:
     """The version holding ``alias``, or None when the alias is not set."""
     versions = client.get_registered_model(name).aliases
     if alias not in versions:
@@ -53,7 +78,7 @@ def _alias_holder(client: Any, name: str, alias: str) -> Optional[Any]:
     return client.get_model_version(name, str(versions[alias]))
 
 
-def _tag_metric(version: Any, metric_name: str) -> Optional[float]:
+def _tag_metric(version: Any, metric_name: str) -> float | None:
     """The version's recorded metric, or None if missing, unparsable or for another metric."""
     if version.tags.get("metric_name") != metric_name:
         return None
@@ -65,8 +90,6 @@ def _tag_metric(version: Any, metric_name: str) -> Optional[float]:
 
 
 def _ensure_registered_model(client: Any, name: str) -> None:
-    from mlflow.exceptions import MlflowException
-
     try:
         client.get_registered_model(name)
     except MlflowException as err:
@@ -75,11 +98,23 @@ def _ensure_registered_model(client: Any, name: str) -> None:
         client.create_registered_model(name, description="DeiT students distilled from a CNN teacher (distill).")
 
 
+def _in_registry(uri: str, what: str, work: Callable[[Any], _T]) -> _T:
+    """``work(client)`` against the registry of ``uri``; any failure becomes a :class:`RegistryError` naming ``uri``.
+
+    MlflowException, SQLAlchemy and HTTP errors alike: the message adds the URI, the cause is kept.
+    """
+    try:
+        return work(mlflow.MlflowClient(tracking_uri=uri))
+    except Exception as err:
+        raise RegistryError(f"could not register {what} in the model registry at {uri}: {err}") from err
+
+
 def register_student(*, run_id: str, artifact_path: str, model_name: str, metric: float, dataset_key: str,
                      metric_name: str = "test_top1") -> dict[str, Any]:
     """Register a run's student artifact as a new model version and set its alias (see module docstring).
 
-    Uses the current MLflow tracking URI (the caller sets it), which is also the registry URI.
+    Uses the current MLflow tracking URI (the caller sets it), which is also the registry URI. The version is
+    a plain artifact folder, not an MLflow model: :func:`log_and_register_student` registers a servable one.
 
     Args:
         run_id: The MLflow run that logged the artifact.
@@ -98,15 +133,73 @@ def register_student(*, run_id: str, artifact_path: str, model_name: str, metric
     Raises:
         RegistryError: If the tracking store cannot be reached, read or written; names the URI.
     """
-    import mlflow
+    artifact_path = artifact_path.strip("/")
 
-    uri = mlflow.get_tracking_uri()
+    def register(client: Any) -> dict[str, Any]:
+        _check_source(client, run_id, artifact_path)
+        return _register(client, source=f"runs:/{run_id}/{artifact_path}", run_id=run_id, model_id=None,
+                         model_name=model_name, metric=float(metric), dataset_key=dataset_key, metric_name=metric_name)
+
+    return _in_registry(mlflow.get_tracking_uri(), f"{model_name!r} (run {run_id})", register)
+
+
+def log_and_register_student(tracker: Tracker, model_dir: str | Path, *, model_name: str, metric: float,
+                             dataset_key: str, metric_name: str = "test_top1",
+                             name: str = "student") -> dict[str, Any]:
+    """Log the servable student to the tracker's run as an MLflow logged model, register it, set its alias.
+
+    See the module docstring for how it is logged and for the alias policy. The run is tagged with the
+    version and alias it got (``registry.version``, ``registry.alias``).
+
+    Args:
+        tracker: the evaluate stage's tracker; a tracker without an MLflow run (:class:`~distill.tracking.NullTracker`,
+            ``run_id`` None) or one that went offline (tracking server gone mid-stage) logs nothing.
+        model_dir: a model folder written by :func:`distill.serving.save_servable` (``models/student_mlflow``).
+        model_name: The registered model's name (created if missing).
+        metric: The value champions are compared on, higher is better (test top-1 as a fraction).
+        dataset_key: Identifies the test set the metric was measured on (data fingerprint and split).
+        metric_name: Name of ``metric``, stored as a tag; versions are compared only on the same name.
+        name: the logged model's name (MLflow 3 ``name``, formerly ``artifact_path``).
+
+    Returns:
+        What :func:`register_student` returns, or ``{}`` when nothing was logged.
+
+    Raises:
+        CheckpointError: ``model_dir`` is not a servable model folder.
+        RegistryError: the tracking store cannot be reached, read or written; names the tracking URI.
+    """
+    run_id = getattr(tracker, "run_id", None)
+    if run_id is None or getattr(tracker, "offline", False):
+        return {}
+    uri = getattr(tracker, "uri", None) or mlflow.get_tracking_uri()
+    checkpoint = servable_checkpoint(model_dir)
+    tracker.flush()  # the run's metrics are in the store: Model.log links those of step 0 to the logged model
+
+    def log_and_register(client: Any) -> dict[str, Any]:
+        # The global URI too: Model.log takes none, and MLflow's SQL registry resolves a models:/ source with it.
+        with servable_spec(checkpoint) as spec, _tracking_uri(uri):
+            info = Model.log(artifact_path=None, name=name, flavor=mlflow.pyfunc, run_id=run_id, **spec)
+            return _register(client, source=info.model_uri, run_id=run_id, model_id=info.model_id,
+                             model_name=model_name, metric=float(metric), dataset_key=dataset_key,
+                             metric_name=metric_name)
+
+    result = _in_registry(uri, f"{model_name!r} (run {run_id})", log_and_register)
+    tracker.set_tags({"registry.version": result["version"], "registry.alias": result["alias"]})
+    return result
+
+
+@contextmanager
+def _tracking_uri(uri: str) -> Iterator[None]:
+    """Point MLflow's global tracking URI at ``uri`` for the block."""
+    previous = mlflow.get_tracking_uri()
+    if previous == uri:
+        yield
+        return
+    mlflow.set_tracking_uri(uri)
     try:
-        return _register(mlflow.MlflowClient(), run_id=run_id, artifact_path=artifact_path, model_name=model_name,
-                         metric=float(metric), dataset_key=dataset_key, metric_name=metric_name)
-    except Exception as err:  # MlflowException, SQLAlchemy and HTTP errors alike: add the URI, keep the cause
-        raise RegistryError(f"could not register {model_name!r} (run {run_id}) in the model registry at {uri}: "
-                            f"{err}") from err
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)
 
 
 def _check_source(client: Any, run_id: str, artifact_path: str) -> None:
@@ -120,16 +213,15 @@ def _check_source(client: Any, run_id: str, artifact_path: str) -> None:
         raise RegistryError(f"run {run_id} has no artifacts under {artifact_path!r}: log the model first")
 
 
-def _register(client: Any, *, run_id: str, artifact_path: str, model_name: str, metric: float, dataset_key: str,
-              metric_name: str) -> dict[str, Any]:
-    artifact_path = artifact_path.strip("/")
-    _check_source(client, run_id, artifact_path)
+def _register(client: Any, *, source: str, run_id: str, model_id: str | None, model_name: str, metric: float,
+              dataset_key: str, metric_name: str) -> dict[str, Any]:
+    """Create a version from ``source`` and apply the alias policy (module docstring): the one implementation."""
     _ensure_registered_model(client, model_name)
     per_dataset = dataset_alias(dataset_key)
     previous = _alias_holder(client, model_name, per_dataset)
     previous_metric = _tag_metric(previous, metric_name) if previous is not None else None
     version = client.create_model_version(
-        model_name, source=f"runs:/{run_id}/{artifact_path}", run_id=run_id,
+        model_name, source=source, run_id=run_id, model_id=model_id,
         tags={"dataset_key": dataset_key, "metric_name": metric_name, "metric_value": repr(metric)},
         description=f"{metric_name} = {metric:.4f} on {dataset_key}")
     wins = previous is None or previous_metric is None or metric > previous_metric
