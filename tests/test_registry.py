@@ -1,12 +1,18 @@
-"""The registry against a real MLflow SQLite store (no mocks): champion per dataset, candidate otherwise."""
+"""The registry against a real MLflow SQLite store (no mocks): champion per dataset, candidate otherwise;
+the servable student logged as an MLflow model and loaded back through its alias."""
 
 import mlflow
+import numpy as np
 import pytest
 from mlflow import MlflowClient
+from test_serving import CLASSES, raw_images, student_checkpoint
 
-from distill.registry import RegistryError, dataset_alias, register_student
+from distill.registry import RegistryError, dataset_alias, log_and_register_student, register_student
+from distill.serving import save_servable
+from distill.tracking import MlflowTracker, NullTracker
 
 MODEL = "deit-student-test"
+LOGGED = "deit-student-logged"
 DIGITS, CIFAR = "digits-fingerprint:test", "cifar-fingerprint:test"
 
 
@@ -33,8 +39,8 @@ def _register(store, metric, dataset_key):
                             dataset_key=dataset_key)
 
 
-def _aliases(client):
-    return {alias: str(v) for alias, v in client.get_registered_model(MODEL).aliases.items()}
+def _aliases(client, name=MODEL):
+    return {alias: str(v) for alias, v in client.get_registered_model(name).aliases.items()}
 
 
 def test_champion_policy_per_dataset(store, tmp_path):
@@ -49,7 +55,8 @@ def test_champion_policy_per_dataset(store, tmp_path):
     assert tags["dataset_key"] == DIGITS and tags["metric_name"] == "test_top1" and float(tags["metric_value"]) == 0.95
 
     worse = _register(store, 0.93, DIGITS)
-    assert (worse["alias"], worse["previous_champion_version"], worse["previous_champion_metric"]) == ("candidate", "1", 0.95)
+    assert (worse["alias"], worse["previous_champion_version"], worse["previous_champion_metric"]) == \
+        ("candidate", "1", 0.95)
     tie = _register(store, 0.95, DIGITS)  # strictly greater needed: the incumbent keeps the title
     assert tie["alias"] == "candidate"
     assert _aliases(client) == {"champion": "1", digits: "1", "candidate": "3"}
@@ -95,3 +102,64 @@ def test_missing_run_or_artifact_is_refused(store):
     with pytest.raises(RegistryError, match="no artifacts under 'student_model'"):
         register_student(run_id=empty_run, artifact_path="student_model", model_name=MODEL, metric=0.5,
                          dataset_key=DIGITS)
+
+
+@pytest.fixture(scope="module")
+def servable(tmp_path_factory):
+    """A student saved as the evaluate stage saves it (``models/student_mlflow``)."""
+    root = tmp_path_factory.mktemp("servable")
+    return save_servable(student_checkpoint(root / "student.safetensors"), root / "student_mlflow")
+
+
+def _tracker(store):
+    """A stage's tracker: a run of its own, left RUNNING (the stage ends it)."""
+    client, experiment_id, _ = store
+    return MlflowTracker(client.create_run(experiment_id).info.run_id, uri=mlflow.get_tracking_uri())
+
+
+def test_logged_student_loads_and_predicts_through_its_alias(store, servable):
+    client = store[0]
+    tracker = _tracker(store)
+    first = log_and_register_student(tracker, servable, model_name=LOGGED, metric=0.9, dataset_key=DIGITS)
+    assert first == {"name": LOGGED, "version": "1", "alias": "champion", "metric": 0.9,
+                     "previous_champion_version": None, "previous_champion_metric": None,
+                     "dataset_alias": dataset_alias(DIGITS), "champion_version": "1"}
+
+    images = raw_images(3, 20, 18)
+    expected = mlflow.pyfunc.load_model(str(servable)).predict(images)
+    np.testing.assert_array_equal(mlflow.pyfunc.load_model(f"models:/{LOGGED}@champion").predict(images), expected)
+
+    info = mlflow.models.get_model_info(f"models:/{LOGGED}@champion")
+    (inputs,), (outputs,) = info.signature.inputs.inputs, info.signature.outputs.inputs
+    assert (inputs.type, inputs.shape, outputs.shape) == (np.dtype(np.uint8), (-1, -1, -1, 3), (-1, CLASSES))
+    assert info.saved_input_example_info["type"] == "ndarray" and info.metadata["class_names"][0] == "ant"
+
+    # A logged model of the stage's run (not a bare artifact), registered from models:/<model_id>.
+    version = client.get_model_version(LOGGED, "1")
+    assert version.source.startswith("models:/m-") and version.run_id == tracker.run_id
+    assert mlflow.get_logged_model(version.source[len("models:/"):]).source_run_id == tracker.run_id
+    run = client.get_run(tracker.run_id)
+    assert run.info.status == "RUNNING"  # logging did not end the stage's run
+    assert (run.data.tags["registry.version"], run.data.tags["registry.alias"]) == ("1", "champion")
+
+    # A second, worse student: candidate; champion stays with the first, and both load.
+    second = log_and_register_student(_tracker(store), servable, model_name=LOGGED, metric=0.8, dataset_key=DIGITS)
+    assert (second["version"], second["alias"], second["champion_version"]) == ("2", "candidate", "1")
+    assert _aliases(client, LOGGED) == {"champion": "1", dataset_alias(DIGITS): "1", "candidate": "2"}
+    np.testing.assert_array_equal(mlflow.pyfunc.load_model(f"models:/{LOGGED}@candidate").predict(images), expected)
+
+
+def test_no_run_or_offline_tracker_logs_nothing(store, servable):
+    client = store[0]
+    assert log_and_register_student(NullTracker(), servable, model_name="never", metric=1.0, dataset_key=DIGITS) == {}
+    offline = _tracker(store)
+    offline.offline = True  # the tracking server went away during the stage
+    assert log_and_register_student(offline, servable, model_name="never", metric=1.0, dataset_key=DIGITS) == {}
+    assert client.search_model_versions("name = 'never'") == []
+
+
+def test_log_and_register_names_the_uri(store, servable):
+    uri = mlflow.get_tracking_uri()
+    tracker = MlflowTracker("0" * 32, uri=uri)  # a run the store does not have
+    with pytest.raises(RegistryError, match=f"run 0{{32}}.* at {uri}"):
+        log_and_register_student(tracker, servable, model_name=LOGGED, metric=0.5, dataset_key=DIGITS)
