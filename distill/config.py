@@ -1,25 +1,35 @@
-"""Typed, validated pipeline parameters (``params.yaml``).
+"""Typed, validated pipeline parameters (``params.yaml``), and what each stage may read of them.
 
-``params.yaml`` is the single source of every hyperparameter, grouped by stage. It is loaded into
-the pydantic models below, which forbid unknown keys and check types and ranges, so a typo fails
-before any work with a message that names the key, the bad value and what is allowed.
+``params.yaml`` is the single source of every hyperparameter, grouped by stage. It is loaded into the
+pydantic models below, which forbid unknown keys and check types and ranges, so a typo fails before any
+work with a message that names the key, the bad value and what is allowed. The models hold **no defaults**:
+every value comes from ``params.yaml``, so there is no second set of defaults that could contradict it
+(a missing key is an error naming it).
 
-Runtime flags that depend on the machine (precision, CPU-only, number of processes) are *not*
-parameters: they come from accelerate's config, the environment or the CLI, so the same
-``params.yaml`` runs on a laptop and on a GPU cluster.
+What a stage reads is declared once, in ``dvc.yaml`` (``stages.<name>.params``): DVC reruns a stage when one
+of those values changes. A stage receives its parameters as a :class:`ParamsView`, which lets it read only
+the declared keys: reading anything else raises :class:`UndeclaredParamError`, naming the key and the stage,
+so a stage can never depend on a value DVC does not watch. The view also records every key read, which
+``tests/test_lineage.py`` compares with ``dvc.yaml``.
+
+Runtime flags that depend on the machine (precision, CPU-only, number of processes) are *not* parameters:
+they come from accelerate's config, the environment or the CLI, so the same ``params.yaml`` runs on a
+laptop and on a GPU cluster.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Iterator, Literal, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 __all__ = [
     "ParamsError",
+    "UndeclaredParamError",
     "AugmentParams",
     "DataParams",
     "TrainParams",
@@ -30,15 +40,18 @@ __all__ = [
     "BaselineParams",
     "EvaluateParams",
     "Params",
+    "ParamsView",
     "load_params",
+    "load_raw",
     "parse_params",
     "apply_overrides",
-    "STAGES",
+    "merge",
+    "leaf_keys",
+    "flatten",
+    "declared_params",
+    "declared_values",
     "Paths",
 ]
-
-# The pipeline's stages, in order (dvc.yaml holds the graph), each with its group in params.yaml.
-STAGES = ("data", "teacher", "soft_labels", "student", "baseline", "evaluate")
 
 
 @dataclass(frozen=True)
@@ -71,25 +84,38 @@ class Paths:
     def reports(self) -> Path:
         return self.root / "reports"
 
+    def pretrained(self, role: str) -> Path:
+        """Where pretrained weights for ``role`` (``teacher`` or ``student``) live: a DVC dependency of its stages."""
+        return self.root / "models" / "pretrained" / role
+
+    @property
+    def served_model(self) -> Path:
+        """The student as an MLflow model (pyfunc), written by the evaluate stage."""
+        return self.root / "models" / "student_mlflow"
+
     def state(self, stage: str, key: str) -> Path:
         """Resume state: outside every DVC output, so ``dvc repro`` does not delete it before a rerun."""
         return self.root / ".state" / stage / key
 
 
 class ParamsError(ValueError):
-    """Raised when ``params.yaml`` has an unknown key, a wrong type or an out-of-range value."""
+    """Raised when ``params.yaml`` has an unknown or missing key, a wrong type or an out-of-range value."""
+
+
+class UndeclaredParamError(LookupError):
+    """A stage read a parameter that ``dvc.yaml`` does not list for it: DVC would not rerun it when it changes."""
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class AugmentParams(_Strict):
     """Random-resized-crop (+ optional flip) applied to training images, replayable from its parameters."""
 
-    scale: tuple[float, float] = (0.35, 1.0)
-    ratio: tuple[float, float] = (0.75, 4.0 / 3.0)
-    hflip: bool = False
+    scale: tuple[float, float]
+    ratio: tuple[float, float]
+    hflip: bool
 
     @model_validator(mode="after")
     def _check(self) -> "AugmentParams":
@@ -103,46 +129,44 @@ class AugmentParams(_Strict):
 
 
 class DataParams(_Strict):
-    name: Literal["digits", "cifar10", "cifar100", "mnist", "fashion_mnist", "imagefolder"] = "digits"
-    root: Optional[str] = Field(default=None, description="dataset root for torchvision datasets / imagefolder")
-    download: bool = False
-    image_size: int = Field(default=16, ge=4, le=1024)
-    val_fraction: float = Field(default=0.15, gt=0.0, lt=0.5)
-    test_fraction: float = Field(default=0.2, gt=0.0, lt=0.5)
-    max_per_class: Optional[int] = Field(default=None, ge=1)
-    unlabeled: bool = Field(default=False, description="keep the training images above max_per_class, without "
-                            "their labels, as an unlabeled transfer set: only the distilled student learns from them")
-    augment: AugmentParams = AugmentParams()
+    name: Literal["digits", "cifar10", "cifar100", "mnist", "fashion_mnist", "imagefolder"]
+    root: str = Field(min_length=1, description="folder of the raw data (a DVC dependency of the data stage)")
+    download: bool
+    image_size: int = Field(ge=4, le=1024)
+    val_fraction: float = Field(gt=0.0, lt=0.5)
+    test_fraction: float = Field(gt=0.0, lt=0.5)
+    max_per_class: Optional[int] = Field(ge=1)
+    unlabeled: bool = Field(description="build the unlabeled transfer split: the training images above "
+                            "max_per_class without their labels, and an image folder's root/unlabeled/")
+    skip_bad_images: bool = Field(description="imagefolder: skip (and count) unreadable images instead of failing")
+    augment: AugmentParams
 
     @model_validator(mode="after")
-    def _check_root(self) -> "DataParams":
-        if self.name == "imagefolder" and not self.root:
-            raise ValueError("data.root is required when data.name is 'imagefolder' (root/<class>/<images>)")
-        if self.unlabeled and self.max_per_class is None:
+    def _check_unlabeled(self) -> "DataParams":
+        if self.unlabeled and self.max_per_class is None and self.name != "imagefolder":
             raise ValueError("data.unlabeled keeps the training images above data.max_per_class as an unlabeled "
                              "transfer set; set data.max_per_class (e.g. 50) or data.unlabeled: false")
         return self
 
 
 class TrainParams(_Strict):
-    """One training recipe, shared by teacher, baseline and student (the one engine reads it)."""
+    """One training recipe (the one engine reads it for teacher, baseline and student)."""
 
-    epochs: int = Field(default=30, ge=1, le=10_000)
-    batch_size: int = Field(default=64, ge=1, description="per process")
-    lr: float = Field(default=1e-3, gt=0.0, le=1.0, description="peak learning rate at this batch size on one process")
-    min_lr: float = Field(default=1e-5, ge=0.0)
-    weight_decay: float = Field(default=0.05, ge=0.0, le=1.0)
-    warmup_epochs: int = Field(default=5, ge=0)
-    label_smoothing: float = Field(default=0.1, ge=0.0, lt=1.0)
-    grad_clip: Optional[float] = Field(default=1.0, gt=0.0)
-    grad_accum: int = Field(default=1, ge=1)
-    scale_lr: bool = Field(default=True, description="scale lr linearly with processes x grad_accum")
-    mixup: float = Field(default=0.0, ge=0.0, le=10.0,
-                         description="mixup of training views: weights drawn from Beta(mixup, mixup); 0 = off")
+    epochs: int = Field(ge=0, le=10_000, description="0: the teacher only, used as it is (no training)")
+    batch_size: int = Field(ge=1, description="per process")
+    lr: float = Field(gt=0.0, le=1.0, description="peak learning rate at this batch size on one process")
+    min_lr: float = Field(ge=0.0)
+    weight_decay: float = Field(ge=0.0, le=1.0)
+    warmup_epochs: int = Field(ge=0)
+    label_smoothing: float = Field(ge=0.0, lt=1.0)
+    grad_clip: Optional[float] = Field(gt=0.0)
+    grad_accum: int = Field(ge=1)
+    scale_lr: bool = Field(description="scale lr linearly with processes x grad_accum")
+    mixup: float = Field(ge=0.0, le=10.0, description="mixup of training views, Beta(mixup, mixup); 0 = off")
 
     @model_validator(mode="after")
     def _check(self) -> "TrainParams":
-        if self.warmup_epochs >= self.epochs and self.epochs > 1:
+        if self.epochs > 1 and self.warmup_epochs >= self.epochs:
             raise ValueError(f"warmup_epochs ({self.warmup_epochs}) must be smaller than epochs ({self.epochs})")
         if self.min_lr > self.lr:
             raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
@@ -150,76 +174,228 @@ class TrainParams(_Strict):
 
 
 class TeacherParams(_Strict):
-    arch: str = Field(default="resnet_small", description="'resnet_small' or any torchvision classification model name")
-    width: int = Field(default=32, ge=4, le=512, description="base width of resnet_small")
-    blocks: int = Field(default=2, ge=1, le=8, description="BasicBlocks per stage of resnet_small")
-    pretrained_path: Optional[str] = None
-    train: TrainParams = TrainParams(lr=2e-3, weight_decay=5e-4, warmup_epochs=2)
+    arch: str = Field(min_length=1, description="'resnet_small', a torchvision model name, or 'timm/<name>'")
+    width: int = Field(ge=4, le=512, description="base width of resnet_small")
+    blocks: int = Field(ge=1, le=8, description="BasicBlocks per stage of resnet_small")
+    pretrained_path: Optional[str] = Field(description="local weights file (.safetensors or a torch state dict)")
+    mean: Optional[tuple[float, ...]] = Field(description="the teacher's own input normalisation; null: the data's")
+    std: Optional[tuple[float, ...]]
+    input_size: Optional[int] = Field(ge=4, le=1024, description="the teacher's input size; null: data.image_size")
+    train: TrainParams
+
+    @model_validator(mode="after")
+    def _check(self) -> "TeacherParams":
+        if self.train.epochs == 0 and not self.pretrained_path:
+            raise ValueError("teacher.train.epochs: 0 uses a pretrained teacher exactly as it is; set "
+                             "teacher.pretrained_path to its weights file, or train it (epochs >= 1)")
+        if (self.mean is None) != (self.std is None):
+            raise ValueError("set both teacher.mean and teacher.std (the teacher's own normalisation), or neither")
+        if self.mean is not None and self.std is not None and len(self.mean) != len(self.std):
+            raise ValueError(f"teacher.mean has {len(self.mean)} values but teacher.std has {len(self.std)}")
+        return self
 
 
 class SoftLabelParams(_Strict):
-    views: int = Field(default=8, ge=1, le=1024, description="augmented views stored per training image (K)")
-    topk: Optional[int] = Field(default=None, ge=1, description="store only the top-k logits per view")
-    dtype: Literal["float16", "float32"] = "float16"
-    batch_size: int = Field(default=256, ge=1)
+    views: int = Field(ge=1, le=1024, description="augmented views stored per training image (K)")
+    topk: Optional[int] = Field(ge=1, description="store only the top-k logits per view")
+    dtype: Literal["float16", "float32"]
+    batch_size: int = Field(ge=1)
 
 
 class StudentModelParams(_Strict):
-    preset: str = "deit_micro"
-    patch_size: Optional[int] = Field(default=None, ge=1)
-    embed_dim: Optional[int] = Field(default=None, ge=8)
-    depth: Optional[int] = Field(default=None, ge=1)
-    num_heads: Optional[int] = Field(default=None, ge=1)
-    mlp_ratio: Optional[float] = Field(default=None, gt=0.0)
-    drop_path_rate: float = Field(default=0.1, ge=0.0, lt=1.0)
-    drop_rate: float = Field(default=0.0, ge=0.0, lt=1.0)
-
-    def overrides(self) -> dict[str, Any]:
-        """Config fields to override on the preset (None means: keep the preset's value)."""
-        keys = ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "drop_path_rate", "drop_rate")
-        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
+    preset: str = Field(min_length=1)
+    patch_size: Optional[int] = Field(ge=1)
+    embed_dim: Optional[int] = Field(ge=8)
+    depth: Optional[int] = Field(ge=1)
+    num_heads: Optional[int] = Field(ge=1)
+    mlp_ratio: Optional[float] = Field(gt=0.0)
+    drop_path_rate: float = Field(ge=0.0, lt=1.0)
+    drop_rate: float = Field(ge=0.0, lt=1.0)
+    pretrained_path: Optional[str] = Field(description="start student and baseline from a local DeiT/timm checkpoint")
 
 
 class StudentParams(_Strict):
-    model: StudentModelParams = StudentModelParams()
-    train: TrainParams = TrainParams()
-    distillation: Literal["none", "soft", "hard"] = "hard"
-    alpha: float = Field(default=0.5, ge=0.0, le=1.0)
-    tau: float = Field(default=1.0, gt=0.0, le=100.0)
-    teacher_mode: Literal["stored", "online"] = "stored"
+    model: StudentModelParams
+    train: TrainParams
+    distillation: Literal["none", "soft", "hard"]
+    alpha: float = Field(ge=0.0, le=1.0)
+    tau: float = Field(gt=0.0, le=100.0)
+    teacher_mode: Literal["stored", "online"]
+
+    @model_validator(mode="after")
+    def _check(self) -> "StudentParams":
+        if self.train.epochs < 1:
+            raise ValueError("student.train.epochs must be at least 1")
+        return self
 
 
 class BaselineParams(_Strict):
-    """The same student, same recipe and budget (``student.model`` / ``student.train``), labels only."""
+    """The same student and recipe (``student.model`` / ``student.train``), labels only, with its own lr and wd."""
 
-    dist_token: bool = Field(
-        default=False,
-        description="False: class token only (DeiT 'no distillation'); True: keep both tokens, both heads on labels",
-    )
+    dist_token: bool = Field(description="False: class token only (DeiT 'no distillation'); True: both tokens")
     budget: Literal["steps", "epochs"] = Field(
-        default="steps",
-        description="steps: as many optimizer steps as the student (when the student also trains on unlabeled "
-                    "images, the baseline's epochs and warm-up are scaled up); epochs: the same number of epochs",
-    )
+        description="steps: exactly the student's optimizer steps and warm-up steps; epochs: the same epochs")
+    lr: Optional[float] = Field(gt=0.0, le=1.0, description="the baseline's own peak lr; null: the student's")
+    weight_decay: Optional[float] = Field(ge=0.0, le=1.0, description="its own weight decay; null: the student's")
 
 
 class EvaluateParams(_Strict):
-    batch_size: int = Field(default=256, ge=1)
-    ece_bins: int = Field(default=15, ge=2, le=100)
-    throughput_batch_size: int = Field(default=64, ge=1)
-    throughput_iters: int = Field(default=20, ge=1)
-    register_model: bool = True
-    model_name: str = Field(default="deit-student", min_length=1)
+    batch_size: int = Field(ge=1)
+    ece_bins: int = Field(ge=2, le=100)
+    throughput_batch_size: int = Field(ge=1)
+    throughput_iters: int = Field(ge=1)
+    throughput_rounds: int = Field(ge=1, le=100, description="interleaved speed rounds per model (median, spread)")
+    register_model: bool
+    model_name: str = Field(min_length=1)
 
 
 class Params(_Strict):
-    seed: int = Field(default=0, ge=0)
-    data: DataParams = DataParams()
-    teacher: TeacherParams = TeacherParams()
-    soft_labels: SoftLabelParams = SoftLabelParams()
-    student: StudentParams = StudentParams()
-    baseline: BaselineParams = BaselineParams()
-    evaluate: EvaluateParams = EvaluateParams()
+    seed: int = Field(ge=0)
+    data: DataParams
+    teacher: TeacherParams
+    soft_labels: SoftLabelParams
+    student: StudentParams
+    baseline: BaselineParams
+    evaluate: EvaluateParams
+
+
+# --------------------------------------------------------------------------------------------------
+# What a stage may read
+# --------------------------------------------------------------------------------------------------
+
+
+def declared_params(stage: str, dvc_yaml: str | Path) -> tuple[str, ...]:
+    """The ``params.yaml`` keys ``dvc.yaml`` lists for ``stage`` (dotted; a group stands for all its keys).
+
+    Raises:
+        ParamsError: ``dvc.yaml`` is missing or has no such stage.
+    """
+    path = Path(dvc_yaml)
+    try:
+        stages = yaml.safe_load(path.read_text())["stages"]
+        spec = stages[stage]
+    except (OSError, yaml.YAMLError, KeyError, TypeError) as err:
+        raise ParamsError(f"{path}: cannot read the params of stage {stage!r} ({type(err).__name__}: {err})") from None
+    keys: list[str] = []
+    for entry in spec.get("params") or []:
+        if isinstance(entry, str):
+            keys.append(entry)
+        elif isinstance(entry, dict):  # {params.yaml: [keys]}
+            for file, listed in entry.items():
+                if Path(file).name != "params.yaml":
+                    raise ParamsError(f"{path}: stage {stage} reads params from {file}; only params.yaml is supported")
+                keys.extend(listed or [])
+    return tuple(keys)
+
+
+def _covered(key: str, declared: tuple[str, ...]) -> bool:
+    return any(key == d or key.startswith(d + ".") for d in declared)
+
+
+class ParamsView:
+    """Read-only access to the parameters a stage declares in ``dvc.yaml``; records every key read.
+
+    Attribute access mirrors :class:`Params` (``view.student.train.lr``). A group returns another view; a leaf
+    returns its value if ``dvc.yaml`` declares it (or a group above it) for the stage, and raises
+    :class:`UndeclaredParamError` otherwise. :meth:`resolve` returns a group's validated model (for the engine,
+    which reads a whole recipe) and records all its keys.
+    """
+
+    __slots__ = ("_root", "_node", "_stage", "_declared", "_reads", "_prefix")
+
+    def __init__(self, params: Params, *, stage: str, declared: tuple[str, ...], reads: Optional[set[str]] = None,
+                 node: Optional[BaseModel] = None, prefix: str = "") -> None:
+        object.__setattr__(self, "_root", params)
+        object.__setattr__(self, "_node", params if node is None else node)
+        object.__setattr__(self, "_stage", stage)
+        object.__setattr__(self, "_declared", tuple(declared))
+        object.__setattr__(self, "_reads", set() if reads is None else reads)
+        object.__setattr__(self, "_prefix", prefix)
+
+    @property
+    def reads(self) -> set[str]:
+        """Every leaf key read so far through this view or its sub-views (shared set)."""
+        return self._reads
+
+    @property
+    def stage(self) -> str:
+        return self._stage
+
+    def declared(self) -> dict[str, Any]:
+        """Everything the stage declares, as a nested dict (what it logs and what keys its resume state).
+
+        Not counted as reads: a stage's lineage is what its code uses, not what it records.
+        """
+        return declared_values(self._root, self._declared)
+
+    def _check(self, key: str) -> None:
+        if not _covered(key, self._declared):
+            raise UndeclaredParamError(
+                f"stage {self._stage!r} read parameter {key!r}, which dvc.yaml does not list under "
+                f"stages.{self._stage}.params (it lists: {', '.join(self._declared) or 'nothing'}). DVC would not "
+                "rerun the stage when it changes: add it to dvc.yaml, or do not read it.")
+
+    def __getattr__(self, name: str) -> Any:
+        node = self._node
+        if name.startswith("_") or name not in type(node).model_fields:
+            raise AttributeError(f"{self._prefix}{name} is not a parameter")
+        value = getattr(node, name)
+        key = f"{self._prefix}{name}"
+        if isinstance(value, BaseModel):
+            return ParamsView(self._root, stage=self._stage, declared=self._declared, reads=self._reads, node=value,
+                              prefix=key + ".")
+        self._check(key)
+        self._reads.add(key)
+        return value
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("parameters are read-only")
+
+    def resolve(self) -> Any:
+        """This group's validated model; every key in it counts as read (and must be declared)."""
+        for key in leaf_keys(self._node, self._prefix):
+            self._check(key)
+            self._reads.add(key)
+        return self._node
+
+    def __repr__(self) -> str:
+        return f"ParamsView(stage={self._stage!r}, prefix={self._prefix!r})"
+
+
+def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    """A params model or nested mapping as dotted keys: ``{"a": {"b": 1}} -> {"a.b": 1}`` (MLflow params are flat)."""
+    items = d.model_dump().items() if isinstance(d, BaseModel) else d.items()
+    out: dict[str, Any] = {}
+    for key, value in items:
+        if isinstance(value, (dict, BaseModel)):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def leaf_keys(node: Any, prefix: str = "") -> Iterator[str]:
+    """Dotted keys of every leaf of a params model or a nested mapping (``{"a": {"b": 1}} -> "a.b"``)."""
+    return iter(flatten(node, prefix))
+
+
+def declared_values(params: Params, declared: tuple[str, ...]) -> dict[str, Any]:
+    """The declared part of ``params`` as a nested dict (what a stage logs, and what keys its resume state)."""
+    raw = params.model_dump(mode="json")
+    out: dict[str, Any] = {}
+    for key in declared:
+        node, target = raw, out
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node[part]
+            target = target.setdefault(part, {})
+        target[leaf] = copy.deepcopy(node[leaf])
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading and validation
+# --------------------------------------------------------------------------------------------------
 
 
 def _format_errors(err: ValidationError, raw: dict[str, Any], source: str) -> str:
@@ -230,6 +406,10 @@ def _format_errors(err: ValidationError, raw: dict[str, Any], source: str) -> st
             parent = e["loc"][:-1]
             allowed = _allowed_keys(parent)
             lines.append(f"  - {loc}: unknown key; allowed keys here: {', '.join(allowed)}")
+            continue
+        if e["type"] == "missing":
+            lines.append(f"  - {loc}: missing; every parameter must be set in params.yaml (the shipped params.yaml "
+                         "lists them all, with comments)")
             continue
         value = _lookup(raw, e["loc"])
         shown = "" if value is _MISSING else f" = {value!r}"
@@ -263,10 +443,10 @@ def _allowed_keys(loc: tuple) -> list[str]:
 
 
 def parse_params(raw: dict[str, Any] | None, source: str = "params") -> Params:
-    """Validate a params mapping.
+    """Validate a complete params mapping (there are no defaults: every key must be there).
 
     Args:
-        raw: the mapping read from YAML (``None`` means all defaults).
+        raw: the mapping read from YAML.
         source: name of where it came from, used in error messages.
 
     Returns:
@@ -284,11 +464,11 @@ def parse_params(raw: dict[str, Any] | None, source: str = "params") -> Params:
         raise ParamsError(_format_errors(err, raw, source)) from None
 
 
-def load_params(path: str | Path = "params.yaml") -> Params:
-    """Load and validate ``params.yaml``.
+def load_raw(path: str | Path = "params.yaml") -> dict[str, Any]:
+    """Read ``params.yaml`` as a plain mapping (not validated).
 
     Raises:
-        ParamsError: file missing, not YAML, or invalid values (message names the key).
+        ParamsError: the file is missing or not YAML.
     """
     path = Path(path)
     if not path.is_file():
@@ -297,7 +477,27 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise ParamsError(f"{path}: not valid YAML: {err}") from None
-    return parse_params(raw, source=str(path))
+    return raw if raw is not None else {}
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Load and validate ``params.yaml``.
+
+    Raises:
+        ParamsError: file missing, not YAML, or invalid values (message names the key).
+    """
+    return parse_params(load_raw(path), source=str(path))
+
+
+def merge(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``changes`` merged in, group by group (neither is modified)."""
+    out = copy.deepcopy(base)
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -313,8 +513,6 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     Raises:
         ParamsError: an override without ``=``, or one that descends into a non-mapping value.
     """
-    import copy
-
     out = copy.deepcopy(raw)
     for item in overrides:
         key, sep, value = item.partition("=")
