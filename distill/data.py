@@ -470,6 +470,17 @@ def _folder_pools(root: str | Path | None, unlabeled: bool) -> tuple[dict[str, _
     return pools, classes, path
 
 
+def _where(path: Path) -> str:
+    """How ``meta.json`` names a raw-data folder: relative to the working directory (the project root, where DVC
+    runs the stage) when it lies inside it, so the same data in another clone or a ``dvc exp run --temp`` copy
+    has the same fingerprint; absolute otherwise."""
+    path = path.resolve()
+    try:
+        return str(path.relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
 def _plan(name: str, *, root: str | Path | None, val_fraction: float, test_fraction: float, seed: int,
           download: bool, max_per_class: int | None, unlabeled: bool) -> _Plan:
     """Everything about a dataset but its pixels: classes, and which sample of which source each split gets."""
@@ -485,11 +496,11 @@ def _plan(name: str, *, root: str | Path | None, val_fraction: float, test_fract
     elif name == "imagefolder":
         pools, classes, folder = _folder_pools(root, unlabeled)
         splits = _assign(pools["train"], val=pools["val"], test=pools["test"], extra=pools["unlabeled"], **split_kw)
-        source, channels = str(folder.resolve()), 3
+        source, channels = _where(folder), 3
     else:
         tv, classes = _torchvision_pools(name, root, download)
         splits = _assign(tv["train"], val=None, test=tv["test"], extra=None, **split_kw)
-        source, channels = f"torchvision.datasets ({Path(root or '').resolve()})", tv["train"].images.shape[1]
+        source, channels = f"torchvision.datasets ({_where(Path(root or ''))})", tv["train"].images.shape[1]
     plan = _Plan(classes=classes, source=source, channels=int(channels), splits=splits, root=folder)
     for split in ("train", "val", "test"):
         if plan.count(split) == 0:

@@ -9,7 +9,11 @@ What it implements:
   al. 2021, Table 4: class head vs distillation head vs teacher);
 * the cost side of DeiT's Table 1 / Figure 1: parameters, FLOPs per image (torch's own
   ``FlopCounterMode``, which counts 2 FLOPs per multiply-accumulate) and throughput / latency;
-* mean ± std aggregation of several seeds' metrics.
+* mean ± std aggregation of several seeds' metrics, with a 95 % confidence interval (Student's t) of each
+  mean: for the distillation gain and the gap to the teacher, which are per-seed *paired* differences, that
+  is the interval of the paired difference;
+* for a single run, the test set's own sampling error: a Wilson interval for an accuracy and a normal
+  interval for a paired difference of accuracies on the same images.
 
 All accuracies are fractions in ``[0, 1]``; presentation (percentages) is left to :mod:`distill.report`.
 """
@@ -26,11 +30,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from distill.config import flatten
 from distill.models.deit import count_parameters
-from distill.tracking import flatten
 
 __all__ = ["classification_metrics", "topk_accuracy", "agreement", "expected_calibration_error", "confusion_matrix",
-           "count_parameters", "flops_per_image", "measure_throughput", "mean_std", "aggregate_runs"]
+           "count_parameters", "flops_per_image", "measure_throughput", "interleaved_speed", "mean_std",
+           "t_interval", "wilson_interval", "paired_accuracy_interval", "aggregate_runs"]
 
 
 # ------------------------------------------------------------------------------------------ accuracy
@@ -265,6 +270,100 @@ def measure_throughput(model: nn.Module, input_shape: Sequence[int], *, batch_si
     return {"images_per_sec": float(images_per_sec), "latency_ms_batch1": float(latency_ms), "method": method}
 
 
+def _spread(values: Sequence[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def interleaved_speed(models: Mapping[str, nn.Module], input_shape: Sequence[int], *, batch_size: int, iters: int,
+                      rounds: int, device: str | torch.device, reference: str = "teacher") -> dict[str, Any]:
+    """Throughput and latency of several models, measured in interleaved rounds (median and spread).
+
+    One round times every model once (:func:`measure_throughput`), in order; ``rounds`` rounds alternate the
+    models, so a machine that slows down or speeds up hits them alike. A speed *ratio* to ``reference`` is
+    computed within each round (same moment, same load) and summarised over rounds.
+
+    Returns:
+        ``{name: {"images_per_sec", "images_per_sec_min", "images_per_sec_max", "latency_ms_batch1",
+        "latency_ms_batch1_min", "latency_ms_batch1_max", "speedup_vs_<reference>", "_min", "_max"}, ...,
+        "method": str}``: medians over rounds, with the extremes.
+    """
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    per_round: list[dict[str, dict[str, Any]]] = []
+    for r in range(rounds):
+        order = list(models) if r % 2 == 0 else list(reversed(list(models)))
+        per_round.append({name: measure_throughput(models[name], input_shape, batch_size=batch_size, iters=iters,
+                                                   device=device) for name in order})
+    out: dict[str, Any] = {}
+    for name in models:
+        row: dict[str, float] = {}
+        for key in ("images_per_sec", "latency_ms_batch1"):
+            stats = _spread([rnd[name][key] for rnd in per_round])
+            row.update({key: stats["median"], f"{key}_min": stats["min"], f"{key}_max": stats["max"]})
+        if reference in models:
+            stats = _spread([rnd[name]["images_per_sec"] / rnd[reference]["images_per_sec"] for rnd in per_round])
+            row.update({f"speedup_vs_{reference}": stats["median"], f"speedup_vs_{reference}_min": stats["min"],
+                        f"speedup_vs_{reference}_max": stats["max"]})
+        out[name] = row
+    first = next(iter(per_round[0].values()))["method"]
+    out["method"] = (f"{rounds} interleaved rounds (the models' order reversed every other round); median over rounds, "
+                     f"with min and max; speed-ups computed within each round. Each measurement: {first}")
+    return out
+
+
+# ------------------------------------------------------------------------------------- statistics
+def _t_quantile(confidence: float, dof: int) -> float:
+    from scipy.stats import t
+
+    return float(t.ppf(0.5 + confidence / 2, dof))
+
+
+def t_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float, float]:
+    """Mean and its two-sided Student-t confidence interval: ``mean ± t(n-1) * s / sqrt(n)``.
+
+    For paired differences (gain per seed = student minus baseline on the same seed), this is the interval of
+    the paired difference. With one value the interval is undefined: ``(value, nan, nan)``.
+
+    Returns:
+        ``(mean, low, high)``.
+    """
+    mean, std = mean_std(values)
+    n = len(values)
+    if n < 2:
+        return mean, math.nan, math.nan
+    half = _t_quantile(confidence, n - 1) * std / math.sqrt(n)
+    return mean, mean - half, mean + half
+
+
+def wilson_interval(correct: int, total: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of an accuracy ``correct / total`` (the test set's sampling error, one run)."""
+    if total < 1:
+        return math.nan, math.nan
+    z = statistics.NormalDist().inv_cdf(0.5 + confidence / 2)
+    p = correct / total
+    centre = (p + z * z / (2 * total)) / (1 + z * z / total)
+    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / (1 + z * z / total)
+    return centre - half, centre + half
+
+
+def paired_accuracy_interval(correct_a: Tensor, correct_b: Tensor, confidence: float = 0.95) -> tuple[float, float, float]:
+    """Accuracy of ``a`` minus that of ``b`` on the same images, with a normal interval of the paired difference.
+
+    Each image contributes ``d_i = correct_a(i) - correct_b(i)`` in {-1, 0, 1}; the interval is
+    ``mean(d) ± z * sd(d) / sqrt(n)``: the sampling error of the test set, for one run (seeds add their own).
+
+    Returns:
+        ``(difference, low, high)`` as fractions.
+    """
+    d = correct_a.float() - correct_b.float()
+    n = d.numel()
+    if n < 2:
+        return float(d.mean()) if n else math.nan, math.nan, math.nan
+    z = statistics.NormalDist().inv_cdf(0.5 + confidence / 2)
+    mean, half = float(d.mean()), z * float(d.std(unbiased=True)) / math.sqrt(n)
+    return mean, mean - half, mean + half
+
+
 # ------------------------------------------------------------------------------------- multi-seed
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (``ddof=1``; 0 for a single value).
@@ -296,7 +395,8 @@ def aggregate_runs(runs: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any
         runs: One metrics dict per run, e.g. the contents of several ``metrics/evaluate.json``.
 
     Returns:
-        ``{key: {"mean", "std", "n", "values"}}`` in first-seen key order.
+        ``{key: {"mean", "std", "n", "values", "ci95"}}`` in first-seen key order; ``ci95`` is the 95 % Student-t
+        interval ``[low, high]`` of the mean (``[nan, nan]`` for one run).
     """
     values: dict[str, list[float]] = {}
     for run in runs:
@@ -306,5 +406,6 @@ def aggregate_runs(runs: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any
     out: dict[str, dict[str, Any]] = {}
     for key, vals in values.items():
         mean, std = mean_std(vals)
-        out[key] = {"mean": mean, "std": std, "n": len(vals), "values": vals}
+        _, low, high = t_interval(vals)
+        out[key] = {"mean": mean, "std": std, "n": len(vals), "values": vals, "ci95": [low, high]}
     return out

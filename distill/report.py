@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Mapping, Sequence
 
-__all__ = ["results_table", "distillation_summary", "seed_table", "format_count"]
+__all__ = ["results_table", "results_report", "distillation_summary", "training_summary", "seed_table", "format_count"]
 
 DASH = "\u2013"  # en dash: a missing value
 
@@ -82,6 +82,13 @@ def _top1(metrics: Mapping[str, Any], name: str) -> float | None:
     return float(v) if _is_number(v) else None
 
 
+def _interval(ci: Any) -> str:
+    """`` (95 % CI +0.28 to +2.51)`` for an interval of a difference in fractions, or nothing."""
+    if isinstance(ci, (list, tuple)) and len(ci) == 2 and all(_is_number(v) for v in ci):
+        return f" (95 % CI {100 * ci[0]:+.2f} to {100 * ci[1]:+.2f})"
+    return ""
+
+
 def _ratio(metrics: Mapping[str, Any], key: str, num: str, den: str) -> float | None:
     a, b = metrics.get(num, {}).get(key), metrics.get(den, {}).get(key)
     return a / b if _is_number(a) and _is_number(b) and b > 0 and a > 0 else None
@@ -92,9 +99,16 @@ def _cost_clause(metrics: Mapping[str, Any]) -> str:
     size = _ratio(metrics, "params", "teacher", "student")
     if size is not None:
         parts.append(f"{size:.1f}x fewer parameters" if size >= 1 else f"{1 / size:.1f}x more parameters")
-    speed = _ratio(metrics, "images_per_sec", "student", "teacher")
-    if speed is not None:
-        parts.append(f"{speed:.1f}x the teacher's throughput")
+    student = metrics.get("student", {})
+    speed = student.get("speedup_vs_teacher")
+    if _is_number(speed):  # median of interleaved rounds, with its spread
+        lo, hi = student.get("speedup_vs_teacher_min"), student.get("speedup_vs_teacher_max")
+        spread = f", {lo:.1f}x to {hi:.1f}x over the rounds" if _is_number(lo) and _is_number(hi) else ""
+        parts.append(f"{speed:.1f}x the teacher's throughput (median{spread})")
+    else:
+        speed = _ratio(metrics, "images_per_sec", "student", "teacher")
+        if speed is not None:
+            parts.append(f"{speed:.1f}x the teacher's throughput")
     return " with " + " and ".join(parts) if parts else ""
 
 
@@ -103,13 +117,13 @@ def distillation_summary(metrics: Mapping[str, Any]) -> str:
 
     Args:
         metrics: ``metrics/evaluate.json`` content: ``teacher``/``baseline``/``student`` dicts with
-            ``top1`` (fraction) and optionally ``params`` and ``images_per_sec``, and
-            ``distillation_gain`` / ``gap_to_teacher`` (fractions; computed from the top-1s if absent).
+            ``top1`` (fraction) and optionally ``params``, ``images_per_sec`` and ``speedup_vs_teacher``,
+            and ``distillation_gain`` / ``gap_to_teacher`` (fractions; computed from the top-1s if absent)
+            with their ``*_ci95`` intervals.
 
     Returns:
-        E.g. "Distillation bought +1.23 points top-1 (student 98.33 % vs baseline 97.10 %). The student is
-        0.50 points behind the teacher (98.83 %) with 4.2x fewer parameters and 3.1x the teacher's
-        throughput."
+        E.g. "Distillation bought +1.23 points top-1 (95 % CI +0.10 to +2.36; student 98.33 % vs baseline
+        97.10 %). The student is 0.50 points behind the teacher (98.83 %) ..."
     """
     teacher, baseline, student = (_top1(metrics, n) for n in ("teacher", "baseline", "student"))
     gain = metrics.get("distillation_gain")
@@ -122,13 +136,56 @@ def distillation_summary(metrics: Mapping[str, Any]) -> str:
     if _is_number(gain):
         detail = f" (student {_pct(student)} % vs baseline {_pct(baseline)} %)" if None not in (student, baseline) else ""
         change = f"bought {100 * gain:+.2f} points top-1" if gain > 0 else f"changed top-1 by {100 * gain:+.2f} points"
-        sentences.append(f"Distillation {change}{detail}.")
+        sentences.append(f"Distillation {change}{_interval(metrics.get('distillation_gain_ci95'))}{detail}.")
     if _is_number(gap):
         where = ("behind" if gap > 0 else "ahead of") if gap != 0 else "level with"
         amount = f"{abs(100 * gap):.2f} points " if gap != 0 else ""
         ref = f" ({_pct(teacher)} %)" if teacher is not None else ""
-        sentences.append(f"The student is {amount}{where} the teacher{ref}{_cost_clause(metrics)}.")
+        ci = _interval(metrics.get("gap_to_teacher_ci95"))
+        ci = f"; teacher minus student{ci}" if ci else ""
+        sentences.append(f"The student is {amount}{where} the teacher{ref}{_cost_clause(metrics)}{ci}.")
     return " ".join(sentences) if sentences else "No top-1 accuracies to compare."
+
+
+def training_summary(training: Mapping[str, Mapping[str, Any]]) -> str:
+    """What each model trained on and for how long (from the checkpoints), and how the baseline's budget was set."""
+    lines = []
+    for name in ("teacher", "baseline", "student"):
+        t = training.get(name) or {}
+        if t.get("used_as_is"):
+            lines.append(f"- {name}: pretrained, used as it is (no training here)")
+            continue
+        images = f" on {t['train_images']:,} images" if "train_images" in t else ""
+        if "labeled_images" in t and t.get("train_images", 0) > t["labeled_images"]:
+            images += (f" ({t['labeled_images']:,} labeled, {t['train_images'] - t['labeled_images']:,} unlabeled: "
+                       "those only through the teacher's soft labels)")
+        if "steps" in t:
+            lines.append(f"- {name}: {t.get('epochs', '?')} epochs, {t['steps']:,} optimizer steps "
+                         f"({t.get('warmup_steps', 0):,} of warm-up){images}")
+    base, student = training.get("baseline") or {}, training.get("student") or {}
+    if base.get("budget") == "steps" and "steps" in base and "steps" in student:
+        same = base["steps"] == student["steps"] and base.get("warmup_steps") == student.get("warmup_steps")
+        lines.append(f"\nThe baseline's budget is the student's optimizer steps (`baseline.budget: steps`): "
+                     f"{base['steps']:,} and {student['steps']:,}, warm-up {base.get('warmup_steps', 0):,} and "
+                     f"{student.get('warmup_steps', 0):,}" + ("." if same else ": NOT equal, see the stage logs."))
+    elif base.get("budget") == "epochs":
+        lines.append("\nThe baseline trained the student's epochs (`baseline.budget: epochs`, DeiT's protocol).")
+    return "\n".join(lines)
+
+
+def results_report(metrics: Mapping[str, Any], *, dataset: str) -> str:
+    """``reports/results.md``: the table, what distillation bought (with intervals), the training budgets, the method."""
+    rows = [{"name": n, **metrics[n]} for n in ("teacher", "baseline", "student")]
+    rows += [{"name": "student (cls head)", "top1": metrics["student"].get("top1_cls_head")},
+             {"name": "student (dist head)", "top1": metrics["student"].get("top1_dist_head")}]
+    n = metrics.get("num_test", "?")
+    return (f"# Results on the {dataset} test split ({n} images)\n\n" + results_table(rows) + "\n\n"
+            + distillation_summary(metrics) + "\n\n"
+            + f"Intervals are 95 % intervals of this run's test set ({n} images: one image is "
+            + (f"{100 / n:.2f} points" if isinstance(n, int) and n else "?") + "); they leave out the spread over "
+            "seeds, which `python -m flows seeds` measures (`reports/seeds.md`).\n\n"
+            + "## Training\n\n" + training_summary(metrics.get("training", {})) + "\n\n"
+            + f"Speed: {metrics.get('throughput_method', '')}\n")
 
 
 def _format_stat(key: str, v: float) -> str:
@@ -141,7 +198,7 @@ def _format_stat(key: str, v: float) -> str:
 
 
 def seed_table(aggregated: Mapping[str, Mapping[str, Any]], keys: Sequence[str] | None = None) -> str:
-    """Markdown table of metrics over several seeds as "mean ± std (n=…)".
+    """Markdown table of metrics over several seeds: mean ± std, the 95 % interval of the mean, and n.
 
     Args:
         aggregated: Output of :func:`distill.evaluation.aggregate_runs`.
@@ -150,12 +207,17 @@ def seed_table(aggregated: Mapping[str, Mapping[str, Any]], keys: Sequence[str] 
 
     Returns:
         The table. Fractions (top-1, top-5, ECE, agreement, gain, gap) are shown in % (points for
-        differences), counts as K/M/G; std is the sample standard deviation.
+        differences), counts as K/M/G; std is the sample standard deviation; the interval is Student's t
+        (for the gain and the gap, the interval of the paired per-seed difference).
     """
     keys = list(aggregated) if keys is None else [k for k in keys if k in aggregated]
     body = []
     for key in keys:
         agg = aggregated[key]
         unit = " (%)" if key.rsplit(".", 1)[-1].startswith(PERCENT_KEYS) else ""
-        body.append([f"{key}{unit}", f"{_format_stat(key, agg['mean'])} ± {_format_stat(key, agg['std'])} (n={agg['n']})"])
-    return _markdown(["metric", "mean ± std"], body, [":---", "---:"])
+        ci = agg.get("ci95") or [math.nan, math.nan]
+        shown = (f"{_format_stat(key, ci[0])} to {_format_stat(key, ci[1])}"
+                 if all(_is_number(v) for v in ci) else DASH)
+        body.append([f"{key}{unit}", f"{_format_stat(key, agg['mean'])} ± {_format_stat(key, agg['std'])}", shown,
+                     str(agg["n"])])
+    return _markdown(["metric", "mean ± std", "95 % CI of the mean", "n"], body, [":---", "---:", "---:", "---:"])

@@ -4,13 +4,20 @@ Every figure logged here is also written to DVC's metrics files by the stages, s
 if the tracking server is down. Stage functions take a :class:`Tracker`; :class:`NullTracker`
 runs them with no tracking at all (tests, benchmarks), :class:`MlflowTracker` logs to MLflow.
 
-Run layout: one *parent* run per pipeline execution, one *child* run per stage. Stages run as
-separate processes under DVC, so they find their parent by:
+Run layout: one *parent* run per pipeline execution, one *child* run per stage. The experiment is tagged
+``mlflow.experimentKind: custom_model_development``, so MLflow's UI opens it on its training runs. The parent
+is named after its DVC experiment and carries the full resolved params (flattened), the git commit MLflow's
+UI shows (``mlflow.source.git.commit``), the DVC experiment name, and, once the evaluate stage has run, the
+headline metrics (teacher, baseline and student top-1, the gain and the gap): select parents and press
+*Compare* to see which variant was best. Stages run as separate processes under DVC, so they find their
+parent by:
 
 1. ``DISTILL_PARENT_RUN_ID`` in the environment (set by the Prefect pipeline flow), else
-2. the run tagged ``distill.pipeline_key`` = the id of the ``dvc`` process that runs the stages (its pid
-   and start time), created by the first stage of that execution; a stage run by hand, outside DVC,
-   gets a parent of its own.
+2. the run tagged ``distill.pipeline_key``: a hash of the project folder, the git commit, the content of
+   ``params.yaml`` and the DVC experiment name. Every stage of one plain ``dvc repro`` shares it (they read
+   the same files), so the first stage creates the parent and the others join it; a ``dvc repro`` after an
+   edit of the params or a new commit gets a parent of its own. (Rerunning the very same configuration after
+   a failure joins the parent of the failed attempt: it is the same pipeline run, continued.)
 
 Tracking URI: ``MLFLOW_TRACKING_URI`` from the environment, else ``sqlite:///<project>/mlflow.db``
 (an absolute path, MLflow 3's default backend; inside a ``dvc exp run --temp`` workspace, the
@@ -30,7 +37,6 @@ retried.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import queue
 import subprocess
@@ -44,12 +50,16 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Protocol
 
-__all__ = ["Tracker", "NullTracker", "MlflowTracker", "TrackingUnavailableError", "tracking_uri",
-           "check_tracking_server", "open_experiment", "create_pipeline_run", "stage_run", "git_commit",
-           "dvc_input_hashes", "flatten", "experiment_name"]
+from distill.config import flatten
 
-# MLflow 3 reports usage over the network unless told not to; a run of this project needs no network.
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+__all__ = ["Tracker", "NullTracker", "NO_TRACKING", "MlflowTracker", "TrackingUnavailableError", "tracking_uri",
+           "check_tracking_server", "open_experiment", "create_pipeline_run", "stage_run", "git_commit",
+           "dvc_input_hashes", "experiment_name", "log_headline", "HEADLINE", "EXPERIMENT_KIND"]
+
+#: MLflow 3's UI opens an experiment of this kind on its training runs (not on the GenAI traces overview).
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+#: The parent run's headline metrics, copied from the evaluate stage's metrics (fractions).
+HEADLINE = ("teacher.top1", "baseline.top1", "student.top1", "distillation_gain", "gap_to_teacher")
 
 
 def experiment_name() -> str:
@@ -77,16 +87,8 @@ class NullTracker(Tracker):
     run_id: Optional[str] = None
 
 
-def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}} -> {"a.b": 1}`` (MLflow params are flat)."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
+#: The default tracker of a stage called directly: logs nothing.
+NO_TRACKING = NullTracker()
 
 
 class MlflowTracker:
@@ -113,6 +115,7 @@ class MlflowTracker:
         self._offline_lock = threading.Lock()
         self._client = mlflow.MlflowClient(tracking_uri=self.uri)
         self._queue: Optional[queue.Queue] = None
+        self.parent: Optional["MlflowTracker"] = None  # the pipeline's parent run, for a stage's child run
 
     def _submit(self, what: str, fn: Callable[[], Any]) -> None:
         """Run ``self._call(what, fn)`` on the background thread (started on first use)."""
@@ -152,11 +155,12 @@ class MlflowTracker:
                 _warn(f"MLflow {what} failed for run {self.run_id} at {self.uri}: {_first_line(err)}; skipped.")
 
     def log_params(self, params: dict[str, Any]) -> None:
+        """Log nested params flattened (``student.train.lr``), 100 per call (MLflow's limit per batch)."""
         import mlflow
 
-        flat = {k: ("null" if v is None else v) for k, v in flatten(params).items()}
-        self._call("log_params", lambda: self._client.log_batch(
-            self.run_id, params=[mlflow.entities.Param(k, str(v)) for k, v in flat.items()]))
+        flat = [mlflow.entities.Param(k, "null" if v is None else str(v)) for k, v in flatten(params).items()]
+        for i in range(0, len(flat), 100):
+            self._call("log_params", lambda batch=flat[i:i + 100]: self._client.log_batch(self.run_id, params=batch))
 
     def log_metrics(self, metrics: dict[str, float], step: Optional[int] = None) -> None:
         import mlflow
@@ -303,7 +307,13 @@ def check_tracking_server(uri: str, *, budget: float = 3.0) -> None:
         "the stage's metrics files are unaffected.")
 
 
-def _set_http_defaults() -> None:
+def set_defaults() -> None:
+    """MLflow settings for the pipeline's processes, unless the user set them (read at MLflow's first use)."""
+    # MLflow 3 reports usage over the network unless told not to; a run of this project needs no network.
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    # A stage's terminal shows its progress bar and its end: not MLflow's INFO records and download bars.
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     # MLflow retries HTTP calls for minutes by default (7 retries, backoff factor 2, 120 s timeout):
     # a server that dies mid-stage would stall a single log call for many minutes. Two retries within
     # about 3 s, and 10 s per request, keep it to one short stall before MlflowTracker goes offline.
@@ -369,40 +379,20 @@ def dvc_input_hashes(stage: str, project_root: str | Path = ".") -> dict[str, st
         for entry in st.get("outs", []) + st.get("deps", []):
             if "md5" in entry:
                 known.setdefault(entry["path"], entry["md5"])
-    for st_name, st in (lock or {}).get("stages", {}).items():  # outs take precedence
+    for st in (lock or {}).get("stages", {}).values():  # outs take precedence
         for entry in st.get("outs", []):
             if "md5" in entry:
                 known[entry["path"]] = entry["md5"]
     return {d: known[d] for d in deps if d in known}
 
 
-def _dvc_execution_id() -> Optional[str]:
-    """Identify the ``dvc repro`` / ``dvc exp run`` process that started this stage, if any.
-
-    Every stage of one DVC execution is a child (through a shell) of the same ``dvc`` process, so its pid
-    plus its start time names the execution: two runs never share it, and all stages of one run do.
-    """
-    try:
-        import psutil
-
-        proc = psutil.Process().parent()
-        while proc is not None:
-            argv = proc.cmdline()
-            # `dvc ...`, `<python> <venv>/bin/dvc ...` (script shebang) or `python -m dvc ...`
-            if any(os.path.basename(a) == "dvc" for a in argv[:2]) or argv[1:3] == ["-m", "dvc"]:
-                return f"{proc.pid}-{proc.create_time():.3f}"
-            proc = proc.parent()
-    except Exception:  # noqa: BLE001 - process table not readable: fall back to a parent per stage
-        return None
-    return None
-
-
-def _pipeline_key(project_root: Path) -> Optional[str]:
-    execution = _dvc_execution_id()
-    if execution is None:
-        return None
-    h = hashlib.sha256(execution.encode())
-    h.update(str(project_root).encode())
+def pipeline_key(project_root: Path) -> str:
+    """What the stages of one plain ``dvc repro`` share: project, commit, params and DVC experiment name."""
+    h = hashlib.sha256(str(project_root.resolve()).encode())
+    h.update(git_commit(project_root).encode())
+    params = project_root / "params.yaml"
+    h.update(params.read_bytes() if params.is_file() else b"")
+    h.update(os.environ.get("DVC_EXP_NAME", "").encode())
     return h.hexdigest()[:16]
 
 
@@ -417,7 +407,7 @@ def open_experiment(project_root: str | Path = ".") -> tuple[Any, str]:
     """
     import mlflow
 
-    _set_http_defaults()
+    set_defaults()
     uri = tracking_uri(project_root)
     check_tracking_server(uri)
     mlflow.set_tracking_uri(uri)
@@ -427,34 +417,60 @@ def open_experiment(project_root: str | Path = ".") -> tuple[Any, str]:
         exp = _retry_locked(lambda: client.get_experiment_by_name(name))
         if exp is None:
             try:
-                return client, _retry_locked(lambda: client.create_experiment(name))
+                return client, _retry_locked(lambda: client.create_experiment(name, tags=EXPERIMENT_KIND))
             except Exception:  # noqa: BLE001 - another process (another store client) created it first
                 exp = client.get_experiment_by_name(name)
                 if exp is None:
                     raise
+        if any(exp.tags.get(k) != v for k, v in EXPERIMENT_KIND.items()):  # an experiment made by an older version
+            for key, value in EXPERIMENT_KIND.items():
+                _retry_locked(lambda key=key, value=value: client.set_experiment_tag(exp.experiment_id, key, value))
     return client, exp.experiment_id
 
 
+def _source_tags(project_root: Path) -> dict[str, str]:
+    """The tags MLflow's UI shows as a run's source and version, and the DVC experiment it belongs to."""
+    commit = git_commit(project_root)
+    return {"mlflow.source.type": "PROJECT", "mlflow.source.name": str(project_root.resolve()),
+            "mlflow.source.git.commit": commit, "git_commit": commit,
+            "dvc_exp_name": os.environ.get("DVC_EXP_NAME", "")}
+
+
 def create_pipeline_run(client: Any, experiment_id: str, project_root: Path, *, run_name: str,
-                        tags: Optional[dict[str, str]] = None) -> str:
-    """Create the parent run of one pipeline execution; returns its id."""
-    all_tags = {"distill.role": "pipeline", "git_commit": git_commit(project_root),
-                "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""), **(tags or {})}
+                        params: Optional[dict[str, Any]] = None, tags: Optional[dict[str, str]] = None) -> str:
+    """Create the parent run of one pipeline execution, with its resolved params (flattened); returns its id."""
+    all_tags = {"distill.role": "pipeline", **_source_tags(project_root), **(tags or {})}
     run = _retry_locked(lambda: client.create_run(experiment_id, run_name=run_name, tags=all_tags))
+    if params:
+        MlflowTracker(run.info.run_id, uri=tracking_uri(project_root)).log_params(params)
     return run.info.run_id
 
 
+def _project_params(project_root: Path) -> dict[str, Any]:
+    import yaml
+
+    try:
+        return yaml.safe_load((project_root / "params.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return {}
+
+
 def _find_or_create_parent(client: Any, experiment_id: str, project_root: Path) -> str:
-    key = _pipeline_key(project_root)
-    if key is None:  # a stage run by hand: it is its own execution
-        return create_pipeline_run(client, experiment_id, project_root, run_name="stage-by-hand")
+    key = pipeline_key(project_root)
     found = _retry_locked(lambda: client.search_runs(
         [experiment_id], filter_string=f"tags.`distill.pipeline_key` = '{key}'", max_results=1,
         order_by=["attributes.start_time DESC"]))
     if found:
         return found[0].info.run_id
-    return create_pipeline_run(client, experiment_id, project_root, run_name=f"dvc-{key[:8]}",
-                               tags={"distill.pipeline_key": key})
+    name = os.environ.get("DVC_EXP_NAME") or f"dvc-repro-{git_commit(project_root)[:7]}"
+    return create_pipeline_run(client, experiment_id, project_root, run_name=name,
+                               params=_project_params(project_root), tags={"distill.pipeline_key": key})
+
+
+def log_headline(tracker: "MlflowTracker", metrics: dict[str, Any]) -> None:
+    """Copy the evaluate stage's headline metrics onto the parent run, for *Compare* in MLflow's UI."""
+    flat = flatten(metrics)
+    tracker.log_metrics({k: flat[k] for k in HEADLINE if isinstance(flat.get(k), (int, float))})
 
 
 @contextmanager
@@ -463,8 +479,8 @@ def stage_run(stage: str, *, project_root: str | Path = ".", params: Optional[di
     """Open the child MLflow run of ``stage`` under this pipeline execution's parent run.
 
     Yields:
-        A :class:`MlflowTracker` bound to the child run. The run ends FINISHED, or FAILED if the
-        stage raised (left RUNNING if the tracking server went away during the stage).
+        A :class:`MlflowTracker` bound to the child run, whose ``parent`` is a tracker of the parent run. The
+        run ends FINISHED, or FAILED if the stage raised (left RUNNING if the tracking server went away).
 
     Raises:
         TrackingUnavailableError: a configured tracking server does not answer at the start.
@@ -477,13 +493,13 @@ def stage_run(stage: str, *, project_root: str | Path = ".", params: Optional[di
         "distill.role": "stage",
         "distill.stage": stage,
         "mlflow.parentRunId": parent_id,
-        "git_commit": git_commit(root),
-        "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""),
+        **_source_tags(root),
         **{f"dvc_hash.{k}": v for k, v in dvc_input_hashes(stage, root).items()},
         **(extra_tags or {}),
     }
     run = _retry_locked(lambda: client.create_run(experiment_id, run_name=stage, tags=tags))
     tracker = MlflowTracker(run.info.run_id, uri=tracking_uri(root), stage=stage)
+    tracker.parent = MlflowTracker(parent_id, uri=tracker.uri, stage=stage)
     if params:
         tracker.log_params(params)
     status = "FAILED"
@@ -492,4 +508,6 @@ def stage_run(stage: str, *, project_root: str | Path = ".", params: Optional[di
         status = "FINISHED"
     finally:
         # Under plain `dvc repro` no flow owns the parent: each stage closes it as it ends.
+        if tracker.parent is not None:
+            tracker.parent.flush()
         tracker.terminate(status, *([] if given_parent else [parent_id]))

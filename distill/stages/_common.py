@@ -1,0 +1,207 @@
+"""What the training stages share: the augmentation, the student's config, one fit, then the stage's outputs.
+
+The teacher, the baseline and the student all train through :func:`train_and_save`: the one engine
+(:func:`distill.engine.fit`) with a task that differs only in its criterion and its view source, then the
+per-epoch curves (DVC plots), the self-describing checkpoint and the metrics (DVC metrics), each written
+atomically *before* anything goes to MLflow, so a tracking outage loses nothing.
+
+Resume: the engine saves its full state after every epoch under ``.state/<stage>/<key>/`` (outside DVC's
+outputs). The key fingerprints everything the result depends on: the stage's declared parameters, its input
+files, the library's code, the number of processes and the precision. A rerun after any of them changed
+starts fresh instead of resuming state another configuration made.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import hashlib
+import io
+import json
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+from torch import nn
+
+from distill.checkpoint import load_model, save_model
+from distill.config import ParamsView, Paths, TrainParams
+from distill.data import ArrayDataset, Augmenter, AugmentSpec, DatasetMeta, PreparedData, Split
+from distill.engine import SupervisedTask, discard_state, fit, make_accelerator
+from distill.io import atomic_write_json, atomic_write_text, file_sha256
+from distill.losses import DistillationLoss
+from distill.models.build import build_model
+from distill.models.deit import PRESETS, DeiTConfig, load_pretrained_deit
+from distill.tracking import Tracker
+
+__all__ = ["augmenter", "student_config", "build_student", "load_teacher", "resume_key", "train_and_save", "write_curves",
+           "code_fingerprint", "checkpoint_extra"]
+
+ViewsFactory = Callable[[Augmenter, Any], Any]
+
+
+def augmenter(params: ParamsView, meta: DatasetMeta) -> Augmenter:
+    """The replayable training augmentation of ``data.augment``, at the data's size and normalisation."""
+    a = params.data.augment
+    spec = AugmentSpec(scale=tuple(a.scale), ratio=tuple(a.ratio), hflip=a.hflip)
+    return Augmenter(spec=spec, out_size=meta.image_size, mean=meta.mean, std=meta.std)
+
+
+_OVERRIDES = ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio")
+
+
+def student_config(model: ParamsView, meta: DatasetMeta, *, distilled: bool) -> dict[str, Any]:
+    """The DeiT config of ``student.model`` (a preset, with overrides) for this dataset."""
+    if model.preset not in PRESETS:
+        raise ValueError(f"student.model.preset {model.preset!r} is unknown; choose one of {', '.join(PRESETS)}")
+    overrides = {k: getattr(model, k) for k in _OVERRIDES if getattr(model, k) is not None}
+    cfg = {**PRESETS[model.preset].to_dict(), **overrides, "drop_path_rate": model.drop_path_rate,
+           "drop_rate": model.drop_rate, "img_size": meta.image_size, "in_chans": meta.channels,
+           "num_classes": meta.num_classes, "distilled": distilled}
+    try:
+        return DeiTConfig.from_dict(cfg).to_dict()
+    except ValueError as err:
+        raise ValueError(f"student.model: {err} (data.image_size={meta.image_size})") from None
+
+
+def build_student(model: ParamsView, meta: DatasetMeta, paths: Paths, *, distilled: bool, seed: int,
+                  tracker: Tracker) -> tuple[nn.Module, dict[str, Any], list[Path]]:
+    """A DeiT for this dataset, started from ``student.model.pretrained_path`` when one is set.
+
+    Returns:
+        The model, its config, and the weights file it started from (a resume-key input), if any.
+    """
+    cfg = student_config(model, meta, distilled=distilled)
+    net = build_model("deit", cfg, seed=seed)
+    if not model.pretrained_path:
+        return net, cfg, []
+    weights = pretrained_file(paths, "student", model.pretrained_path)
+    tracker.log_dict(load_pretrained_deit(net, weights), "pretrained_load.json")
+    return net, cfg, [weights]
+
+
+def pretrained_file(paths: Paths, role: str, value: str) -> Path:
+    """``<role>.pretrained_path`` resolved, after checking DVC watches it (it lies in ``models/pretrained/<role>/``)."""
+    path = (paths.root / value).resolve()
+    folder = paths.pretrained(role).resolve()
+    if not path.is_relative_to(folder):
+        raise ValueError(f"{key_name(role)} = {value!r} lies outside {paths.pretrained(role)}/, which dvc.yaml lists as the "
+                         f"dependency of the stages that read it: DVC would not rerun them when the file changes. Move "
+                         f"or link the file into {paths.pretrained(role)}/ (and `dvc add` it there).")
+    if not path.is_file():
+        raise FileNotFoundError(f"{key_name(role)} = {value!r}: no such file {path}")
+    return path
+
+
+def key_name(role: str) -> str:
+    return "teacher.pretrained_path" if role == "teacher" else "student.model.pretrained_path"
+
+
+def load_teacher(paths: Paths, meta: DatasetMeta) -> nn.Module:
+    """The trained teacher, checked against the dataset (classes)."""
+    model, info = load_model(paths.model("teacher"))
+    n = info["config"].get("num_classes")
+    if n != meta.num_classes:
+        raise ValueError(f"teacher checkpoint {paths.model('teacher')} has {n} classes but dataset {meta.name!r} has "
+                         f"{meta.num_classes}: retrain the teacher on this dataset (`dvc repro teacher`)")
+    return model
+
+
+@functools.lru_cache(maxsize=1)
+def code_fingerprint() -> str:
+    """sha256 over the library's source files (a code fix must not resume state the old code made)."""
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for f in sorted(root.rglob("*.py")):
+        h.update(str(f.relative_to(root)).encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def resume_key(values: dict[str, Any], inputs: Sequence[Path], accelerator: Any) -> str:
+    """The resume-state key: declared params, input files, code, process count and precision."""
+    h = hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode())
+    for f in inputs:
+        if f.is_file():
+            h.update(file_sha256(f).encode())
+        elif (f / "meta.json").is_file():  # prepared data and the store: their meta.json hashes their content
+            h.update((f / "meta.json").read_bytes())
+    h.update(code_fingerprint().encode())
+    h.update(f"processes={accelerator.num_processes};precision={accelerator.mixed_precision}".encode())
+    return h.hexdigest()[:16]
+
+
+def write_curves(path: Path, history: list[dict[str, float]]) -> None:
+    if not history:
+        return
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(history[0]))
+    writer.writeheader()
+    for rec in history:
+        writer.writerow({k: (round(v, 6) if isinstance(v, float) else v) for k, v in rec.items()})
+    atomic_write_text(path, buf.getvalue())
+
+
+def _summary(result: Any) -> dict[str, Any]:
+    history = result.history
+    last = history[-1]
+    out: dict[str, Any] = {k: last[k] for k in ("train_loss", "val_acc", "val_loss") if k in last}
+    out.update(epochs=int(last["epoch"]), steps=int(result.steps), warmup_steps=int(result.warmup_steps),
+               train_images_per_sec=sum(h["train_images_per_sec"] for h in history) / len(history),
+               train_time_s=sum(h["epoch_time_s"] for h in history))
+    return out
+
+
+def checkpoint_extra(params: ParamsView, meta: DatasetMeta, stage: str, summary: dict[str, Any],
+                     **more: Any) -> dict[str, Any]:
+    """What a checkpoint records besides its weights: the data it fits, the stage's params and metrics."""
+    return {"stage": stage, "image_size": meta.image_size, "mean": meta.mean, "std": meta.std,
+            "num_classes": meta.num_classes, "class_names": meta.class_names, "data_fingerprint": meta.fingerprint,
+            "params": params.declared(), "metrics": summary, **more}
+
+
+def train_and_save(model: nn.Module, *, stage: str, kind: str, config: dict[str, Any], params: ParamsView,
+                   recipe: TrainParams, data: PreparedData, criterion: DistillationLoss, views_factory: ViewsFactory,
+                   paths: Paths, tracker: Tracker, inputs: Sequence[Path], train_split: Optional[Split] = None,
+                   budget: Optional[Callable[[int], tuple[int, int]]] = None, callbacks: Sequence[Any] = (),
+                   extra: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """Fit ``model`` with the one engine, then write curves, checkpoint and metrics; returns the summary.
+
+    Args:
+        stage: the stage's name (outputs ``models/<stage>.safetensors``, ``metrics/<stage>.json``,
+            ``plots/<stage>.csv``; resume state ``.state/<stage>/<key>``).
+        kind / config: how the checkpoint rebuilds the model (:func:`distill.models.build.build_model`).
+        params: the stage's parameter view (its declared values go into the checkpoint and the resume key).
+        recipe: the training recipe.
+        data: the prepared data; ``train_split`` replaces its training split (the student's transfer set).
+        criterion / views_factory: what differs between the three trainings (``views_factory(aug, accelerator)``).
+        inputs: the files the result depends on besides params and code (for the resume key).
+        budget: ``processes -> (total_steps, warmup_steps)`` instead of the recipe's epochs (the step-matched
+            baseline: the student's steps depend on the number of processes).
+        callbacks: engine callbacks (tests inject faults through them).
+        extra: more checkpoint metadata.
+    """
+    accelerator = make_accelerator(grad_accum=recipe.grad_accum)
+    aug = augmenter(params, data.meta)
+    task = SupervisedTask(model=model, augmenter=aug, criterion=criterion, views=views_factory(aug, accelerator))
+    train = data.train if train_split is None else train_split
+    tracker.log_dataset(name=data.meta.name, digest=data.meta.fingerprint, source=f"file://{paths.data.resolve()}",
+                        context="train")
+    state_dir = paths.state(stage, resume_key(params.declared(), inputs, accelerator))
+    total, warmup = budget(accelerator.num_processes) if budget is not None else (None, None)
+    result = fit(task, train_set=ArrayDataset(train), val_set=ArrayDataset(data.val), params=recipe,
+                 seed=params.seed, accelerator=accelerator, state_dir=state_dir, desc=stage,
+                 on_epoch_end=lambda rec: tracker.log_metrics({k: v for k, v in rec.items() if k != "epoch"},
+                                                            step=int(rec["epoch"])),
+                 total_steps=total, warmup_steps=warmup, callbacks=callbacks)
+    summary = _summary(result)
+    if accelerator.is_main_process:
+        write_curves(paths.curves(stage), result.history)
+        save_model(paths.model(stage), result.model, kind=kind, config=config,
+                   extra=checkpoint_extra(params, data.meta, stage, summary, **(extra or {})))
+        atomic_write_json(paths.metrics(stage), summary)
+        tracker.log_artifact(paths.curves(stage), "curves")
+        tracker.log_metrics({f"final_{k}": v for k, v in summary.items()})
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:  # the outputs are written: the resume state is no longer needed
+        discard_state(state_dir)
+    return summary

@@ -1,0 +1,60 @@
+"""The baseline stage: the same student trained on labels only, what distillation is measured against.
+
+Same DeiT (without the distillation token unless ``baseline.dist_token``), same augmentation, label smoothing,
+drop path and batch size as the student, on the labeled images (unlabeled ones have no labels to learn from).
+It may have its own learning rate and weight decay (``baseline.lr``, ``baseline.weight_decay``; null: the
+student's), tuned with the same search budget as the student's recipe (docs/benchmarks.md).
+
+Budget (``baseline.budget``): ``steps`` gives it exactly the student's optimizer steps and warm-up steps,
+whatever the batch size, ``drop_last``, gradient accumulation and process count (the student trains on more
+images per epoch when it also learns from the unlabeled ones, so the baseline runs more, and a last partial,
+epoch); ``epochs`` gives it the student's epochs (DeiT's protocol). Writes ``models/baseline.safetensors``,
+``metrics/baseline.json`` and ``plots/baseline.csv``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from distill.config import ParamsView, Paths, TrainParams
+from distill.data import PreparedData, load_prepared
+from distill.engine import steps_per_epoch
+from distill.losses import DistillationLoss
+from distill.stages._common import build_student, train_and_save
+from distill.tracking import NO_TRACKING, Tracker
+from distill.views import RandomViews
+
+__all__ = ["run", "student_budget"]
+
+
+def student_budget(params: ParamsView, data: PreparedData, processes: int) -> tuple[int, int]:
+    """The student's ``(optimizer steps, warm-up steps)``, computed as its own training will count them."""
+    sp = params.student
+    recipe = sp.train
+    images = len(data.train) + (len(data.unlabeled) if sp.distillation != "none" else 0)
+    per_epoch = steps_per_epoch(images, recipe.batch_size, processes=processes, grad_accum=recipe.grad_accum)
+    return per_epoch * recipe.epochs, per_epoch * recipe.warmup_epochs
+
+
+def _recipe(params: ParamsView) -> TrainParams:
+    """The student's recipe with the baseline's own learning rate and weight decay, where it has them."""
+    b = params.baseline
+    own = {k: v for k, v in (("lr", b.lr), ("weight_decay", b.weight_decay)) if v is not None}
+    return params.student.train.resolve().model_copy(update=own)
+
+
+def run(params: ParamsView, paths: Paths, tracker: Tracker = NO_TRACKING, *,
+        callbacks: Sequence[Any] = ()) -> dict[str, Any]:
+    """Train the labels-only baseline; returns its summary (with its step counts)."""
+    data = load_prepared(paths.data)
+    sp = params.student
+    recipe = _recipe(params)
+    model, cfg, pretrained = build_student(sp.model, data.meta, paths, distilled=params.baseline.dist_token,
+                                           seed=params.seed, tracker=tracker)
+    budget = (lambda processes: student_budget(params, data, processes)) if params.baseline.budget == "steps" else None
+    criterion = DistillationLoss(mode="none", label_smoothing=recipe.label_smoothing)
+    return train_and_save(model, stage="baseline", kind="deit", config=cfg, params=params, recipe=recipe, data=data,
+                          criterion=criterion, views_factory=lambda aug, _acc: RandomViews(aug, mixup=recipe.mixup),
+                          paths=paths, tracker=tracker, inputs=[paths.data, *pretrained], budget=budget,
+                          callbacks=callbacks, extra={"train_images": len(data.train), "labeled_images": len(data.train),
+                                                      "budget": params.baseline.budget})
