@@ -15,6 +15,7 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -52,12 +53,26 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _die_with_parent() -> None:
+    """In the server's process, before it runs: Linux sends it SIGTERM when the command that started it dies,
+    however it dies (SIGKILL included). Elsewhere a no-op: the command's own stop covers every other ending."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        pass
+
+
 class PrivateServer:
     """A ``prefect server start`` for this command only; :meth:`wait` before the first flow.
 
-    It stops when this process exits, after Prefect has sent its last logs (Prefect drains its workers
-    before ``atexit`` handlers run), or at :meth:`stop`. If it does not come up, :meth:`wait` says so,
-    stops it, and leaves the API unset: Prefect then starts its own temporary server as usual.
+    It stops on every way the command ends: :meth:`stop` in the command's ``finally`` (normal end, an error,
+    Ctrl-C, and SIGTERM or SIGHUP, which the command turns into an exit), an ``atexit`` hook as a second line,
+    and, on Linux, the kernel's parent-death signal when the command is killed outright. If it does not come
+    up, :meth:`wait` says so, stops it, and leaves the API unset: Prefect then starts its own temporary server.
     """
 
     def __init__(self) -> None:
@@ -73,7 +88,8 @@ class PrivateServer:
         with open(self.log, "w") as out:
             self._proc = subprocess.Popen(
                 [prefect, "server", "start", "--host", "127.0.0.1", "--port", port, "--no-ui", "--analytics-off"],
-                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                preexec_fn=_die_with_parent)
         os.environ["PREFECT_API_URL"] = self.api_url
         atexit.register(self.stop)
 

@@ -5,7 +5,9 @@ also an MLflow parent run with its stage children). ``--temp`` runs it in a temp
 keeps its own params and results. The seed changes the data split, every initialisation and every random
 draw. When all seeds are done, their ``metrics/evaluate.json`` are read back from DVC (``dvc exp show``),
 and ``reports/seeds.md`` / ``reports/seeds.json`` / ``reports/figures/seeds_top1.png`` give every metric as
-mean ± sample std, the distillation gain (student minus baseline top-1) first.
+mean ± sample std with the 95 % confidence interval of the mean (Student's t), the distillation gain (student
+minus baseline top-1) and the gap to the teacher first, with their per-seed values: both are paired per seed
+(same split, same teacher), so their interval is that of the paired difference.
 """
 
 from __future__ import annotations
@@ -43,10 +45,20 @@ def experiment_metrics(root: Path, names: list[str]) -> dict[str, dict[str, Any]
     return found
 
 
+def per_seed_lines(summary: dict[str, Any]) -> str:
+    """The gain's and the gap's value on each seed, in points (the figures behind their intervals)."""
+    lines = []
+    for key, label in (("distillation_gain", "Distillation gain"), ("gap_to_teacher", "Gap to the teacher")):
+        if key in summary:
+            values = ", ".join(f"{100 * v:+.2f}" for v in summary[key]["values"])
+            lines.append(f"- {label} per seed (points): {values}")
+    return "\n".join(lines)
+
+
 def summarise(per_seed: dict[int, dict[str, Any]], out_dir: Path) -> dict[str, Any]:
     """Aggregate per-seed evaluate metrics; write ``seeds.json``, ``seeds.md`` and a plot. Returns the summary."""
-    from distill.checkpoint import atomic_write_json, atomic_write_text
     from distill.evaluation import aggregate_runs
+    from distill.io import atomic_write_json, atomic_write_text
     from distill.plots import plot_seed_summary
     from distill.report import seed_table
 
@@ -57,7 +69,7 @@ def summarise(per_seed: dict[int, dict[str, Any]], out_dir: Path) -> dict[str, A
                                                "per_seed": {str(s): m for s, m in per_seed.items()}})
     plot_seed_summary(agg, out_dir / "figures" / "seeds_top1.png", metric="top1", models=["teacher", "baseline", "student"])
     text = (f"# Over {len(per_seed)} seeds ({', '.join(map(str, sorted(per_seed)))})\n\n"
-            + seed_table(summary, [k for k in HEADLINE if k in summary]) + "\n")
+            + seed_table(summary, [k for k in HEADLINE if k in summary]) + "\n\n" + per_seed_lines(summary) + "\n")
     atomic_write_text(out_dir / "seeds.md", text)
     return summary
 

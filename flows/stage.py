@@ -1,0 +1,113 @@
+"""One generic Prefect flow that runs any stage: ``python -m flows stage <name>`` is what ``dvc.yaml`` runs.
+
+The flow validates ``params.yaml``, opens the stage's child MLflow run under the pipeline's parent run, and
+calls :func:`distill.stages.runner.run_stage`. A failure fails the flow run (and the DVC stage). It retries
+once; the retry resumes training from the state saved at the last finished epoch.
+
+Inside a pipeline (``python -m flows pipeline``), the pipeline's flow run id comes in the environment
+(``DISTILL_PREFECT_PARENT``): the stage's flow run is then created as a subflow of it, through a task run in
+the pipeline's run that stands for the stage (what Prefect itself does for a subflow called in-process), so
+the Prefect UI shows the stage under its pipeline run. Each stage flow run is tagged with its stage and
+pipeline.
+
+Logs: the per-epoch lines of the engine go to the flow run's log in the Prefect UI (logger ``distill``,
+registered with Prefect as an extra logger), not to the terminal, which shows the stage's progress bar and a
+line when it ends.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from prefect import flow, get_run_logger
+
+from distill.config import Paths, load_params
+from distill.stages.runner import run_stage, stage_view
+from distill.tracking import NullTracker, log_headline, stage_run
+from flows.launch import world_size
+
+__all__ = ["stage_flow", "run_stage_flow", "is_main_process", "run_tracked"]
+
+PARENT_ENV = "DISTILL_PREFECT_PARENT"  # the pipeline's flow run id, set by flows/pipeline.py
+
+
+def is_main_process() -> bool:
+    """True unless this is a non-zero rank started by ``accelerate launch`` / torchrun."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def run_tracked(stage: str, *, params_path: str = "params.yaml", project_root: str = ".", track: bool = True,
+                callbacks: Sequence[Any] = ()) -> dict[str, Any]:
+    """Validate params, open the MLflow child run (main process only) and run ``stage``."""
+    root = Path(project_root).resolve()
+    params = load_params(root / params_path)
+    paths = Paths(root)
+    view = stage_view(stage, params, root / "dvc.yaml")
+    if not (track and is_main_process()):
+        return run_stage(stage, view, paths, NullTracker(), callbacks=callbacks)
+    with stage_run(stage, project_root=root, params=view.declared()) as tracker:
+        tracker.log_artifact(root / params_path, "params")
+        result = run_stage(stage, view, paths, tracker, callbacks=callbacks)
+        if stage == "evaluate" and tracker.parent is not None:
+            log_headline(tracker.parent, result)
+    return result
+
+
+@flow(name="stage", flow_run_name="{stage}", retries=1, retry_delay_seconds=2, persist_result=False,
+      validate_parameters=True)
+def stage_flow(stage: str, params_path: str = "params.yaml", project_root: str = ".") -> dict[str, Any]:
+    """Run one pipeline stage (``distill/stages/<stage>.py``) as a Prefect flow run."""
+    logger = get_run_logger()
+    logger.info("stage %s (params %s, project %s)", stage, params_path, Path(project_root).resolve())
+    result = run_tracked(stage, params_path=params_path, project_root=project_root, callbacks=CALLBACKS)
+    logger.info("stage %s done: %s", stage, {k: v for k, v in result.items() if isinstance(v, (int, float, str))})
+    if stage == "evaluate" and is_main_process():
+        publish_report(Path(project_root))
+    return result
+
+
+#: Training callbacks for the stage flows of this process (tests inject faults with them, see flows/__main__.py).
+CALLBACKS: list[Any] = []
+
+
+def publish_report(project_root: Path) -> None:
+    """Attach the result table to the flow run as a Markdown artifact (Prefect UI: Artifacts)."""
+    from prefect.artifacts import create_markdown_artifact
+
+    report = Paths(project_root).reports / "results.md"
+    if report.is_file():
+        create_markdown_artifact(report.read_text(), key="distill-results",
+                                 description="Teacher vs baseline vs distilled student")
+
+
+def _subflow_run(stage: str, parameters: dict[str, Any], parent: str) -> Any:
+    """A flow run of ``stage_flow`` created as a subflow of the pipeline's flow run ``parent``."""
+    from uuid import UUID
+
+    from prefect import Task
+    from prefect.client.orchestration import get_client
+
+    tags = ["distill", f"stage:{stage}", f"pipeline:{parent[:8]}"]
+    with get_client(sync_client=True) as client:
+        stand_in = Task(name=f"stage {stage}", fn=lambda: None)
+        task_run = client.create_task_run(stand_in, flow_run_id=UUID(parent),
+                                          dynamic_key=f"{stage}-{os.getpid()}-{time.time_ns()}", name=stage,
+                                          extra_tags=tags)
+        return client.create_flow_run(stage_flow, name=stage, parameters=parameters, tags=tags,
+                                      parent_task_run_id=task_run.id)
+
+
+def run_stage_flow(stage: str, *, params_path: str = "params.yaml", project_root: str = ".") -> None:
+    """Run the stage flow, linked to the pipeline's flow run when there is one."""
+    from prefect.flow_engine import run_flow
+
+    flow_ = stage_flow if world_size() == 1 else stage_flow.with_options(retries=0)  # the launcher retries groups
+    parameters = {"stage": stage, "params_path": params_path, "project_root": project_root}
+    parent: Optional[str] = os.environ.get(PARENT_ENV)
+    if parent:
+        run_flow(flow_, flow_run=_subflow_run(stage, parameters, parent), parameters=parameters)
+    else:
+        flow_(**parameters)
