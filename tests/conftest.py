@@ -35,12 +35,43 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+# In-process DVC (tests/test_lineage.py) and MLflow: no usage reports over the network from the test process.
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 VENV_BIN = Path(sys.executable).parent  # the interpreter running pytest: <project>/.venv/bin/python
 GIT_IDENTITY = {"GIT_AUTHOR_NAME": "distill-tests", "GIT_AUTHOR_EMAIL": "distill-tests@example.invalid",
                 "GIT_COMMITTER_NAME": "distill-tests", "GIT_COMMITTER_EMAIL": "distill-tests@example.invalid"}
+# In-process stage runs: seconds on a laptop CPU (120 training images, a 4-wide ResNet, a 3-block DeiT, 2 epochs).
+TINY = {
+    "data": {"max_per_class": 12, "unlabeled": False},
+    "teacher": {"width": 4, "blocks": 1, "train": {"epochs": 2, "warmup_epochs": 1, "batch_size": 32}},
+    "soft_labels": {"views": 2},
+    "student": {"model": {"preset": "deit_nano"}, "train": {"epochs": 2, "warmup_epochs": 1, "batch_size": 32}},
+    "evaluate": {"throughput_iters": 2, "throughput_rounds": 1, "register_model": False},
+}
+
+
+def project_raw() -> dict[str, Any]:
+    """The project's own ``params.yaml`` as a mapping (the schema has no defaults: tests start from it)."""
+    from distill.config import load_raw
+
+    return load_raw(REPO / "params.yaml")
+
+
+def tiny_params(**sections: Any) -> Any:
+    """The project's params with :data:`TINY` and ``sections`` (nested dicts per group) merged in, validated."""
+    from distill.config import merge, parse_params
+
+    raw = merge(project_raw(), TINY)
+    for key, value in sections.items():
+        raw = merge(raw, {key: value})
+    return parse_params(raw)
+
+
 # Tiny but complete: every stage runs, every training stage has 2 epochs of history.
 TINY_PARAMS = {"teacher.train.epochs": 2, "teacher.train.warmup_epochs": 1, "student.train.epochs": 2,
-               "student.train.warmup_epochs": 1, "soft_labels.views": 2, "evaluate.throughput_iters": 3}
+               "student.train.warmup_epochs": 1, "soft_labels.views": 2, "evaluate.throughput_iters": 3,
+               "evaluate.throughput_rounds": 1}
 _DROPPED_PREFIXES = ("PREFECT_", "MLFLOW_", "DISTILL_", "DVC_", "GIT_")
 # For subprocesses whose results are compared bit for bit: reductions split over another number of threads
 # round differently.
@@ -243,3 +274,31 @@ def mlflow_runs(client: Any, filter_string: str = "") -> list[Any]:
     assert exp is not None, "MLflow experiment 'distill' does not exist"
     return list(client.search_runs([exp.experiment_id], filter_string=filter_string, run_view_type=ViewType.ALL,
                                    max_results=10_000))
+
+
+@pytest.fixture(scope="session")
+def fault_plugin(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Environment that registers tests/faults.py as a ``distill.callbacks`` entry point in every subprocess.
+
+    The plug-in is an installed-looking distribution (a ``.dist-info`` with ``entry_points.txt``) in a folder
+    on ``PYTHONPATH``: the standard plug-in mechanism, so the product carries no test hook of its own.
+    """
+    folder = tmp_path_factory.mktemp("plugins")
+    shutil.copy2(REPO / "tests" / "faults.py", folder / "distill_test_faults.py")
+    info = folder / "distill_test_faults-0.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: distill-test-faults\nVersion: 0.0\n")
+    (info / "entry_points.txt").write_text("[distill.callbacks]\nfaults = distill_test_faults:make\n")
+    return {"PYTHONPATH": str(folder)}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _test_process_mlflow_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """MLflow calls of the test process that name no store go to a temporary one, never to ./mlruns of the checkout."""
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path_factory.mktemp('mlflow-default') / 'mlflow.db'}"
+    yield
+    if previous is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = previous

@@ -178,7 +178,10 @@ def test_cifar10_from_a_local_root(tmp_path, monkeypatch):
     _write_cifar10(tmp_path)
     # The files are ours, so torchvision's real integrity check must be given their md5s, not the official ones.
     cls = torchvision.datasets.CIFAR10
-    md5 = lambda name: hashlib.md5((tmp_path / cls.base_folder / name).read_bytes()).hexdigest()
+
+    def md5(name: str) -> str:
+        return hashlib.md5((tmp_path / cls.base_folder / name).read_bytes()).hexdigest()
+
     monkeypatch.setattr(cls, "train_list", [[n, md5(n)] for n, _ in cls.train_list])
     monkeypatch.setattr(cls, "test_list", [[n, md5(n)] for n, _ in cls.test_list])
     monkeypatch.setattr(cls, "meta", {**cls.meta, "md5": md5(cls.meta["filename"])})

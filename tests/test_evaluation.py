@@ -127,4 +127,41 @@ def test_aggregate_runs_flattens_and_skips_non_numbers():
     assert agg["student.top1"]["mean"] == pytest.approx(0.85)
     assert agg["student.top1"]["std"] == pytest.approx(math.sqrt(0.005))
     assert agg["student.top1"]["n"] == 2 and agg["student.top1"]["values"] == [0.9, 0.8]
-    assert agg["extra"] == {"mean": 1.0, "std": 0.0, "n": 1, "values": [1.0]}
+    extra = dict(agg["extra"])
+    assert all(math.isnan(v) for v in extra.pop("ci95"))  # one run: no interval
+    assert extra == {"mean": 1.0, "std": 0.0, "n": 1, "values": [1.0]}
+
+
+def test_t_interval_of_a_paired_difference_matches_a_hand_computation():
+    gains = [0.28, 2.51, 0.84, 1.11, 3.06]  # per-seed student minus baseline, points
+    mean, low, high = E.t_interval(gains)
+    sd = math.sqrt(sum((g - mean) ** 2 for g in gains) / 4)
+    half = 2.7764451051977987 * sd / math.sqrt(5)  # t(0.975, 4 degrees of freedom)
+    assert mean == pytest.approx(1.56) and (low, high) == pytest.approx((mean - half, mean + half))
+    assert low < 0.2 < high  # wide: 5 seeds with this spread do not pin the gain down
+    assert all(math.isnan(v) for v in E.t_interval([1.0])[1:])
+
+
+def test_wilson_interval_and_paired_test_set_interval():
+    low, high = E.wilson_interval(352, 359)
+    assert low < 352 / 359 < high and high < 1.0 and (low, high) == pytest.approx((0.9603, 0.9905), abs=1e-4)
+    a = torch.tensor([True] * 90 + [False] * 10)
+    b = torch.tensor([True] * 85 + [False] * 15)
+    diff, low, high = E.paired_accuracy_interval(a, b)
+    d = a.float() - b.float()
+    half = 1.959963984540054 * float(d.std()) / 10
+    assert diff == pytest.approx(0.05) and (low, high) == pytest.approx((0.05 - half, 0.05 + half))
+    diff, low, high = E.paired_accuracy_interval(a, a)
+    assert diff == low == high == 0.0  # the same predictions: no difference, and no doubt about it
+
+
+def test_interleaved_speed_gives_medians_spreads_and_per_round_ratios():
+    models = {"teacher": torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 512), torch.nn.Linear(512, 10)),
+              "student": torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 10))}
+    out = E.interleaved_speed(models, (3, 4, 4), batch_size=8, iters=3, rounds=3, device="cpu")
+    for name in models:
+        row = out[name]
+        assert row["images_per_sec_min"] <= row["images_per_sec"] <= row["images_per_sec_max"]
+        assert row["speedup_vs_teacher_min"] <= row["speedup_vs_teacher"] <= row["speedup_vs_teacher_max"]
+    assert out["teacher"]["speedup_vs_teacher"] == 1.0
+    assert "3 interleaved rounds" in out["method"] and "median" in out["method"]

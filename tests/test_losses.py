@@ -98,7 +98,7 @@ def test_mixup_label_loss_is_the_lam_weighted_cross_entropy():
     def ce(row, c):
         return -math.log(_softmax(row)[c])
 
-    want = sum(l * ce(r, a) + (1 - l) * ce(r, b) for r, a, b, l in
+    want = sum(w * ce(r, a) + (1 - w) * ce(r, b) for r, a, b, w in
                zip(logits.tolist(), y.tolist(), y2.tolist(), lam.tolist())) / 2
     assert crit(logits, y, mix=(y2, lam))["loss"].item() == pytest.approx(want, rel=1e-6)
     # lam 1 everywhere is plain CE, also with label smoothing and on both heads of a student

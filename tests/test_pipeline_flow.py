@@ -1,20 +1,57 @@
-"""Unit tests of the pipeline flow's own logic (flows/pipeline.py); the flow itself runs in test_pipeline_e2e.py."""
+"""The pipeline flow's own logic (flows/pipeline.py); the flow itself runs in test_pipeline_e2e.py."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import pytest
 
-from flows.pipeline import log_line
+from flows.pipeline import StageFailed, run_dvc
+
+from conftest import REPO
+
+# A stand-in for `dvc exp run` that records how it was stopped; DVC itself cleans up on SIGINT the same way.
+CHILD = """
+import signal, sys, time, pathlib
+marker = pathlib.Path(sys.argv[1])
+signal.signal(signal.SIGINT, lambda *_: (marker.write_text("interrupted"), sys.exit(130)))
+marker.write_text("running")
+time.sleep(60)
+"""
+# The pipeline command's process: `python -m flows pipeline` turns SIGTERM/SIGHUP into an exit, then run_dvc.
+PARENT = """
+import sys
+from pathlib import Path
+from flows.__main__ import _exit_on_hangup_and_term
+from flows.pipeline import run_dvc
+_exit_on_hangup_and_term()
+run_dvc([sys.executable, "-c", sys.argv[1], sys.argv[2]], cwd=Path("."), env=None)
+"""
 
 
-@pytest.mark.parametrize("raw, logged", [
-    (b"plain line\n", "plain line"),
-    (b"windows line\r\n", "windows line"),
-    # a tqdm bar drawn twice, erased, then the epoch's log line: only the log line is kept
-    (b"\rteacher 1/30:   0%|  | 0/7\rteacher 1/30: 100%|##| 7/7\r" + b" " * 40 + b"\r[teacher] epoch 1/30 loss=1\n",
-     "[teacher] epoch 1/30 loss=1"),
-    (b"\rteacher 1/30: 100%|##| 7/7\r" + b" " * 40 + b"\r\n", ""),  # a bar that erased itself: nothing
-    (b"caf\xc3\xa9 \xff\n", "caf\u00e9 \ufffd"),  # bad bytes do not stop the log
-])
-def test_log_line_keeps_what_a_terminal_would_show_last(raw: bytes, logged: str) -> None:
-    assert log_line(raw) == logged
+def test_a_failing_dvc_command_fails_the_flow_naming_its_status(tmp_path: Path) -> None:
+    with pytest.raises(StageFailed, match="exited with status 3"):
+        run_dvc([sys.executable, "-c", "import sys; sys.exit(3)"], cwd=tmp_path, env=dict(os.environ))
+    run_dvc([sys.executable, "-c", "pass"], cwd=tmp_path, env=dict(os.environ))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_stopping_the_pipeline_interrupts_dvc_first(tmp_path: Path, sig: signal.Signals) -> None:
+    """SIGTERM, SIGHUP or Ctrl-C to the pipeline: DVC gets SIGINT (it stops its stage and releases its lock)."""
+    marker = tmp_path / "child"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-c", PARENT, CHILD, str(marker)], cwd=tmp_path, env=env,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while not marker.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert marker.exists(), proc.stderr
+    proc.send_signal(sig)
+    proc.wait(timeout=30)
+    assert proc.returncode != 0
+    assert marker.read_text() == "interrupted"

@@ -113,9 +113,10 @@ def test_seed_table():
     runs = [{"student": {"top1": 0.98, "params": 204_000}, "distillation_gain": 0.01},
             {"student": {"top1": 0.97, "params": 204_000}, "distillation_gain": -0.002}]
     table = R.seed_table(E.aggregate_runs(runs))
-    assert "| student.top1 (%) | 97.50 ± 0.71 (n=2) |" in table
-    assert "204.0K ± 0 (n=2)" in table
-    assert "| distillation_gain (%) | 0.40 ± 0.85 (n=2) |" in table
+    # mean ± std, then the 95 % t interval of the mean (12.706 * s / sqrt(2) with 2 seeds), then n
+    assert "| student.top1 (%) | 97.50 ± 0.71 | 91.15 to 103.85 | 2 |" in table
+    assert "| student.params | 204.0K ± 0 | 204.0K to 204.0K | 2 |" in table
+    assert "| distillation_gain (%) | 0.40 ± 0.85 | -7.22 to 8.02 | 2 |" in table
     only = R.seed_table(E.aggregate_runs(runs), keys=["distillation_gain", "missing"])
     assert len(only.splitlines()) == 3
 

@@ -50,3 +50,62 @@ def test_private_server_serves_then_stops(monkeypatch: pytest.MonkeyPatch, tmp_p
     finally:
         server.stop()
     assert not healthy(server.api_url)
+
+
+def _processes_with(marker: str, *, server: bool = False) -> list[int]:
+    """Pids of live processes whose environment holds ``marker`` (Linux /proc); ``server``: `prefect server` only."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+            environ = (proc / "environ").read_bytes()
+            state = (proc / "stat").read_text().split(") ", 1)[-1][:1]
+        except OSError:
+            continue
+        if marker.encode() not in environ.split(b"\0") or state == "Z":
+            continue
+        if not server or (b"server" in cmdline and any(a.endswith(b"prefect") for a in cmdline)):
+            found.append(int(proc.name))
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="reads the process table from /proc")
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP", "SIGKILL"])
+def test_the_pipelines_private_server_stops_however_the_pipeline_ends(sig, tiny_project, base_env, tmp_path):
+    """`python -m flows pipeline` without a Prefect API starts its own server; TERM, HUP or KILL stops it too."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    import uuid
+
+    project = tmp_path / "project"
+    subprocess.run(["git", "clone", "-q", str(tiny_project), str(project)], check=True, env=base_env)
+    marker = f"DISTILL_TEST_MARKER={uuid.uuid4().hex}"
+    env = {**base_env, marker.split("=")[0]: marker.split("=")[1], "PREFECT_HOME": str(tmp_path / "prefect")}
+    with open(tmp_path / "pipeline.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "flows", "pipeline"], cwd=project, env=env, stdout=log,
+                                stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while "Running stage" not in (tmp_path / "pipeline.log").read_text():  # the server is up, DVC is running
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "pipeline.log").read_text()
+            time.sleep(0.2)
+        assert _processes_with(marker, server=True), "no private server found"
+        proc.send_signal(getattr(signal, sig))
+        proc.wait(timeout=60)
+        deadline = time.monotonic() + 30
+        while _processes_with(marker, server=True) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _processes_with(marker, server=True), f"the private Prefect server outlived the pipeline ({sig})"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for pid in _processes_with(marker):  # after SIGKILL, DVC and its stage run on: this test's processes only
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass

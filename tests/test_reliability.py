@@ -19,31 +19,24 @@ from typing import Any
 
 import pytest
 import torch
+import yaml
 
-from distill import engine
-from distill.checkpoint import CheckpointError, build_model, save_model
-from distill.config import parse_params
+from distill.checkpoint import CheckpointError, save_model
+from distill.config import Paths
 from distill.data import DatasetNotFoundError
 from distill.engine import NonFiniteLossError
+from distill.models.build import build_model
 from distill.soft_labels import SoftLabelStoreError
-from distill.stages import Paths, run_baseline, run_data, run_soft_labels, run_student, run_teacher
+from distill.stages.runner import run_stage
 from distill.teachers import load_weights_file
 from distill.tracking import MlflowTracker, TrackingUnavailableError, _retry_locked, check_tracking_server, tracking_uri
 
-# Seconds on a laptop CPU: 120 training images, a 4-wide ResNet, a 3-block DeiT, 2 epochs each.
-TINY = {
-    "data": {"max_per_class": 12},
-    "teacher": {"width": 4, "blocks": 1, "train": {"epochs": 2, "warmup_epochs": 1, "batch_size": 32}},
-    "soft_labels": {"views": 2},
-    "student": {"model": {"preset": "deit_nano"}, "train": {"epochs": 2, "warmup_epochs": 1, "batch_size": 32}},
-}
+from conftest import REPO, tiny_params
 
 
-def tiny_params(**sections: Any) -> Any:
-    raw = {k: dict(v) for k, v in TINY.items()}
-    for key, value in sections.items():
-        raw[key] = {**raw.get(key, {}), **value}
-    return parse_params(raw)
+def run(stage: str, params: Any, root: Path, **kwargs: Any) -> dict[str, Any]:
+    """One stage, in process, with the parameters dvc.yaml declares for it."""
+    return run_stage(stage, params, Paths(root), dvc_yaml=REPO / "dvc.yaml", **kwargs)
 
 
 def snapshot(root: Path) -> dict[str, tuple[int, int, int, str]]:
@@ -61,10 +54,10 @@ def snapshot(root: Path) -> dict[str, tuple[int, int, int, str]]:
 def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """data -> teacher -> soft_labels -> student, run once with the tiny params (global RNG seeded)."""
     root = tmp_path_factory.mktemp("built")
-    params, paths = tiny_params(), Paths(root)
-    for run in (run_data, run_teacher, run_soft_labels, run_student):
+    params = tiny_params()
+    for stage in ("data", "teacher", "soft_labels", "student"):
         torch.manual_seed(0)
-        run(params, paths)
+        run(stage, params, root)
     return root
 
 
@@ -77,17 +70,22 @@ def project(built: Path, tmp_path: Path) -> Path:
 
 
 # ------------------------------------------------------------------------------------------ params
-@pytest.mark.parametrize("argv, text, key", [
-    (["stage", "student", "--no-prefect"], "student:\n  alpah: 0.3\n", "student.alpah: unknown key"),
-    (["stage", "teacher", "--no-prefect"], "teacher:\n  train:\n    epochs: many\n", "teacher.train.epochs"),
-    (["stage", "student", "--no-prefect"], "student:\n  alpha: 1.5\n", "student.alpha = 1.5"),
-    (["pipeline", "-S", "student.tua=2"], "{}\n", "student.tua: unknown key"),
-    (["pipeline", "-S", "soft_labels.views=0"], "{}\n", "soft_labels.views = 0"),
+@pytest.mark.parametrize("argv, change, key", [
+    (["stage", "student", "--no-prefect"], {"student": {"alpah": 0.3}}, "student.alpah: unknown key"),
+    (["stage", "teacher", "--no-prefect"], {"teacher": {"train": {"epochs": "many"}}}, "teacher.train.epochs"),
+    (["stage", "student", "--no-prefect"], {"student": {"alpha": 1.5}}, "student.alpha = 1.5"),
+    (["stage", "baseline", "--no-prefect"], {"baseline": {"lr": None, "weight_decay": None, "budget": "no"}},
+     "baseline.budget = 'no'"),
+    (["pipeline", "-S", "student.tua=2"], {}, "student.tua: unknown key"),
+    (["pipeline", "-S", "soft_labels.views=0"], {}, "soft_labels.views = 0"),
 ])
-def test_bad_params_name_the_key_before_any_work(project, monkeypatch, capsys, argv, text, key):
+def test_bad_params_name_the_key_before_any_work(project, monkeypatch, capsys, argv, change, key):
+    from distill.config import merge
     from flows.__main__ import main
 
-    (project / "params.yaml").write_text(text)
+    from conftest import project_raw
+
+    (project / "params.yaml").write_text(yaml.safe_dump(merge(project_raw(), change)))
     before = snapshot(project)
     monkeypatch.chdir(project)
     assert main(argv) == 2
@@ -98,9 +96,9 @@ def test_bad_params_name_the_key_before_any_work(project, monkeypatch, capsys, a
 def test_patch_size_that_does_not_divide_image_size(project):
     before = snapshot(project)
     params = tiny_params(student={"model": {"preset": "deit_nano", "patch_size": 5}})
-    for run in (run_student, run_baseline):
+    for stage in ("student", "baseline"):
         with pytest.raises(ValueError, match=r"student\.model: image size 16 is not divisible by patch size 5"):
-            run(params, Paths(project))
+            run(stage, params, project)
     assert snapshot(project) == before
 
 
@@ -111,9 +109,9 @@ def test_teacher_with_other_number_of_classes(project):
                config={"arch": "resnet_small", "num_classes": 5, "in_chans": 1, "width": 4, "blocks": 1})
     before = snapshot(project)
     with pytest.raises(ValueError, match=r"teacher\.safetensors has 5 classes but dataset 'digits' has 10: retrain"):
-        run_soft_labels(tiny_params(), Paths(project))
+        run("soft_labels", tiny_params(), project)
     with pytest.raises(ValueError, match=r"has 5 classes but dataset 'digits' has 10"):
-        run_student(tiny_params(student={"teacher_mode": "online"}), Paths(project))
+        run("student", tiny_params(student={"teacher_mode": "online"}), project)
     assert snapshot(project) == before
 
 
@@ -121,7 +119,7 @@ def test_missing_prepared_dataset_file(project):
     (project / "data" / "prepared" / "train_labels.npy").unlink()
     before = snapshot(project)
     with pytest.raises(DatasetNotFoundError, match=r"train_labels\.npy.*rerun the data stage: `dvc repro -f data`"):
-        run_teacher(tiny_params(), Paths(project))
+        run("teacher", tiny_params(), project)
     assert snapshot(project) == before
 
 
@@ -129,7 +127,7 @@ def test_missing_source_dataset(project, tmp_path):
     before = snapshot(project)
     params = tiny_params(data={"name": "imagefolder", "root": str(tmp_path / "nowhere")})
     with pytest.raises(DatasetNotFoundError, match=r"nowhere does not exist; set data\.root"):
-        run_data(params, Paths(project))
+        run("data", params, project)
     assert snapshot(project) == before
 
 
@@ -140,7 +138,7 @@ def test_corrupt_teacher_checkpoint(project, damage):
     ckpt.write_bytes({"truncate": data[: len(data) // 2], "garbage": os.urandom(len(data)), "empty": b""}[damage])
     before = snapshot(project)
     with pytest.raises(CheckpointError, match=rf"{re.escape(str(ckpt))}.*(corrupt or truncated|not a distill checkpoint)"):
-        run_soft_labels(tiny_params(), Paths(project))
+        run("soft_labels", tiny_params(), project)
     assert snapshot(project) == before
 
 
@@ -149,7 +147,7 @@ def test_truncated_soft_label_store(project):
     logits.write_bytes(logits.read_bytes()[:-100])
     before = snapshot(project)
     with pytest.raises(SoftLabelStoreError, match=rf"file {logits.name} has \d+ bytes.*truncated"):
-        run_student(tiny_params(), Paths(project))
+        run("student", tiny_params(), project)
     assert snapshot(project) == before
 
 
@@ -168,29 +166,61 @@ def test_pickle_payload_in_teacher_weights_is_never_run(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ NaN / resume
-def test_nan_loss_stops_with_epoch_and_step_and_keeps_last_good_state(project, built, monkeypatch, capsys):
-    from distill.data import load_prepared
+class PoisonWeights:
+    """A training callback that writes NaN into the model's weights once ``at`` optimizer steps are done."""
+
+    def __init__(self, at: int) -> None:
+        self.at, self.fired = at, False
+
+    def on_step_end(self, info: Any) -> None:
+        if not self.fired and info.global_step == self.at:
+            self.fired = True
+            with torch.no_grad():
+                for p in info.model.parameters():
+                    p.fill_(float("nan"))
+
+
+def test_nan_loss_stops_with_epoch_and_step_and_keeps_last_good_state(project, built, caplog):
     from safetensors.torch import load_file
 
-    paths = Paths(project)
+    from distill.data import load_prepared
+    from distill.engine import steps_per_epoch
+
     before = snapshot(project)
-    steps_per_epoch = len(load_prepared(paths.data).train) // 32  # drop_last
-    monkeypatch.setenv("DISTILL_FAULT", f"teacher:nan@{steps_per_epoch + 1}")
-    monkeypatch.setattr(engine, "_FAULTS_FIRED", set())
+    per_epoch = steps_per_epoch(len(load_prepared(Paths(project).data).train), 32)
     torch.manual_seed(0)
     with pytest.raises(NonFiniteLossError, match=r"at epoch 2, step 2; training stopped\. The last good training "
                                                  r"state \(end of epoch 1\) is kept in .*epoch_00000"):
-        run_teacher(tiny_params(), paths)
+        run("teacher", tiny_params(), project, callbacks=[PoisonWeights(per_epoch + 1)])
     assert snapshot(project).items() >= before.items()  # nothing rewritten; only the resume state is new
     (state,) = (project / ".state" / "teacher").glob("*/epoch_00000")
 
-    monkeypatch.delenv("DISTILL_FAULT")
     torch.manual_seed(1)  # another global RNG state: the result must come from the saved state, not from it
-    run_teacher(tiny_params(), paths)
-    assert f"resuming from {state}" in capsys.readouterr().out
+    with caplog.at_level("INFO"):
+        run("teacher", tiny_params(), project)
+    assert f"resuming from {state}" in caplog.text
     assert not state.exists()  # the finished stage drops its resume state
-    resumed, reference = load_file(paths.model("teacher")), load_file(Paths(built).model("teacher"))
+    resumed, reference = load_file(Paths(project).model("teacher")), load_file(Paths(built).model("teacher"))
     assert all(torch.equal(resumed[k], reference[k]) for k in reference)
+
+
+def test_a_code_change_does_not_resume_state_the_old_code_made(project, monkeypatch):
+    """The resume key fingerprints the library's code, the process count and the precision."""
+    from distill.stages import _common
+
+    class Interrupt:
+        def on_step_end(self, info: Any) -> None:
+            if info.global_step == 5:
+                raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run("teacher", tiny_params(), project, callbacks=[Interrupt()])
+    (first,) = (project / ".state" / "teacher").iterdir()
+    monkeypatch.setattr(_common, "code_fingerprint", lambda: "another version of the code")
+    with pytest.raises(KeyboardInterrupt):
+        run("teacher", tiny_params(), project, callbacks=[Interrupt()])
+    assert len(list((project / ".state" / "teacher").iterdir())) == 2  # a new key: started fresh, not resumed
+    assert first.exists()
 
 
 # ---------------------------------------------------------------------------------------- tracking

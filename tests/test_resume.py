@@ -16,11 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_engine import Blobs, Steps, baseline_task, recipe
 
 from distill.checkpoint import CheckpointError
 from distill.engine import NonFiniteLossError, _latest_state, discard_state, fit, make_accelerator
 from distill.models.build import build_model
+
+from test_engine import Blobs, Steps, baseline_task, recipe
 
 STEPS_PER_EPOCH = 4  # Blobs(64), batch 16
 TOTAL = 3 * STEPS_PER_EPOCH

@@ -140,7 +140,7 @@ def scale_project(tiny_project: Path, tmp_path_factory: pytest.TempPathFactory, 
     run_cmd(["git", "rm", "-q", "--cached", "params.yaml"], project)
     run_cmd(["git", "add", "params.yaml"], project)
     run_cmd(["git", "commit", "-q", "-m", "scale-out test params"], project)
-    script = "from flows.stages import run_stage\nfor s in ('data', 'teacher', 'soft_labels'): run_stage(s, track=False)"
+    script = "from flows.stage import run_tracked\nfor s in ('data', 'teacher', 'soft_labels'): run_tracked(s, track=False)"
     run_cmd([sys.executable, "-c", script], project, env=GROUP_ENV, timeout=300)
     return project
 
@@ -165,10 +165,10 @@ def test_two_processes_train_the_student_like_one_process_accumulating_two_batch
     elapsed = time.monotonic() - t0
     got = _read_json(project / "metrics" / "student.json")
 
-    # It went through accelerate launch, as a group of 2, and only the main process printed epochs.
+    # It went through accelerate launch, as a group of 2, and only the main process said it was done.
     assert "launching 2 process(es)" in two.stderr and "--multi_gpu" in two.stderr, describe(two)
     out = two.stdout + two.stderr
-    assert out.count("[student] epoch 2/2") == 1 == (one.stdout + one.stderr).count("[student] epoch 2/2"), describe(two)
+    assert out.count("[student] done") == 1 == (one.stdout + one.stderr).count("[student] done"), describe(two)
 
     # Only the main process wrote outputs; rank 1 at most its own part of the resume state.
     writes = _writes_by_rank(log_dir)
@@ -232,62 +232,121 @@ def no_accelerate_config(monkeypatch, tmp_path):
     ({}, None),
     ({"DISTILL_NUM_PROCESSES": "1"}, None),
     ({"DISTILL_NUM_PROCESSES": "4"}, (4, [])),
-    ({"DISTILL_LAUNCH_ARGS": "--config_file 'my fsdp.yaml'"}, (1, ["--config_file", "my fsdp.yaml"])),
+    ({"DISTILL_LAUNCH_ARGS": "--config_file 'my fsdp.yaml'"}, (None, ["--config_file", "my fsdp.yaml"])),
     ({"DISTILL_NUM_PROCESSES": "4", "RANK": "1", "LOCAL_RANK": "1"}, None),  # already a launched rank
     ({"DISTILL_NUM_PROCESSES": "4", "DISTILL_LAUNCHED": "1"}, None),  # a group that accelerate started as one process
 ])
-def test_launch_request_comes_from_the_environment(environ, expected):
-    from flows.__main__ import launch_request
+def test_launch_request_comes_from_the_environment(environ, expected, no_accelerate_config):
+    from flows.launch import launch_request
 
-    assert launch_request(environ) == expected
+    request = launch_request(environ)
+    assert (request if request is None else (request.processes, request.extra)) == expected
 
 
 @pytest.mark.parametrize("value", ["two", "0", "-1"])
-def test_a_bad_process_count_is_an_error_naming_the_variable(value):
-    from flows.__main__ import LaunchError, launch_request
+def test_a_bad_process_count_is_an_error_naming_the_variable(value, no_accelerate_config):
+    from flows.launch import LaunchError, launch_request
 
     with pytest.raises(LaunchError, match="DISTILL_NUM_PROCESSES"):
         launch_request({"DISTILL_NUM_PROCESSES": value})
 
 
-def test_launch_command_uses_torchrun_a_free_port_and_the_environment_precision(no_accelerate_config):
-    from flows.__main__ import launch_command
+def _accelerate_config(path: Path, **settings) -> Path:
+    """An accelerate config file as ``accelerate config`` writes it for this machine."""
+    base = {"compute_environment": "LOCAL_MACHINE", "distributed_type": "NO", "num_processes": 1, "num_machines": 1,
+            "machine_rank": 0, "mixed_precision": "no", "use_cpu": False, "gpu_ids": "all", "debug": False}
+    path.write_text(yaml.safe_dump({**base, **settings}))
+    return path
 
-    cmd = launch_command(["stage", "teacher"], 2, [], {"ACCELERATE_MIXED_PRECISION": "BF16"})
+
+def test_the_machines_accelerate_config_file_is_followed_and_the_environment_overrides_it(tmp_path, monkeypatch):
+    import accelerate.commands.config as config
+
+    from flows.launch import launch_command, launch_request
+
+    cfg = _accelerate_config(tmp_path / "default_config.yaml", distributed_type="MULTI_CPU", num_processes=2,
+                             mixed_precision="bf16")
+    monkeypatch.setattr(config, "default_config_file", str(cfg))
+    request = launch_request({})
+    assert request is not None and request.config == cfg and request.settings["num_processes"] == 2
+    cmd = launch_command(["stage", "teacher"], request, {})
+    # several CPU processes, which accelerate's own launcher would run as one: a torchrun group on the CPU
+    assert cmd[3:-4] == ["--config_file", str(cfg), "--multi_gpu", "--main_process_port", "0"]
+    cmd = launch_command(["stage", "teacher"], launch_request({"DISTILL_NUM_PROCESSES": "3"}),
+                         {"ACCELERATE_MIXED_PRECISION": "no"})
+    assert cmd[3:-4] == ["--config_file", str(cfg), "--num_processes", "3", "--multi_gpu", "--main_process_port", "0",
+                         "--mixed_precision", "no"]
+    gpus = _accelerate_config(tmp_path / "gpus.yaml", distributed_type="MULTI_GPU", num_processes=8)
+    cmd = launch_command(["stage", "teacher"], launch_request({"ACCELERATE_CONFIG_FILE": str(gpus)}), {})
+    assert cmd[3:-4] == ["--config_file", str(gpus), "--main_process_port", "0"]  # the file's launcher decides
+    with pytest.raises(Exception, match="does not exist"):
+        launch_request({"ACCELERATE_CONFIG_FILE": str(tmp_path / "none.yaml")})
+
+
+def test_launch_command_uses_torchrun_a_free_port_and_the_environment_precision(no_accelerate_config):
+    from flows.launch import launch_command, launch_request
+
+    cmd = launch_command(["stage", "teacher"], launch_request({"DISTILL_NUM_PROCESSES": "2"}),
+                         {"ACCELERATE_MIXED_PRECISION": "BF16"})
     assert cmd[:3] == [sys.executable, "-m", "accelerate.commands.launch"]
     assert cmd[-4:] == ["-m", "flows", "stage", "teacher"]
-    flags = " ".join(cmd[3:-4])
-    assert flags == "--num_processes 2 --multi_gpu --main_process_port 0 --mixed_precision bf16"
+    assert " ".join(cmd[3:-4]) == "--num_processes 2 --multi_gpu --main_process_port 0 --mixed_precision bf16"
 
 
 def test_launch_command_leaves_launcher_and_port_to_a_config_or_multi_machine_flags(no_accelerate_config):
-    from flows.__main__ import launch_command
+    from flows.launch import Launch, launch_command
 
-    cmd = launch_command(["stage", "student"], 8, ["--config_file", "fsdp.yaml"], {})
+    cmd = launch_command(["stage", "student"], Launch(processes=8, extra=["--config_file", "fsdp.yaml"]), {})
     assert "--multi_gpu" not in cmd and "--main_process_port" not in cmd and "--num_processes" in cmd
     nodes = ["--multi_gpu", "--num_machines", "2", "--machine_rank", "0", "--main_process_ip", "10.0.0.1",
              "--main_process_port", "29500"]
-    cmd = launch_command(["stage", "student"], 16, nodes, {})
+    cmd = launch_command(["stage", "student"], Launch(processes=16, extra=nodes), {})
     assert cmd.count("--multi_gpu") == 1 and cmd.count("--main_process_port") == 1
     assert cmd[3:-4] == ["--num_processes", "16", *nodes]
 
 
 def test_a_failed_group_is_launched_once_more_and_its_status_returned(monkeypatch, no_accelerate_config):
-    import flows.__main__ as cli
+    import flows.launch as launch
 
     calls = []
-    monkeypatch.setattr(cli.subprocess, "call", lambda cmd, env: calls.append(env) or 3)
-    assert cli._launch(["stage", "teacher"], 2, [], retries=1) == 3
+    monkeypatch.setattr(launch.subprocess, "call", lambda cmd, env: calls.append(env) or 3)
+    assert launch.launch(["stage", "teacher"], launch.Launch(processes=2), retries=1) == 3
     assert len(calls) == 2 and calls[0]["DISTILL_LAUNCHED"] == "1" and calls[0]["DISTILL_EXPECT_PROCESSES"] == "2"
 
 
 def test_a_launched_group_smaller_than_asked_for_is_an_error():
-    from flows.__main__ import LaunchError, check_launched_group
+    from flows.launch import LaunchError, check_launched_group
 
     check_launched_group({"DISTILL_EXPECT_PROCESSES": "2", "WORLD_SIZE": "2"})
     check_launched_group({})
     with pytest.raises(LaunchError, match="group of 1"):
         check_launched_group({"DISTILL_EXPECT_PROCESSES": "2"})
+
+
+@pytest.mark.slow
+def test_an_accelerate_config_file_with_two_processes_runs_a_stage_on_two_cpu_processes(scale_project, run_cmd,
+                                                                                        tmp_path):
+    """`accelerate config` on a CPU machine: 2 processes, bf16. The stage follows it; the environment overrides it."""
+    from distill.soft_labels import SoftLabelStore
+
+    project = scale_project
+    hf_home = tmp_path / "hf"
+    (hf_home / "accelerate").mkdir(parents=True)
+    _accelerate_config(hf_home / "accelerate" / "default_config.yaml", distributed_type="MULTI_CPU",
+                       num_processes=2, mixed_precision="bf16", use_cpu=True)
+    audit, log_dir = _audit_env(tmp_path, project)
+    proc = run_cmd([sys.executable, "-m", "flows", "stage", "soft_labels", "--no-prefect"], project, timeout=300,
+                   env={**GROUP_ENV, **audit, "HF_HOME": str(hf_home)})
+    assert "launching 2 process(es)" in proc.stderr, describe(proc)
+    runtime = SoftLabelStore.open(project / "soft_labels").meta.runtime
+    assert (runtime["processes"], runtime["mixed_precision"]) == (2, "bf16"), runtime
+    writes = _writes_by_rank(log_dir)
+    assert set(writes) >= {"0", "1"}, writes  # two ranks ran: each wrote its own shard
+
+    run_cmd([sys.executable, "-m", "flows", "stage", "soft_labels", "--no-prefect"], project, timeout=300,
+            env={**GROUP_ENV, "HF_HOME": str(hf_home), "ACCELERATE_MIXED_PRECISION": "no"})
+    runtime = SoftLabelStore.open(project / "soft_labels").meta.runtime
+    assert (runtime["processes"], runtime["mixed_precision"]) == (2, "no"), runtime
 
 
 # ------------------------------------------------------------------------- mixed precision, torch.compile
@@ -312,12 +371,13 @@ def fresh_accelerate(monkeypatch):
 
 
 def test_bf16_mixed_precision_trains_teacher_and_student_and_generates_soft_labels(fresh_accelerate, tmp_path):
-    from test_engine import PARAMS, Blobs, _deit, _teacher
-
     from distill.data import Augmenter, AugmentSpec, Split
-    from distill.engine import RandomViews, SupervisedTask, fit, make_accelerator
+    from distill.engine import SupervisedTask, fit, make_accelerator
     from distill.losses import DistillationLoss
-    from distill.soft_labels import SoftLabelStore, StoredViews, generate_store
+    from distill.soft_labels import SoftLabelStore, generate_store
+    from distill.views import RandomViews, StoredViews
+
+    from test_engine import PARAMS, Blobs, _deit, _teacher
 
     fresh_accelerate.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
     acc = make_accelerator()
@@ -355,13 +415,14 @@ def test_torch_compile_through_accelerate_keeps_checkpoints_and_soft_labels_plai
 
     The ``eager`` backend runs dynamo's capture without a C++ compiler (inductor, the GPU choice, needs one).
     """
-    from test_engine import PARAMS, Blobs, _teacher
-
     from distill.checkpoint import load_model, save_model
     from distill.data import Augmenter, AugmentSpec, Split
-    from distill.engine import RandomViews, SupervisedTask, fit, make_accelerator
+    from distill.engine import SupervisedTask, fit, make_accelerator
     from distill.losses import DistillationLoss
     from distill.soft_labels import SoftLabelStore, generate_store
+    from distill.views import RandomViews
+
+    from test_engine import PARAMS, Blobs, _teacher
 
     fresh_accelerate.setenv("ACCELERATE_DYNAMO_BACKEND", "EAGER")
     acc = make_accelerator()

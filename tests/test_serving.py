@@ -15,7 +15,6 @@ import mlflow
 import numpy as np
 import pytest
 import torch
-from conftest import _free_port, background_server
 from mlflow.exceptions import MlflowException
 from mlflow.models import Model
 from PIL import Image
@@ -27,6 +26,8 @@ from distill.models.deit import DeiT
 from distill.registry import log_and_register_student
 from distill.serving import StudentClassifier, save_servable, servable_checkpoint
 from distill.tracking import MlflowTracker
+
+from conftest import _free_port, background_server
 
 SIZE, CLASSES = 16, 5
 CLASS_NAMES = ["ant", "bee", "cat", "dog", "eel"]

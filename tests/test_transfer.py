@@ -1,29 +1,40 @@
-"""The unlabeled transfer set and mixed views, through the real stages (tiny models, seconds on a CPU)."""
+"""The unlabeled transfer set, mixed views and the step-matched baseline, through the real stages (seconds on a CPU)."""
 
 from __future__ import annotations
 
 import json
+import math
+import shutil
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
-from distill.config import parse_params
+from distill.config import ParamsView, Paths, declared_params
 from distill.data import UNLABELED, load_prepared
+from distill.engine import steps_per_epoch
 from distill.soft_labels import SoftLabelStore, SoftLabelStoreError
-from distill.stages import Paths, run_baseline, run_data, run_evaluate, run_soft_labels, run_student, run_teacher
-from test_reliability import tiny_params
+from distill.stages.runner import run_stage
+
+from conftest import REPO, tiny_params
+
+STAGES = ("data", "teacher", "soft_labels", "student", "baseline", "evaluate")
+
+
+def run(stage: str, params: Any, root: Path) -> dict[str, Any]:
+    return run_stage(stage, params, Paths(root), dvc_yaml=REPO / "dvc.yaml")
 
 
 @pytest.fixture(scope="module")
 def transfer_project(tmp_path_factory):
     root = tmp_path_factory.mktemp("transfer")
     params = tiny_params(data={"max_per_class": 6, "unlabeled": True},
-                         student={"train": {"epochs": 2, "warmup_epochs": 1, "batch_size": 32, "mixup": 0.4}},
-                         evaluate={"throughput_iters": 2, "register_model": False})
-    for run in (run_data, run_teacher, run_soft_labels, run_student, run_baseline, run_evaluate):
+                         student={"train": {"epochs": 2, "warmup_epochs": 1, "batch_size": 32, "mixup": 0.4}})
+    for stage in STAGES:
         torch.manual_seed(0)
-        run(params, Paths(root))
+        run(stage, params, root)
     return root, params
 
 
@@ -40,38 +51,51 @@ def test_the_store_covers_the_unlabeled_images_and_mixes_views(transfer_project)
     assert metrics["num_unlabeled"] == len(data.unlabeled)
     for model in ("student", "baseline"):
         assert np.isfinite(json.loads((root / "metrics" / f"{model}.json").read_text())["train_loss"])
+
+
+def test_the_baseline_gets_exactly_the_students_steps_and_the_report_says_so(transfer_project):
+    root, _ = transfer_project
+    data = load_prepared(root / "data" / "prepared")
+    student = json.loads((root / "metrics" / "student.json").read_text())
+    baseline = json.loads((root / "metrics" / "baseline.json").read_text())
+    n_student = len(data.train) + len(data.unlabeled)
+    per_epoch = steps_per_epoch(n_student, 32)  # drop_last: floor(n / 32)
+    assert student["steps"] == 2 * per_epoch and student["warmup_steps"] == per_epoch
+    assert (baseline["steps"], baseline["warmup_steps"]) == (student["steps"], student["warmup_steps"])
+    # 60 labeled images in batches of 32 (drop_last): 1 step per epoch, so the baseline runs one epoch per step
+    assert baseline["epochs"] == math.ceil(student["steps"] / steps_per_epoch(len(data.train), 32))
     report = (root / "reports" / "results.md").read_text()
-    assert f"Training data: 60 labeled images; the distilled student also learned from {len(data.unlabeled)} " \
-           "unlabeled images" in report
-    # the baseline got as many optimizer steps as the student: 2 epochs scaled by (60 + unlabeled) / 60
-    epochs = round(2 * (60 + len(data.unlabeled)) / 60)
-    assert json.loads((root / "metrics" / "baseline.json").read_text())["epochs"] == epochs
-    assert f"The baseline trained {epochs} epochs to the student's 2" in report
+    assert (f"- student: 2 epochs, {student['steps']:,} optimizer steps ({student['warmup_steps']:,} of warm-up) on "
+            f"{n_student:,} images (60 labeled, {len(data.unlabeled):,} unlabeled") in report
+    assert (f"The baseline's budget is the student's optimizer steps (`baseline.budget: steps`): {baseline['steps']:,} "
+            f"and {student['steps']:,}, warm-up {baseline['warmup_steps']:,} and {student['warmup_steps']:,}.") in report
+
+
+@pytest.mark.parametrize("batch, accum, processes", [(32, 1, 1), (50, 1, 1), (16, 3, 1), (7, 2, 2), (64, 4, 3)])
+def test_the_baseline_budget_matches_the_student_whatever_batch_accumulation_and_processes(
+        transfer_project, batch, accum, processes):
+    """The budget is the student's own count: its transfer set, the batch rule, accumulation, processes."""
+    from distill.stages.baseline import student_budget
+
+    root, _ = transfer_project
+    data = load_prepared(root / "data" / "prepared")
+    params = tiny_params(student={"train": {"batch_size": batch, "grad_accum": accum, "epochs": 3,
+                                            "warmup_epochs": 1}})
+    view = ParamsView(params, stage="baseline", declared=declared_params("baseline", REPO / "dvc.yaml"))
+    per_epoch = steps_per_epoch(len(data.train) + len(data.unlabeled), batch, processes=processes, grad_accum=accum)
+    assert student_budget(view, data, processes) == (3 * per_epoch, per_epoch)
+    none = ParamsView(tiny_params(student={"distillation": "none"}), stage="baseline",
+                      declared=declared_params("baseline", REPO / "dvc.yaml"))
+    per_epoch = steps_per_epoch(len(data.train), 32)  # a labels-only student trains on the labeled images only
+    assert student_budget(none, data, 1) == (2 * per_epoch, per_epoch)
 
 
 def test_a_store_without_the_unlabeled_images_is_refused(transfer_project, tmp_path):
-    import shutil
-
-    root, params = transfer_project
+    root, _ = transfer_project
     project = tmp_path / "p"
     shutil.copytree(root, project)
-    plain = params.model_copy(update={"data": params.data.model_copy(update={"unlabeled": False})})
-    run_data(plain, Paths(project))  # the data now has no unlabeled split: the old store no longer fits
+    plain = tiny_params(data={"max_per_class": 6, "unlabeled": False},
+                        student={"train": {"epochs": 2, "warmup_epochs": 1, "batch_size": 32, "mixup": 0.4}})
+    run("data", plain, project)  # the data now has no unlabeled split: the old store no longer fits
     with pytest.raises(SoftLabelStoreError, match="num_images: stored"):
-        run_student(plain, Paths(project))
-
-
-@pytest.mark.parametrize("overrides, epochs, warmup", [
-    ({}, 350, 12),  # 150 epochs x 1168 / 500 = 350.4; warm-up 5 x 2.336 = 11.7
-    ({"baseline": {"budget": "epochs"}}, 150, 5),
-    ({"student": {"distillation": "none"}}, 150, 5),  # a labels-only student does not use the unlabeled set
-])
-def test_baseline_recipe_matches_the_students_steps(overrides, epochs, warmup):
-    from distill.stages import baseline_recipe
-
-    raw = {"student": {"distillation": "soft", "train": {"epochs": 150, "warmup_epochs": 5}}}
-    for key, value in overrides.items():
-        raw[key] = {**raw.get(key, {}), **value}
-    recipe = baseline_recipe(parse_params(raw), 500, 1168)
-    assert (recipe.epochs, recipe.warmup_epochs) == (epochs, warmup)
-    assert baseline_recipe(parse_params(raw), 500, 500).epochs == 150  # no unlabeled images: nothing to match
+        run("student", plain, project)
