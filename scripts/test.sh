@@ -6,4 +6,6 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export PATH="$PWD/.venv/bin:$PATH"
 export DISTILL_PROGRESS=0
+echo "==> ruff check"
+python -m ruff check .
 exec python -m pytest -ra "$@"
