@@ -88,7 +88,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="deit_mini at 32 px, batch 64, few steps")
     args = parser.parse_args(argv)
     if args.quick:
-        args.preset, args.img_size, args.batch, args.steps, args.warmup, args.num_classes = "deit_mini", 32, 64, 5, 2, 10
+        args.preset, args.img_size, args.batch = "deit_mini", 32, 64
+        args.steps, args.warmup, args.num_classes = 5, 2, 10
 
     import timm
 

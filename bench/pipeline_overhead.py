@@ -1,28 +1,22 @@
-"""What orchestration costs: the pipeline through DVC + Prefect + MLflow against the bare stage functions.
+"""What orchestration costs per stage: a fresh process, its imports, the Prefect flow run and the MLflow run.
 
-Three measurements in one run, each in a fresh copy of the project (a new git + DVC repository):
+Two sides, in one run, in the same fresh copy of the project (a new git + DVC repository), against one running
+``prefect server start`` (as under ``python -m flows pipeline``, which shares one server with all stages):
 
-* ``direct``: one Python process calls the six stage functions of ``distill.stages`` in order, with no
-  Prefect, MLflow or DVC (``bench/pipeline_overhead.py --direct-only`` runs only this side);
-* ``pipeline``: ``python -m flows pipeline``, the README's command: a Prefect flow that runs ``dvc repro``,
-  every stage a Prefect flow run in its own process (a warm worker of the stage server,
-  flows/stage_server.py) with an MLflow child run, and the flow's temporary Prefect server;
-* ``noop``: ``dvc repro`` again in the ``pipeline`` copy, where everything is up to date.
+* ``in process``: one Python process runs the stages in pipeline order (``distill.stages.runner.run_stage``,
+  no Prefect, no MLflow) and times each one;
+* ``command``: each stage as DVC runs it, ``python -m flows stage <name>`` in a fresh process (a Prefect flow
+  run with an MLflow child run), timed from start to exit.
 
-The figure is the ratio pipeline / direct (goal: at most 1.15) and the no-op time (goal: at most 5 s). The
-sides run one after the other on the same machine, in fresh copies each round; with ``--rounds N`` the order
-alternates from round to round and the median ratio is the figure (a shared machine drifts by minutes).
+The fixed cost of a stage is ``command - in process``; the figure is its median over ``--rounds`` rounds (the
+sides alternate which goes first) and its mean over the stages. Goal: at most 7 s per stage on the 2-core
+reference machine. Then ``dvc repro`` with everything up to date is timed (goal: at most 5 s): DVC's own
+bookkeeping, what a user pays for "nothing changed".
 
-Prefect runs in a temporary ``PREFECT_HOME``. Its database is created before the timing starts, as it
-exists on any machine where Prefect ran once; ``--cold-prefect`` leaves it to the pipeline (the first
-Prefect run on a machine, about 5 s more). MLflow's store is always created by the timed run (a fresh
-clone has none). ``--cold-stages`` runs the pipeline with ``DISTILL_WARM_STAGES=0``: every stage a fresh
-process, as under plain ``dvc repro``.
+``--quick`` (2-epoch models, 2 stored views) measures the fixed cost alone; without it, the default params.
 
 Usage:
-    python bench/pipeline_overhead.py                 # the default params.yaml
-    python bench/pipeline_overhead.py --rounds 2      # both orders, median ratio
-    python bench/pipeline_overhead.py --quick         # 2 epochs per model: measures the fixed cost only
+    python bench/pipeline_overhead.py --quick [--rounds 3] [--out overhead.json]
 """
 
 from __future__ import annotations
@@ -32,28 +26,44 @@ import json
 import os
 import platform
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-DIRECT = """
-import time
-t0 = time.perf_counter()
-from distill import stages as S
-from distill.config import load_params
-params, paths = load_params("params.yaml"), S.Paths(".")
-for stage in S.STAGES:
-    getattr(S, f"run_{stage}")(params, paths)
+IN_PROCESS = """
+import json, sys, time
+from pathlib import Path
+from distill.config import Paths, load_params
+from distill.stages.runner import pipeline_stages, run_stage
+params, paths, times = load_params("params.yaml"), Paths(Path(".").resolve()), {}
+for stage in pipeline_stages("dvc.yaml"):
+    t0 = time.perf_counter()
+    run_stage(stage, params, paths)
+    times[stage] = time.perf_counter() - t0
+print("TIMES " + json.dumps(times))
 """
+QUICK = {"teacher.train.epochs": 2, "teacher.train.warmup_epochs": 1, "student.train.epochs": 2,
+         "student.train.warmup_epochs": 1, "soft_labels.views": 2, "evaluate.throughput_rounds": 1}
 
 
-def make_project(dest: Path, quick: bool) -> Path:
+def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_", "DISTILL_"))}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.update({"DISTILL_PROGRESS": "0", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DVC_NO_ANALYTICS": "1",
+                "GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "bench@localhost", "GIT_COMMITTER_NAME": "bench",
+                "GIT_COMMITTER_EMAIL": "bench@localhost", **(extra or {})})
+    return env
+
+
+def make_project(dest: Path, quick: bool, env: dict[str, str]) -> Path:
     """Copy the project's tracked and untracked (not ignored) files into ``dest`` as a fresh git repository."""
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True,
                            check=True).stdout.split()
@@ -62,88 +72,116 @@ def make_project(dest: Path, quick: bool) -> Path:
             (dest / f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / f, dest / f)
     if quick:
-        p = yaml.safe_load((dest / "params.yaml").read_text())
-        for model in ("teacher", "student"):
-            p[model]["train"].update(epochs=2, warmup_epochs=1)
-        (dest / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+        params = yaml.safe_load((dest / "params.yaml").read_text())
+        for dotted, value in QUICK.items():
+            *parents, leaf = dotted.split(".")
+            node = params
+            for part in parents:
+                node = node[part]
+            node[leaf] = value
+        (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "bench"]):
-        subprocess.run(cmd, cwd=dest, check=True, env=_env())
+        subprocess.run(cmd, cwd=dest, check=True, env=env, capture_output=True)
     return dest
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env.setdefault("DISTILL_PROGRESS", "0")
-    env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    for k, v in (("GIT_AUTHOR_NAME", "bench"), ("GIT_AUTHOR_EMAIL", "bench@localhost"),
-                 ("GIT_COMMITTER_NAME", "bench"), ("GIT_COMMITTER_EMAIL", "bench@localhost")):
-        env.setdefault(k, v)
-    env.pop("MLFLOW_TRACKING_URI", None)  # the copy's own sqlite store
-    return env
-
-
-def timed(cmd: list[str], cwd: Path, log: Path) -> float:
-    """Run ``cmd`` to completion; return its wall time. A failure stops the benchmark with the log's tail."""
+def run(cmd: list[str], cwd: Path, env: dict[str, str], log: Path) -> tuple[float, str]:
+    """Run ``cmd`` to completion; its wall time and output. A failure stops the benchmark with the log's tail."""
     t0 = time.perf_counter()
-    with open(log, "w") as out:
-        res = subprocess.run(cmd, cwd=cwd, env=_env(), stdout=out, stderr=subprocess.STDOUT, check=False)
+    res = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, check=False)
     elapsed = time.perf_counter() - t0
+    log.write_text(res.stdout + res.stderr)
     if res.returncode != 0:
         sys.exit(f"`{' '.join(cmd)}` failed with status {res.returncode}:\n" + log.read_text()[-3000:])
-    return elapsed
+    return elapsed, res.stdout
+
+
+def prefect_server(home: Path, env: dict[str, str]) -> tuple[subprocess.Popen, str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    api = f"http://127.0.0.1:{port}/api"
+    log = open(home / "prefect-server.log", "w")  # noqa: SIM115 - closed with the process
+    proc = subprocess.Popen(["prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui"],
+                            env={**env, "PREFECT_HOME": str(home / "prefect")}, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(api + "/health", timeout=1) as resp:
+                if resp.status == 200:
+                    return proc, api
+        except OSError:
+            time.sleep(0.5)
+    proc.kill()
+    sys.exit("prefect server did not start: " + (home / "prefect-server.log").read_text()[-2000:])
+
+
+def one_round(here: Path, quick: bool, command_first: bool, api: str, env: dict[str, str]) -> dict[str, dict]:
+    project = make_project(here / "project", quick, env)
+    stages = [s for s in yaml.safe_load((project / "dvc.yaml").read_text())["stages"] if s != "check_params"]
+    sides: dict[str, dict[str, float]] = {}
+
+    def in_process() -> None:
+        scratch = here / "in-process"
+        shutil.copytree(project, scratch)
+        _, out = run([sys.executable, "-c", IN_PROCESS], scratch, env, here / "in-process.log")
+        sides["in process"] = json.loads(out.split("TIMES ", 1)[1])
+
+    def commands() -> None:
+        stage_env = {**env, "PREFECT_API_URL": api, "PREFECT_HOME": str(here / "prefect-client")}
+        run([sys.executable, "-m", "distill.config", "params.yaml", "--stamp", ".dvc-params-ok"], project, env,
+            here / "check.log")
+        sides["command"] = {s: run([sys.executable, "-m", "flows", "stage", s], project, stage_env,
+                                   here / f"{s}.log")[0] for s in stages}
+
+    for side in (commands, in_process) if command_first else (in_process, commands):
+        side()
+    run(["dvc", "commit", "-f"], project, env, here / "commit.log")  # record the outputs: everything is up to date
+    noop = [run(["dvc", "repro"], project, env, here / "noop.log")[0] for _ in range(3)]
+    return {"stages": {s: {"in_process_s": sides["in process"][s], "command_s": sides["command"][s],
+                           "overhead_s": sides["command"][s] - sides["in process"][s]} for s in stages},
+            "noop_repro_s": statistics.median(noop)}
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="2 epochs per model")
-    ap.add_argument("--order", choices=("direct-first", "pipeline-first"), default="direct-first",
-                    help="which side runs first in the first round (later rounds alternate)")
-    ap.add_argument("--rounds", type=int, default=1, help="measure both sides this many times; the median ratio counts")
-    ap.add_argument("--direct-only", action="store_true")
-    ap.add_argument("--cold-prefect", action="store_true", help="let the timed pipeline create Prefect's database")
-    ap.add_argument("--cold-stages", action="store_true", help="no stage server: a fresh process per stage")
+    ap.add_argument("--quick", action="store_true", help="2-epoch models: the fixed cost alone")
+    ap.add_argument("--rounds", type=int, default=1, help="rounds; the sides alternate which goes first")
     ap.add_argument("--out", default=None, help="also write the figures as JSON")
     args = ap.parse_args(argv)
 
-    if args.cold_stages:
-        os.environ["DISTILL_WARM_STAGES"] = "0"
-    rounds: list[dict[str, float]] = []
+    env = _env()
+    rounds = []
     with tempfile.TemporaryDirectory() as tmp:
-        for r in range(args.rounds):
-            here = Path(tmp) / f"round-{r}"
-            here.mkdir()
-            os.environ["PREFECT_HOME"] = str(here / "prefect-home")  # isolated Prefect database
-            if not (args.cold_prefect or args.direct_only):
-                timed(["prefect", "server", "database", "upgrade", "-y"], here, here / "prefect-db.log")
-            direct_dir, pipe_dir = make_project(here / "direct", args.quick), make_project(here / "pipeline", args.quick)
-            runs = {"direct": lambda: timed([sys.executable, "-c", DIRECT], direct_dir, here / "direct.log")}
-            if not args.direct_only:
-                runs["pipeline"] = lambda: timed([sys.executable, "-m", "flows", "pipeline"], pipe_dir,
-                                                 here / "pipeline.log")
-            order = list(runs) if (r % 2 == 0) == (args.order == "direct-first") else list(reversed(runs))
-            times: dict[str, float] = {}
-            for name in order:
-                times[name] = runs[name]()
-                print(f"round {r + 1}: {name}: {times[name]:.1f} s", flush=True)
-            if not args.direct_only:
-                times["noop"] = timed(["dvc", "repro"], pipe_dir, here / "noop.log")
-                times["ratio"] = times["pipeline"] / times["direct"]
-                print(f"round {r + 1}: no-op dvc repro {times['noop']:.2f} s; ratio pipeline/direct {times['ratio']:.3f}; "
-                      f"overhead {times['pipeline'] - times['direct']:.1f} s", flush=True)
-            rounds.append(times)
-    summary: dict[str, float] = {}
-    if not args.direct_only:
-        summary = {k: statistics.median(t[k] for t in rounds) for k in ("direct", "pipeline", "noop", "ratio")}
-        print(f"median over {len(rounds)} round(s): ratio pipeline/direct {summary['ratio']:.3f} (goal <= 1.15); "
-              f"no-op dvc repro {summary['noop']:.2f} s (goal <= 5 s)")
-    result = {"command": " ".join(["python", "bench/pipeline_overhead.py", *(argv if argv is not None else sys.argv[1:])]),
-              "machine": f"{platform.platform()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
-              "setup": {"prefect_database": "created by the pipeline" if args.cold_prefect else "created before timing",
-                        "stages": "fresh process each" if args.cold_stages else "stage server"},
-              "rounds": rounds, "median": summary}
+        server, api = prefect_server(Path(tmp), env)
+        try:
+            for r in range(args.rounds):
+                here = Path(tmp) / f"round-{r}"
+                here.mkdir()
+                rounds.append(one_round(here, args.quick, command_first=r % 2 == 1, api=api, env=env))
+                per = rounds[-1]["stages"]
+                print(f"round {r + 1}: " + ", ".join(f"{s} {v['overhead_s']:+.1f} s" for s, v in per.items())
+                      + f"; no-op dvc repro {rounds[-1]['noop_repro_s']:.2f} s", flush=True)
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+    stages = list(rounds[0]["stages"])
+    table = {s: {k: statistics.median(r["stages"][s][k] for r in rounds) for k in ("in_process_s", "command_s",
+                                                                                     "overhead_s")} for s in stages}
+    mean = statistics.fmean(v["overhead_s"] for v in table.values())
+    noop = statistics.median(r["noop_repro_s"] for r in rounds)
+    print("\n| stage | in process (s) | `python -m flows stage` (s) | fixed cost (s) |\n|---|---|---|---|")
+    for s, v in table.items():
+        print(f"| {s} | {v['in_process_s']:.1f} | {v['command_s']:.1f} | {v['overhead_s']:.1f} |")
+    print(f"\nfixed cost per stage: mean {mean:.1f} s, max {max(v['overhead_s'] for v in table.values()):.1f} s "
+          f"(goal <= 7 s); no-op dvc repro {noop:.2f} s (goal <= 5 s); medians over {len(rounds)} round(s)")
     if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2))
+        Path(args.out).write_text(json.dumps({
+            "command": " ".join(["python", "bench/pipeline_overhead.py",
+                                 *(argv if argv is not None else sys.argv[1:])]),
+            "machine": f"{platform.platform()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
+            "rounds": rounds, "median": table, "mean_overhead_s": mean, "noop_repro_s": noop}, indent=2))
     return 0
 
 

@@ -1,6 +1,6 @@
 """What the soft-label store buys: distillation at the cost of plain training, at online-teacher accuracy.
 
-For each seed, in one process, with the pipeline's own stage functions (``distill.stages``): prepare the data,
+For each seed, in one process, with the pipeline's own stages (``distill.stages``, run by name): prepare the data,
 train the teacher, generate the soft-label store (timed), then train the *same* student (same preset, recipe,
 epochs and seed) three ways:
 
@@ -8,15 +8,17 @@ epochs and seed) three ways:
 * ``stored``: DeiT distillation replaying the store (``teacher_mode: stored``): no teacher in the loop;
 * ``online``: DeiT distillation with the teacher run on every batch (``teacher_mode: online``), DeiT's way.
 
-Reported: test top-1 of each (goal: stored within 0.5 points of online, or better) as mean ± std over the
-seeds; store bytes per image and generation views/s; and training images/s of each mode with the ratios
-stored/none (goal >= 0.95) and online/none. Throughput comes from a separate phase that interleaves short
-trainings of the three modes (none, stored, online, none, stored, ...) for ``--speed-rounds`` rounds on the
-last seed's data and store, so that changes in machine load hit every mode alike; each figure is the
-engine's own images/s (training loop only, validation excluded), and the median over rounds is reported.
+Reported: top-1 of each on the validation split (``--split test``: the test split, for a claim, on held-out
+seeds >= 1000 only; goal: stored within 0.5 points of online, or better) as mean ± std over the seeds; store
+bytes per image and generation views/s; and training images/s of each mode with the ratios stored/none
+(goal >= 0.95) and online/none. Throughput comes from a separate phase that interleaves short trainings of
+the three modes (none, stored, online, none, stored, ...) for ``--speed-rounds`` rounds on the last seed's
+data and store, so that changes in machine load hit every mode alike; each figure is the engine's own
+images/s (training loop only, validation excluded), and the median over rounds is reported.
 
 Usage:
-    python bench/soft_labels.py --seeds 0 1 2 [-S key=value ...] [--out bench.json]
+    python bench/soft_labels.py --seeds 100 101 102 [-S key=value ...] [--out bench.json]
+    python bench/soft_labels.py --split test --seeds 1000 1001 1002 --out claim.json
 """
 
 from __future__ import annotations
@@ -28,68 +30,79 @@ import statistics
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
 from torch.utils.data import DataLoader
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
-from distill import stages as S  # noqa: E402
 from distill.checkpoint import load_model  # noqa: E402
-from distill.config import apply_overrides, parse_params  # noqa: E402
-from distill.data import ArrayDataset, AugmentSpec, Augmenter, load_prepared  # noqa: E402
+from distill.config import Paths, apply_overrides, parse_params  # noqa: E402
+from distill.data import ArrayDataset, Augmenter, AugmentSpec, load_prepared  # noqa: E402
 from distill.engine import evaluate, make_accelerator  # noqa: E402
 from distill.evaluation import mean_std  # noqa: E402
+from distill.stages.runner import run_stage  # noqa: E402
 
 MODES = {"none": ["student.distillation=none"], "stored": ["student.teacher_mode=stored"],
          "online": ["student.teacher_mode=online"]}
 
 
-def test_top1(paths: S.Paths, name: str) -> float:
-    """Top-1 of a trained model on the test split (the engine's evaluation: eval mode, DeiT's two heads averaged)."""
+def run(stage: str, params: Any, paths: Paths) -> dict[str, Any]:
+    """One stage, in this process, with the params dvc.yaml declares for it."""
+    (paths.root / "data" / "raw").mkdir(parents=True, exist_ok=True)
+    return run_stage(stage, params, paths, dvc_yaml=ROOT / "dvc.yaml")
+
+
+def top1(paths: Paths, name: str, split: str = "val") -> float:
+    """Top-1 of a trained model on a split (the engine's evaluation: eval mode, DeiT's two heads averaged)."""
     data = load_prepared(paths.data)
     model, _ = load_model(paths.model(name))
     meta = data.meta
     accelerator = make_accelerator()
     aug = Augmenter(spec=AugmentSpec(), out_size=meta.image_size, mean=meta.mean, std=meta.std)
-    loader = accelerator.prepare(DataLoader(ArrayDataset(data.test), batch_size=512))
+    loader = accelerator.prepare(DataLoader(ArrayDataset(data.split(split)), batch_size=512))
     return evaluate(model.to(accelerator.device), loader, accelerator, aug)["acc"]
 
 
-def run_seed(raw: dict, seed: int, work: Path) -> dict:
-    paths = S.Paths(work)
+def run_seed(raw: dict, seed: int, work: Path, split: str) -> dict:
+    paths = Paths(work)
     base = parse_params({**raw, "seed": seed})
-    S.run_data(base, paths)
-    S.run_teacher(base, paths)
-    store = S.run_soft_labels(base, paths)
+    run("data", base, paths)
+    run("teacher", base, paths)
+    store = run("soft_labels", base, paths)
     out = {"seed": seed, "views_per_sec": store["views_per_sec"], "bytes_per_image": store["bytes_per_image"]}
     for mode, overrides in MODES.items():
         params = parse_params(apply_overrides({**raw, "seed": seed}, overrides))
-        summary = S.run_student(params, paths)
-        out[mode] = {"images_per_sec": summary["train_images_per_sec"], "top1": test_top1(paths, "student")}
-        print(f"seed {seed} {mode:>6}: {summary['train_images_per_sec']:.0f} img/s, test top-1 {out[mode]['top1']:.4f}",
-              flush=True)
+        summary = run("student", params, paths)
+        out[mode] = {"images_per_sec": summary["train_images_per_sec"], "top1": top1(paths, "student", split)}
+        print(f"seed {seed} {mode:>6}: {summary['train_images_per_sec']:.0f} img/s, {split} top-1 "
+              f"{out[mode]['top1']:.4f}", flush=True)
     return out
 
 
 def speed(raw: dict, seed: int, work: Path, rounds: int, epochs: int) -> dict[str, list[float]]:
     """Images/s of each mode from interleaved short trainings (data, teacher and store already in ``work``)."""
-    paths = S.Paths(work)
+    paths = Paths(work)
     short = [f"student.train.epochs={epochs}", "student.train.warmup_epochs=1"]
     out: dict[str, list[float]] = {mode: [] for mode in MODES}
     for r in range(rounds):
         for mode, overrides in MODES.items():
             params = parse_params(apply_overrides({**raw, "seed": seed}, overrides + short))
-            out[mode].append(S.run_student(params, paths)["train_images_per_sec"])
-        print(f"speed round {r + 1}/{rounds}: " + ", ".join(f"{m} {v[-1]:.0f} img/s" for m, v in out.items()), flush=True)
+            out[mode].append(run("student", params, paths)["train_images_per_sec"])
+        speeds = ", ".join(f"{m} {v[-1]:.0f} img/s" for m, v in out.items())
+        print(f"speed round {r + 1}/{rounds}: {speeds}", flush=True)
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[100, 101, 102])
+    ap.add_argument("--split", choices=("val", "test"), default="val",
+                    help="val: for choosing; test: for a claim, on held-out seeds (>= 1000) only")
     ap.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--speed-rounds", type=int, default=5, help="interleaved rounds of the throughput phase")
     ap.add_argument("--speed-epochs", type=int, default=3, help="epochs of each throughput-phase training")
@@ -97,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
                     "and store, then the throughput phase")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
+    if args.split == "test" and min(args.seeds) < 1000:
+        ap.error("--split test is for a claim on held-out seeds (>= 1000), never used while choosing")
     raw = apply_overrides(yaml.safe_load(Path(args.params).read_text()) or {}, args.overrides)
     parse_params(raw)
     with tempfile.TemporaryDirectory() as tmp:
@@ -104,10 +119,10 @@ def main(argv: list[str] | None = None) -> int:
             work = Path(tmp) / "speed"
             base = parse_params({**raw, "seed": args.seeds[0]})
             for stage in ("data", "teacher", "soft_labels"):
-                getattr(S, f"run_{stage}")(base, S.Paths(work))
+                run(stage, base, Paths(work))
             runs = []
         else:
-            runs = [run_seed(raw, seed, Path(tmp) / f"seed{seed}") for seed in args.seeds]
+            runs = [run_seed(raw, seed, Path(tmp) / f"seed{seed}", args.split) for seed in args.seeds]
             work = Path(tmp) / f"seed{args.seeds[-1]}"
         rates = speed(raw, args.seeds[-1], work, args.speed_rounds, args.speed_epochs)
 
@@ -126,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     if runs:
         diff = [r["stored"]["top1"] - r["online"]["top1"] for r in runs]
         lines += [
-            "test top-1 (%)     " + ", ".join(f"{m} {stat([r[m]['top1'] for r in runs], True)}" for m in MODES),
+            f"{args.split} top-1 (%)      "
+            + ", ".join(f"{m} {stat([r[m]['top1'] for r in runs], True)}" for m in MODES),
             f"stored - online    {stat(diff, True)} points (per seed "
             + ", ".join(f"{100 * d:+.2f}" for d in diff) + ")",
             f"store              {statistics.mean(r['bytes_per_image'] for r in runs):.0f} bytes per image, "

@@ -94,7 +94,8 @@ def load_model(path: str | Path, *, map_location: str | torch.device = "cpu") ->
     try:
         state = load_file(str(path), device=str(map_location))
     except Exception as err:  # noqa: BLE001
-        raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({err}). Rerun the stage that produces it.") from None
+        raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({err}). "
+                              "Rerun the stage that produces it.") from None
     try:
         model = build_model(info["kind"], info["config"])
     except (ValueError, TypeError) as err:  # an unknown kind, or a config this code cannot build

@@ -891,7 +891,8 @@ def load_prepared(path: str | Path, *, mmap: bool = True) -> PreparedData:
                                  f"{ids.shape[0]} ids, meta.json says {meta.sizes[name]}")
             splits[name] = Split(images=images, labels=labels, ids=ids)
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise DatasetNotFoundError(f"prepared data at {path.resolve()} is incomplete or corrupt ({err}); rerun the data "
+        raise DatasetNotFoundError(f"prepared data at {path.resolve()} is incomplete or corrupt ({err}); "
+                                   "rerun the data "
                                    "stage: `dvc repro -f data`") from None
     return PreparedData(train=splits["train"], val=splits["val"], test=splits["test"], meta=meta,
                         unlabeled=splits["unlabeled"])
@@ -998,7 +999,8 @@ class Augmenter:
             params: ``(B, 5)`` rows from :meth:`sample` / :meth:`eval_params`.
         """
         if params.ndim != 2 or params.shape != (images.shape[0], PARAM_DIM):
-            raise ValueError(f"expected view parameters of shape ({images.shape[0]}, {PARAM_DIM}), got {tuple(params.shape)}")
+            raise ValueError(f"expected view parameters of shape ({images.shape[0]}, {PARAM_DIM}), "
+                             f"got {tuple(params.shape)}")
         x = images.float().div_(255.0)
         p = params.to(device=x.device, dtype=torch.float32)
         # Identity rows are copied, not resampled: grid_sample at pixel centres is exact only up to ~3e-6, and a
@@ -1034,5 +1036,6 @@ class Augmenter:
 
     def describe(self) -> dict[str, Any]:
         """Everything that determines a rendered view (stored with soft labels, checked on replay)."""
-        return {**self.spec.to_dict(), "out_size": self.out_size, "mean": [round(v, 6) for v in self.mean.flatten().tolist()],
+        return {**self.spec.to_dict(), "out_size": self.out_size,
+                "mean": [round(v, 6) for v in self.mean.flatten().tolist()],
                 "std": [round(v, 6) for v in self.std.flatten().tolist()], "resample": "grid_sample-bilinear-border"}

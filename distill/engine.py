@@ -569,11 +569,13 @@ def _non_finite_message(desc: str, loss: Tensor, epoch: int, step: int, state_pa
     """Why training stopped, where (1-based epoch and step), and what is kept."""
     msg = f"[{desc}] loss is {loss.item()} at epoch {epoch + 1}, step {step + 1}; training stopped. "
     if state_path is not None and epoch > 0:
-        msg += (f"The last good training state (end of epoch {epoch}) is kept in {state_path / f'epoch_{epoch - 1:05d}'}; "
+        kept = state_path / f"epoch_{epoch - 1:05d}"
+        msg += (f"The last good training state (end of epoch {epoch}) is kept in {kept}; "
                 "rerunning the stage resumes from it. ")
     elif state_path is not None:
         msg += "No epoch had finished, so there is no training state to resume from. "
-    msg += "Earlier outputs of the stage are untouched. Lower the learning rate, enable grad_clip, or check the inputs for NaNs."
+    msg += ("Earlier outputs of the stage are untouched. Lower the learning rate, enable grad_clip, or check the "
+            "inputs for NaNs.")
     return msg
 
 

@@ -127,7 +127,8 @@ def expected_calibration_error(probs: Tensor, labels: Tensor, n_bins: int = 15) 
     if n_bins < 1:
         raise ValueError(f"n_bins must be >= 1, got {n_bins}")
     probs = probs.detach().double().cpu()
-    if float(probs.min()) < 0 or not torch.allclose(probs.sum(-1), torch.ones(len(probs), dtype=probs.dtype), atol=1e-3):
+    ones = torch.ones(len(probs), dtype=probs.dtype)
+    if float(probs.min()) < 0 or not torch.allclose(probs.sum(-1), ones, atol=1e-3):
         raise ValueError("probs must be probabilities with rows summing to 1 (apply softmax to logits first)")
     conf, pred = probs.max(dim=-1)
     correct = (pred == labels.cpu()).double()
@@ -265,8 +266,9 @@ def measure_throughput(model: nn.Module, input_shape: Sequence[int], *, batch_si
         model.to(home)
     threads = f", {torch.get_num_threads()} CPU threads" if device.type == "cpu" else ""
     method = (f"{warmup} warm-up calls, then mean images/s over {iters} batches of {batch_size} and median "
-              f"latency over {iters} batch-1 calls; eval mode, torch.inference_mode, {str(dtype).removeprefix('torch.')}, "
-              f"random inputs, device {device}{threads}" + (", CUDA synchronised per call" if device.type == "cuda" else ""))
+              f"latency over {iters} batch-1 calls; eval mode, torch.inference_mode, "
+              f"{str(dtype).removeprefix('torch.')}, random inputs, device {device}{threads}"
+              + (", CUDA synchronised per call" if device.type == "cuda" else ""))
     return {"images_per_sec": float(images_per_sec), "latency_ms_batch1": float(latency_ms), "method": method}
 
 
@@ -346,7 +348,8 @@ def wilson_interval(correct: int, total: int, confidence: float = 0.95) -> tuple
     return centre - half, centre + half
 
 
-def paired_accuracy_interval(correct_a: Tensor, correct_b: Tensor, confidence: float = 0.95) -> tuple[float, float, float]:
+def paired_accuracy_interval(correct_a: Tensor, correct_b: Tensor,
+                             confidence: float = 0.95) -> tuple[float, float, float]:
     """Accuracy of ``a`` minus that of ``b`` on the same images, with a normal interval of the paired difference.
 
     Each image contributes ``d_i = correct_a(i) - correct_b(i)`` in {-1, 0, 1}; the interval is

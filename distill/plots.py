@@ -125,7 +125,8 @@ def plot_confusion_matrix(cm: Tensor | np.ndarray, class_names: Sequence[str], p
     if n <= 20:
         _annotate_matrix(ax, counts, "d" if np.issubdtype(counts.dtype, np.integer) else ".0f")
     if n <= 40:
-        ax.set_xticks(range(n), [str(c) for c in class_names], rotation=45 if n > 10 else 0, ha="right" if n > 10 else "center")
+        ax.set_xticks(range(n), [str(c) for c in class_names], rotation=45 if n > 10 else 0,
+                      ha="right" if n > 10 else "center")
         ax.set_yticks(range(n), [str(c) for c in class_names])
     total = counts.sum()
     acc = np.trace(counts) / total * 100 if total else float("nan")

@@ -134,7 +134,8 @@ def distillation_summary(metrics: Mapping[str, Any]) -> str:
         gap = teacher - student
     sentences = []
     if _is_number(gain):
-        detail = f" (student {_pct(student)} % vs baseline {_pct(baseline)} %)" if None not in (student, baseline) else ""
+        both = None not in (student, baseline)
+        detail = f" (student {_pct(student)} % vs baseline {_pct(baseline)} %)" if both else ""
         change = f"bought {100 * gain:+.2f} points top-1" if gain > 0 else f"changed top-1 by {100 * gain:+.2f} points"
         sentences.append(f"Distillation {change}{_interval(metrics.get('distillation_gain_ci95'))}{detail}.")
     if _is_number(gap):
@@ -174,7 +175,7 @@ def training_summary(training: Mapping[str, Mapping[str, Any]]) -> str:
 
 
 def results_report(metrics: Mapping[str, Any], *, dataset: str) -> str:
-    """``reports/results.md``: the table, what distillation bought (with intervals), the training budgets, the method."""
+    """``reports/results.md``: the table, what distillation bought (with intervals), the budgets, the method."""
     rows = [{"name": n, **metrics[n]} for n in ("teacher", "baseline", "student")]
     rows += [{"name": "student (cls head)", "top1": metrics["student"].get("top1_cls_head")},
              {"name": "student (dist head)", "top1": metrics["student"].get("top1_dist_head")}]

@@ -5,8 +5,9 @@ pass per step; storing one fixed view per image instead makes the student overfi
 "Knowledge distillation: A good teacher is patient and consistent"). FKD (Shen & Xing 2022, "A Fast
 Knowledge Distillation Framework for Visual Recognition") stores, per image, many random views: the
 augmentation parameters with the teacher's output for exactly that view. The student
-(:class:`distill.views.StoredViews`) re-renders a stored view from its parameters (bit-identical on the same device: :class:`distill.data.Augmenter`
-renders each pixel independently of the rest of the batch) and uses the stored logits, so no teacher
+(:class:`distill.views.StoredViews`) re-renders a stored view from its parameters (bit-identical on the same
+device: :class:`distill.data.Augmenter` renders each pixel independently of the rest of the batch) and uses
+the stored logits, so no teacher
 runs in the student's loop and teacher and student stay consistent.
 
 On-disk layout (a folder, tracked by DVC as one output)::
@@ -246,9 +247,11 @@ class _ShardWriter:
             self._create(role, shape, dt)
         for b0 in range(start - start % PARAM_BLOCK, stop, PARAM_BLOCK):  # one parameter block at a time
             lo, hi = max(start, b0), min(stop, b0 + PARAM_BLOCK)
-            self.arrays["params"][lo - start:hi - start] = view_params(augmenter, lo, hi, views=views, seed=seed).numpy()
+            rows = view_params(augmenter, lo, hi, views=views, seed=seed)
+            self.arrays["params"][lo - start:hi - start] = rows.numpy()
             if mixup > 0:
-                partner, rows = mix_params(augmenter, lo, hi, views=views, seed=seed, num_images=num_images, alpha=mixup)
+                partner, rows = mix_params(augmenter, lo, hi, views=views, seed=seed, num_images=num_images,
+                                           alpha=mixup)
                 self.arrays["mix_partner"][lo - start:hi - start] = partner.numpy()
                 self.arrays["mix_params"][lo - start:hi - start] = rows.numpy()
 
@@ -560,7 +563,8 @@ def generate_store(
         procs.wait()
         if procs.is_main:
             fields = {
-                "num_images": len(split), "views": views, "topk": topk, "dtype": dtype, "seed": seed, "mixup": float(mixup),
+                "num_images": len(split), "views": views, "topk": topk, "dtype": dtype, "seed": seed,
+                "mixup": float(mixup),
                 "image_size": int(split.images.shape[-1]), "channels": int(split.images.shape[1]),
                 "augment": json.loads(json.dumps(augmenter.describe())), "teacher_sha256": teacher_sha256,
                 "data_fingerprint": data_fingerprint, "extra": json.loads(json.dumps(extra_meta or {}, default=str)),
@@ -613,7 +617,8 @@ class SoftLabelStore:
         self._starts = np.array([s["start"] for s in meta.shards], dtype=np.int64)
 
     @classmethod
-    def open(cls, path: str | Path, *, expect: dict[str, Any] | None = None, verify_hashes: bool = True) -> SoftLabelStore:
+    def open(cls, path: str | Path, *, expect: dict[str, Any] | None = None,
+             verify_hashes: bool = True) -> SoftLabelStore:
         """Open a store, refusing anything that is not exactly what the caller expects.
 
         Args:
@@ -631,7 +636,8 @@ class SoftLabelStore:
         recover_dir(path)
         meta_file = path / "meta.json"
         if not meta_file.is_file():
-            raise SoftLabelStoreError(f"no soft-label store at {path.resolve()} (no meta.json); run the soft_labels stage "
+            raise SoftLabelStoreError(f"no soft-label store at {path.resolve()} (no meta.json); "
+                                      "run the soft_labels stage "
                                       f"first: `dvc repro soft_labels` (or `python -m flows stage soft_labels`)")
         try:
             raw = json.loads(meta_file.read_text())

@@ -148,9 +148,11 @@ class MlflowTracker:
                     first, self.offline = not self.offline, True
                 if not first:
                     return
-                where = f"metrics/{self.stage}.json and plots/{self.stage}.csv" if self.stage else "the DVC metrics files"
+                where = (f"metrics/{self.stage}.json and plots/{self.stage}.csv" if self.stage
+                         else "the DVC metrics files")
                 _warn(f"MLflow tracking server {self.uri} is unreachable ({_first_line(err)}). The stage goes on "
-                      f"without MLflow: nothing more is logged to run {self.run_id}, and every metric is still in {where}.")
+                      f"without MLflow: nothing more is logged to run {self.run_id}, and every metric is still in "
+                      f"{where}.")
             else:
                 _warn(f"MLflow {what} failed for run {self.run_id} at {self.uri}: {_first_line(err)}; skipped.")
 

@@ -67,7 +67,8 @@ def summarise(per_seed: dict[int, dict[str, Any]], out_dir: Path) -> dict[str, A
     summary = {k: agg[k] for k in keys}
     atomic_write_json(out_dir / "seeds.json", {"seeds": sorted(per_seed), "summary": summary,
                                                "per_seed": {str(s): m for s, m in per_seed.items()}})
-    plot_seed_summary(agg, out_dir / "figures" / "seeds_top1.png", metric="top1", models=["teacher", "baseline", "student"])
+    plot_seed_summary(agg, out_dir / "figures" / "seeds_top1.png", metric="top1",
+                      models=["teacher", "baseline", "student"])
     text = (f"# Over {len(per_seed)} seeds ({', '.join(map(str, sorted(per_seed)))})\n\n"
             + seed_table(summary, [k for k in HEADLINE if k in summary]) + "\n\n" + per_seed_lines(summary) + "\n")
     atomic_write_text(out_dir / "seeds.md", text)

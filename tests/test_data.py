@@ -159,7 +159,8 @@ def _write_cifar10(root, n_train=30, n_test=10):
     rng = np.random.default_rng(0)
 
     def batch(n):
-        return {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), "labels": [int(v) for v in rng.integers(0, 10, n)]}
+        return {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                "labels": [int(v) for v in rng.integers(0, 10, n)]}
 
     for i in range(1, 6):
         with open(folder / f"data_batch_{i}", "wb") as f:

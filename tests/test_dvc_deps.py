@@ -30,7 +30,8 @@ from pathlib import Path
 from distill.config import Paths, load_params
 from distill.stages.runner import run_stage
 run_stage(sys.argv[1], load_params("params.yaml"), Paths("."), dvc_yaml=Path(sys.argv[2]))
-files = {m.__file__ for n, m in list(sys.modules.items()) if n.split(".")[0] == "distill" and getattr(m, "__file__", None)}
+files = {m.__file__ for n, m in list(sys.modules.items())
+         if n.split(".")[0] == "distill" and getattr(m, "__file__", None)}
 print("LOADED " + json.dumps(sorted(files)))
 """
 

@@ -87,14 +87,17 @@ def test_fit_lowers_loss_for_each_task(kind):
     torch.manual_seed(0)
     aug = ToyAugmenter()
     if kind == "teacher":
-        task = SupervisedTask(model=_teacher(), augmenter=aug, criterion=DistillationLoss(mode="none"), views=RandomViews(aug))
+        task = SupervisedTask(model=_teacher(), augmenter=aug, criterion=DistillationLoss(mode="none"),
+                              views=RandomViews(aug))
     elif kind == "baseline":
-        task = SupervisedTask(model=_deit(False), augmenter=aug, criterion=DistillationLoss(mode="none"), views=RandomViews(aug))
+        task = SupervisedTask(model=_deit(False), augmenter=aug, criterion=DistillationLoss(mode="none"),
+                              views=RandomViews(aug))
     else:
         teacher = _teacher()
         task = SupervisedTask(model=_deit(True), augmenter=aug, criterion=DistillationLoss(mode=kind, tau=2.0),
                               views=OnlineTeacher(teacher, aug))
-    res = fit(task, train_set=Blobs(), val_set=Blobs(32, seed=1), params=PARAMS, seed=0, accelerator=make_accelerator(cpu=True))
+    res = fit(task, train_set=Blobs(), val_set=Blobs(32, seed=1), params=PARAMS, seed=0,
+              accelerator=make_accelerator(cpu=True))
     losses = [h["train_loss"] for h in res.history]
     assert len(losses) == 3 and losses[-1] < losses[0]
     assert 0.0 <= res.history[-1]["val_acc"] <= 1.0

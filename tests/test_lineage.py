@@ -86,7 +86,8 @@ def test_a_read_of_an_undeclared_key_fails_naming_it(tmp_path: Path) -> None:
     stale.write_text(yaml.safe_dump(spec))
     from distill.config import UndeclaredParamError
 
-    with pytest.raises(UndeclaredParamError, match=r"stage 'data' read parameter 'data\.unlabeled'.*stages\.data\.params"):
+    refused = r"stage 'data' read parameter 'data\.unlabeled'.*stages\.data\.params"
+    with pytest.raises(UndeclaredParamError, match=refused):
         _run("data", tiny_params(), tmp_path, {}, dvc_yaml=stale)
     assert not (tmp_path / "data" / "prepared").exists()  # refused before any work
 
@@ -146,7 +147,8 @@ with open("ran.log", "a") as log:
 def _git(args: list[str], cwd: Path) -> None:
     subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True,
                    env={"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.invalid", "GIT_COMMITTER_NAME": "t",
-                        "GIT_COMMITTER_EMAIL": "t@example.invalid", "PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin"})
+                        "GIT_COMMITTER_EMAIL": "t@example.invalid",
+                        "PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin"})
 
 
 def _stub_repo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *, stub_commands: bool) -> Path:

@@ -137,7 +137,8 @@ def test_corrupt_teacher_checkpoint(project, damage):
     data = ckpt.read_bytes()
     ckpt.write_bytes({"truncate": data[: len(data) // 2], "garbage": os.urandom(len(data)), "empty": b""}[damage])
     before = snapshot(project)
-    with pytest.raises(CheckpointError, match=rf"{re.escape(str(ckpt))}.*(corrupt or truncated|not a distill checkpoint)"):
+    refused = rf"{re.escape(str(ckpt))}.*(corrupt or truncated|not a distill checkpoint)"
+    with pytest.raises(CheckpointError, match=refused):
         run("soft_labels", tiny_params(), project)
     assert snapshot(project) == before
 

@@ -112,7 +112,8 @@ def assert_same_result(project: Path, reference: Path, stage: str = "student") -
     """Same weights (every tensor), same metrics and same per-epoch curves, wall-clock figures aside."""
     from safetensors.torch import load_file
 
-    a, b = load_file(project / "models" / f"{stage}.safetensors"), load_file(reference / "models" / f"{stage}.safetensors")
+    a = load_file(project / "models" / f"{stage}.safetensors")
+    b = load_file(reference / "models" / f"{stage}.safetensors")
     assert a.keys() == b.keys()
     assert [k for k in a if not (a[k] == b[k]).all()] == []
     drop = lambda d: {k: v for k, v in d.items() if k not in TIMING}  # noqa: E731
@@ -128,7 +129,8 @@ def stat(path: Path) -> tuple[int, int, int]:
 
 
 def outputs(project: Path, stage: str = "student") -> dict[str, tuple[int, int, int]]:
-    return {p: stat(project / p) for p in (f"models/{stage}.safetensors", f"metrics/{stage}.json", f"plots/{stage}.csv")}
+    files = (f"models/{stage}.safetensors", f"metrics/{stage}.json", f"plots/{stage}.csv")
+    return {p: stat(project / p) for p in files}
 
 
 @pytest.fixture()
@@ -312,7 +314,8 @@ def test_tracking_server_stopping_mid_run_loses_no_metric(copy, env, background,
 def test_fresh_sqlite_store_opened_by_many_processes_at_once(tmp_path, env, background):
     """MLflow's table creation races on a fresh store (``table _alembic_tmp_experiments already exists``)."""
     n, store = 4, tmp_path / "fresh"
-    script = ("import sys, time; from pathlib import Path; from distill.tracking import open_experiment, create_pipeline_run\n"
+    script = ("import sys, time; from pathlib import Path\n"
+              "from distill.tracking import open_experiment, create_pipeline_run\n"
               "root = Path(sys.argv[1]); (root / f'ready{sys.argv[2]}').touch()\n"
               f"while len(list(root.glob('ready*'))) < {n}: time.sleep(0.01)\n"  # all imports done: start together
               "client, exp = open_experiment(root)\n"
@@ -364,3 +367,44 @@ def test_two_experiments_at_once_share_one_store_without_damage(copy, run, env, 
     for name, alpha in alphas.items():  # each run logged its own experiment's figures: no crossover
         assert by_alpha[alpha]["final_val_acc"] == pytest.approx(student[name]["val_acc"])
     assert len(client.search_model_versions("name = 'deit-student'")) == 2
+
+
+# ---------------------------------------------------------------------- through the pipeline command
+def test_kill_and_rerun_through_the_pipeline_command(copy, run):
+    """`python -m flows pipeline` whose student stage is SIGKILLed mid-epoch 3; the same command again resumes it."""
+    project, uninterrupted = copy("pipeline-killed"), copy("pipeline-uninterrupted")
+    for p in (project, uninterrupted):
+        set_param(p, "student.alpha", 0.4)
+    run(STUDENT + ["--no-prefect"], uninterrupted)
+    n, steps = steps_per_epoch(project), project.parent / "pipeline-steps"
+    killed = run([sys.executable, "-m", "flows", "pipeline"], project, check=False,
+                 DISTILL_TEST_FAULT=f"student:kill@{2 * n + 3}")
+    assert killed.returncode != 0 and "Running stage 'student'" in killed.stdout + killed.stderr, describe(killed)
+    assert [p.name for p in (project / ".state" / "student").glob("*/epoch_*")] == ["epoch_00001"]
+
+    again = run([sys.executable, "-m", "flows", "pipeline"], project, DISTILL_TEST_STEPS_FILE=str(steps))
+    out = again.stdout + again.stderr
+    assert "Running stage 'student'" in out and "Running stage 'evaluate'" in out, describe(again)
+    assert first_steps(steps) == [2 * n + 1], describe(again)  # resumed after 2 saved epochs
+    assert_same_result(project, uninterrupted)
+    assert "up to date" in run(["dvc", "status"], project).stdout
+
+
+def test_two_dvc_repro_at_once_the_second_fails_clearly_and_nothing_is_lost(copy, run, env, background, tmp_path):
+    project, sequential = copy("two-repros"), copy("two-repros-sequential")
+    for p in (project, sequential):
+        set_param(p, "student.alpha", 0.6)
+    run(["dvc", "repro"], sequential)
+    log = tmp_path / "first.log"
+    first = background(["dvc", "repro"], project, env, log)
+    wait_for(lambda: "Running stage 'student'" in log.read_text(), first, log)
+    second = run(["dvc", "repro"], project, check=False)
+    assert second.returncode != 0, describe(second)
+    message = second.stdout + second.stderr
+    # DVC's own lock: it names what is busy, the process holding it, and what to do if that process is gone
+    assert "is busy, it is being blocked by" in message and "dvc repro" in message, describe(second)
+    assert first.wait(timeout=900) == 0, log.read_text()[-6000:]
+    assert_same_result(project, sequential)  # the first run finished as if it had been alone
+    for name in ("evaluate.json", "student.json"):
+        assert json.loads((project / "metrics" / name).read_text())
+    assert "up to date" in run(["dvc", "status"], project).stdout

@@ -97,7 +97,8 @@ def test_nan_weights_stop_training_and_keep_the_last_good_state(tmp_path):
 def test_corrupt_resume_state_is_an_error_not_a_silent_restart(saved_state, damage):
     f = saved_state / damage
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 3])
-    with pytest.raises(CheckpointError, match=rf"resume state {re.escape(str(saved_state))} is corrupt or truncated .*rm -r"):
+    refused = rf"resume state {re.escape(str(saved_state))} is corrupt or truncated .*rm -r"
+    with pytest.raises(CheckpointError, match=refused):
         _fit(saved_state.parent)
 
 

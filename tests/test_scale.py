@@ -140,7 +140,8 @@ def scale_project(tiny_project: Path, tmp_path_factory: pytest.TempPathFactory, 
     run_cmd(["git", "rm", "-q", "--cached", "params.yaml"], project)
     run_cmd(["git", "add", "params.yaml"], project)
     run_cmd(["git", "commit", "-q", "-m", "scale-out test params"], project)
-    script = "from flows.stage import run_tracked\nfor s in ('data', 'teacher', 'soft_labels'): run_tracked(s, track=False)"
+    script = ("from flows.stage import run_tracked\n"
+              "for s in ('data', 'teacher', 'soft_labels'): run_tracked(s, track=False)")
     run_cmd([sys.executable, "-c", script], project, env=GROUP_ENV, timeout=300)
     return project
 
@@ -153,7 +154,8 @@ def test_two_processes_train_the_student_like_one_process_accumulating_two_batch
     n_train = _read_json(project / "metrics" / "data.json")["num_train"]
     set_param(project, "student.train.batch_size", next(b for b in range(64, 7, -1) if (n_train // b) % 2 == 0))
     set_param(project, "student.train.grad_accum", 2)
-    one = run_cmd([sys.executable, "-m", "flows", "stage", "student", "--no-prefect"], project, env=GROUP_ENV, timeout=300)
+    one = run_cmd([sys.executable, "-m", "flows", "stage", "student", "--no-prefect"], project, env=GROUP_ENV,
+                  timeout=300)
     ref_model, ref = tmp_path / "student-1proc.safetensors", _read_json(project / "metrics" / "student.json")
     ref_model.write_bytes((project / "models" / "student.safetensors").read_bytes())
 
@@ -211,7 +213,8 @@ def test_two_processes_write_one_sharded_store_equal_to_the_one_process_store(sc
     views = np.tile(np.arange(a.views), n)
     assert torch.equal(a.params(idx, views), b.params(idx, views))
     la, lb = a.logits(idx, views), b.logits(idx, views)
-    print(f"\n1 vs 2 processes (soft labels): max |logit diff| {float((la - lb).abs().max()):.3g} over {la.numel()} logits")
+    print(f"\n1 vs 2 processes (soft labels): max |logit diff| {float((la - lb).abs().max()):.3g} "
+          f"over {la.numel()} logits")
     torch.testing.assert_close(lb, la, rtol=2e-3, atol=2e-3)
 
     writes = _writes_by_rank(log_dir)
@@ -429,7 +432,8 @@ def test_torch_compile_through_accelerate_keeps_checkpoints_and_soft_labels_plai
     blobs = Blobs(n=32)
     aug = Augmenter(spec=AugmentSpec(), out_size=16, mean=[0.3], std=[0.3])
     cfg = {"arch": "resnet_small", "num_classes": 4, "in_chans": 1, "width": 4, "blocks": 1}
-    task = SupervisedTask(model=_teacher(), augmenter=aug, criterion=DistillationLoss(mode="none"), views=RandomViews(aug))
+    task = SupervisedTask(model=_teacher(), augmenter=aug, criterion=DistillationLoss(mode="none"),
+                          views=RandomViews(aug))
     res = fit(task, train_set=blobs, val_set=None, params=PARAMS.model_copy(update={"epochs": 1, "warmup_epochs": 0}),
               seed=0, accelerator=acc)
     assert not any(k.startswith("_orig_mod.") for k in res.model.state_dict()), "fit returned the compiled wrapper"
@@ -471,7 +475,7 @@ def mlflow_server(base_env, tmp_path):
 
 @pytest.mark.slow
 def test_a_two_process_stage_tracks_once_into_a_real_mlflow_server(scale_project, run_cmd, mlflow_server):
-    """The whole route: dvc repro -> `python -m flows stage baseline` -> accelerate launch -> Prefect flow on rank 0 -> MLflow."""
+    """The whole route: dvc repro -> `python -m flows stage baseline` -> accelerate launch -> Prefect -> MLflow."""
     from mlflow import MlflowClient
 
     uri, artifacts = mlflow_server

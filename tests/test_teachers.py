@@ -215,7 +215,8 @@ def test_gray_wrapper_prefix_and_model_nesting(tmp_path):
 
 @pytest.mark.parametrize("saved, built, expected", [
     ({"num_classes": 10}, {"num_classes": 3}, ["fc.weight: file [10, 16] vs model [3, 16]", "fc.bias",
-                                               "has 10 outputs but the data has 3 classes", "teacher.train.epochs >= 1"]),
+                                               "has 10 outputs but the data has 3 classes",
+                                               "teacher.train.epochs >= 1"]),
     ({"width": 8}, {"width": 4}, ["stem.0.weight: file [8, 1, 3, 3] vs model [4, 1, 3, 3]", "another architecture"]),
 ])
 def test_strict_mode_names_file_keys_shapes_and_what_to_do(tmp_path, saved, built, expected):

@@ -68,7 +68,8 @@ def test_the_baseline_gets_exactly_the_students_steps_and_the_report_says_so(tra
     assert (f"- student: 2 epochs, {student['steps']:,} optimizer steps ({student['warmup_steps']:,} of warm-up) on "
             f"{n_student:,} images (60 labeled, {len(data.unlabeled):,} unlabeled") in report
     assert (f"The baseline's budget is the student's optimizer steps (`baseline.budget: steps`): {baseline['steps']:,} "
-            f"and {student['steps']:,}, warm-up {baseline['warmup_steps']:,} and {student['warmup_steps']:,}.") in report
+            f"and {student['steps']:,}, warm-up {baseline['warmup_steps']:,} and "
+            f"{student['warmup_steps']:,}.") in report
 
 
 @pytest.mark.parametrize("batch, accum, processes", [(32, 1, 1), (50, 1, 1), (16, 3, 1), (7, 2, 2), (64, 4, 3)])

@@ -33,7 +33,8 @@ from distill.models.build import build_model
 from distill.models.deit import PRESETS, DeiTConfig, load_pretrained_deit
 from distill.tracking import Tracker
 
-__all__ = ["augmenter", "student_config", "build_student", "load_teacher", "resume_key", "train_and_save", "write_curves",
+__all__ = ["augmenter", "student_config", "build_student", "load_teacher", "resume_key", "train_and_save",
+           "write_curves",
            "code_fingerprint", "checkpoint_extra"]
 
 ViewsFactory = Callable[[Augmenter, Any], Any]
@@ -84,7 +85,8 @@ def pretrained_file(paths: Paths, role: str, value: str) -> Path:
     path = (paths.root / value).resolve()
     folder = paths.pretrained(role).resolve()
     if not path.is_relative_to(folder):
-        raise ValueError(f"{key_name(role)} = {value!r} lies outside {paths.pretrained(role)}/, which dvc.yaml lists as the "
+        raise ValueError(f"{key_name(role)} = {value!r} lies outside {paths.pretrained(role)}/, which dvc.yaml "
+                         "lists as the "
                          f"dependency of the stages that read it: DVC would not rerun them when the file changes. Move "
                          f"or link the file into {paths.pretrained(role)}/ (and `dvc add` it there).")
     if not path.is_file():

@@ -56,5 +56,6 @@ def run(params: ParamsView, paths: Paths, tracker: Tracker = NO_TRACKING, *,
     return train_and_save(model, stage="baseline", kind="deit", config=cfg, params=params, recipe=recipe, data=data,
                           criterion=criterion, views_factory=lambda aug, _acc: RandomViews(aug, mixup=recipe.mixup),
                           paths=paths, tracker=tracker, inputs=[paths.data, *pretrained], budget=budget,
-                          callbacks=callbacks, extra={"train_images": len(data.train), "labeled_images": len(data.train),
+                          callbacks=callbacks, extra={"train_images": len(data.train),
+                                                      "labeled_images": len(data.train),
                                                       "budget": params.baseline.budget})

@@ -112,7 +112,8 @@ def _training(infos: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     for name, info in infos.items():
         extra, summary = info["extra"], info["extra"].get("metrics", {})
         out[name] = {k: summary[k] for k in ("epochs", "steps", "warmup_steps") if k in summary}
-        out[name].update({k: extra[k] for k in ("train_images", "labeled_images", "budget", "used_as_is") if k in extra})
+        kept = ("train_images", "labeled_images", "budget", "used_as_is")
+        out[name].update({k: extra[k] for k in kept if k in extra})
     return out
 
 
