@@ -75,7 +75,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from distill.io import make_staging_dir, progress, swap_in_dir
+from distill.io import make_staging_dir, progress, recover_dir, swap_in_dir
 
 __all__ = [
     "AUGMENT_VERSION",
@@ -868,10 +868,14 @@ def save_prepared(data: PreparedData, out_dir: str | Path) -> Path:
 def load_prepared(path: str | Path, *, mmap: bool = True) -> PreparedData:
     """Open prepared data written by :func:`prepare_to` (images memory-mapped by default).
 
+    A swap that a crash interrupted (only ``.<name>.old`` left) is finished first, as every reader of a swapped
+    folder does (:func:`distill.io.recover_dir`).
+
     Raises:
         DatasetNotFoundError: the folder or one of its files is missing or unreadable.
     """
     path = Path(path)
+    recover_dir(path)
     meta_file = path / "meta.json"
     if not meta_file.is_file():
         raise DatasetNotFoundError(f"prepared data not found at {path.resolve()} (no meta.json); run the data stage "

@@ -507,3 +507,14 @@ def test_sample_lam_follows_beta():
     lam = sample_lam(20000, 0.4, torch.Generator().manual_seed(0))
     # Beta(0.4, 0.4): mean 1/2, variance ab/((a+b)^2 (a+b+1)) = 0.16/(0.64*1.8) = 0.1389
     assert abs(lam.mean().item() - 0.5) < 0.01 and abs(lam.var().item() - 0.1389) < 0.005
+
+
+def test_a_swap_interrupted_between_its_renames_is_finished_by_the_reader(tmp_path):
+    """A crash between ``out -> .out.old`` and ``staging -> out`` leaves only ``.out.old``: loading restores it."""
+    from distill.data import load_prepared, prepare_to
+
+    out = tmp_path / "prepared"
+    prepared = prepare_to(out, name="digits", image_size=8, seed=0, max_per_class=5, workers=0)
+    out.rename(tmp_path / ".prepared.old")
+    again = load_prepared(out)
+    assert again.meta.fingerprint == prepared.meta.fingerprint and not (tmp_path / ".prepared.old").exists()
