@@ -128,7 +128,8 @@ def preprocess(images: Any, *, channels: int, augmenter: Augmenter, batch_size: 
         for start in range(0, len(batch), batch_size):
             # Contiguous (n, C, H, W), the layout the evaluate stage's DataLoader yields: a channels-last tensor
             # could take another convolution kernel in the patch embedding and round differently.
-            x = torch.from_numpy(batch[start:start + batch_size]).permute(0, 3, 1, 2).contiguous()
+            chunk = np.array(batch[start:start + batch_size], copy=True)  # MLflow may hand a read-only array
+            x = torch.from_numpy(chunk).permute(0, 3, 1, 2).contiguous()
             x = resize_center_crop(x, augmenter.out_size)  # (n, C, S, S) uint8
             yield augmenter(x, augmenter.eval_params(x.shape[0]))
 

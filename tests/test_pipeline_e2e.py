@@ -73,17 +73,18 @@ def test_pipeline_flow_succeeds(built_project: PipelineRun) -> None:
         assert f"Flow run '{stage}'" not in output, output[-4000:]
 
 
-def test_each_stage_is_a_prefect_subflow_of_the_pipeline_run(built_project: PipelineRun, sub_env: dict[str, str],
-                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_each_stage_is_a_prefect_subflow_of_the_pipeline_run(built_project: PipelineRun,
+                                                              sub_env: dict[str, str]) -> None:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentTaskRunId
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    monkeypatch.setenv("PREFECT_API_URL", sub_env["PREFECT_API_URL"])
     client_mlflow = mlflow_client(built_project.project)
     (parent,) = [r for r in runs_since(client_mlflow, built_project.started_ms, built_project.ended_ms)
                  if r.data.tags.get("distill.role") == "pipeline"]
     pipeline_run_id = parent.data.tags["prefect_flow_run_id"]
-    with get_client(sync_client=True) as client:
+    with temporary_settings(updates={PREFECT_API_URL: sub_env["PREFECT_API_URL"]}), \
+            get_client(sync_client=True) as client:  # the session's server (the test process has its own settings)
         children = client.read_flow_runs(flow_run_filter=FlowRunFilter(
             parent_task_run_id=FlowRunFilterParentTaskRunId(is_null_=False)))
         mine = [r for r in children if str(client.read_task_run(r.parent_task_run_id).flow_run_id) == pipeline_run_id]
