@@ -186,16 +186,18 @@ class MlflowTracker:
             self.run_id, tags=[mlflow.entities.RunTag(k, str(v)) for k, v in tags.items()]))
 
     def log_dataset(self, *, name: str, digest: str, source: str, context: str) -> None:
-        import mlflow
         from mlflow.data.http_dataset_source import HTTPDatasetSource
         from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.entities import DatasetInput, InputTag
 
-        def log() -> None:
+        def log() -> None:  # through the client: no active run to start and end (that would finish the run)
             ds = MetaDataset(source=HTTPDatasetSource(url=source), name=name, digest=digest[:36])
-            with _activate(self.run_id):
-                mlflow.log_input(ds, context=context)
+            tag = InputTag(key="mlflow.data.context", value=context)
+            self._client.log_inputs(self.run_id, datasets=[DatasetInput(dataset=ds._to_mlflow_entity(), tags=[tag])])
 
         self._call("log_dataset", log)
+        if self.parent is not None:  # the pipeline's run shows the data its stages used, for comparing runs
+            self.parent.log_dataset(name=name, digest=digest, source=source, context=context)
 
     def terminate(self, status: str, *more_run_ids: str) -> None:
         """End this run (and ``more_run_ids``) with ``status``; skipped while the server is unreachable."""
@@ -242,18 +244,6 @@ def _retry_locked(fn: Callable[[], Any], *, attempts: int = 6, delay: float = 0.
                 raise
             time.sleep(delay * 2 ** i)
     return None
-
-
-@contextmanager
-def _activate(run_id: str) -> Iterator[None]:
-    import mlflow
-
-    active = mlflow.active_run()
-    if active is not None and active.info.run_id == run_id:
-        yield
-        return
-    with mlflow.start_run(run_id=run_id, nested=active is not None):
-        yield
 
 
 def tracking_uri(project_root: str | Path = ".") -> str:

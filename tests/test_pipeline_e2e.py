@@ -105,6 +105,7 @@ def test_mlflow_parent_and_child_runs(built_project: PipelineRun, client: Any) -
     assert parent.data.params["student.alpha"] == "0.9" and parent.data.params["student.train.epochs"] == "2"
     assert {"teacher.top1", "baseline.top1", "student.top1", "distillation_gain", "gap_to_teacher"} <= \
         set(parent.data.metrics), parent.data.metrics
+    assert {i.dataset.name for i in parent.inputs.dataset_inputs} == {"digits"}  # the data its stages used
     experiment = client.get_experiment(parent.info.experiment_id)
     assert experiment.tags.get("mlflow.experimentKind") == "custom_model_development"  # opens on training runs
 
