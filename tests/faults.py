@@ -11,9 +11,10 @@ callback :func:`make` returns. What it does comes from the test, in ``DISTILL_TE
 * ``nan``: write NaN into the model's weights (the next loss is NaN);
 * ``wait``: touch ``$DISTILL_TEST_FAULT_FILE.waiting``, then block until ``$DISTILL_TEST_FAULT_FILE`` exists.
 
-With ``DISTILL_TEST_STEPS_FILE`` every process also keeps ``<stage> <first global step> <last global step>`` up to
-date in ``$DISTILL_TEST_STEPS_FILE.<pid>`` after each step, so a test can prove a resume happened (the first
-step of a resumed run is past the steps its saved epochs already did) however the process ended.
+With ``DISTILL_TEST_STEPS_FILE`` every process also keeps ``<stage> <starts> <last global step>`` up to date in
+``$DISTILL_TEST_STEPS_FILE.<pid>`` after each step, where ``<starts>`` lists the first global step of each training
+the process ran (a Prefect retry trains again in the same process), so a test can prove a resume happened (the
+first step of a resumed training is past the steps its saved epochs already did) however the process ended.
 """
 
 from __future__ import annotations
@@ -29,14 +30,17 @@ from typing import Any, Optional
 class Fault:
     def __init__(self, stage: str, action: Optional[str], step: int) -> None:
         self.stage, self.action, self.step, self.fired = stage, action, step, False
-        self.first: Optional[int] = None
+        self.starts: list[int] = []
+        self.last = 0
         self.steps_file = os.environ.get("DISTILL_TEST_STEPS_FILE")
 
     def on_step_end(self, info: Any) -> None:
-        if self.first is None:
-            self.first = info.global_step
+        if not self.starts or info.global_step <= self.last:  # a new training (a retry starts over or resumes)
+            self.starts.append(info.global_step)
+        self.last = info.global_step
         if self.steps_file:
-            Path(f"{self.steps_file}.{os.getpid()}").write_text(f"{self.stage} {self.first} {info.global_step}\n")
+            starts = ",".join(map(str, self.starts))
+            Path(f"{self.steps_file}.{os.getpid()}").write_text(f"{self.stage} {starts} {info.global_step}\n")
         if self.action is None or self.fired or info.global_step != self.step:
             return
         self.fired = True
