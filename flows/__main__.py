@@ -145,12 +145,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def exit_now(status: int) -> NoReturn:
+def exit_now(status: int) -> None:
     """End a stage process without the interpreter's teardown (1 to 3 s of freeing torch, Prefect and MLflow).
 
     Everything that matters is written by then: the stage's outputs (atomically), its MLflow run (flushed and
-    ended), the streams, and Prefect's queued logs and events, drained here with Prefect's own workers.
+    ended), the streams, and Prefect's queued logs and events, drained here with Prefect's own workers. Only
+    with a Prefect API to talk to: without one, Prefect started a temporary server for this process, which
+    its exit hooks stop, so the process exits the normal way.
     """
+    if not os.environ.get("PREFECT_API_URL"):
+        sys.exit(status)
     if "prefect" in sys.modules:
         from prefect.events.worker import EventsWorker
         from prefect.logging.handlers import APILogWorker

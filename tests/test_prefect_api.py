@@ -109,3 +109,29 @@ def test_the_pipelines_private_server_stops_however_the_pipeline_ends(sig, tiny_
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="reads the process table from /proc")
+def test_a_stage_without_a_prefect_api_leaves_no_temporary_server(tiny_project, base_env, tmp_path):
+    """Plain `dvc repro` with no server anywhere: Prefect starts a temporary one per stage, and it must stop."""
+    import subprocess
+    import sys
+    import time
+    import uuid
+
+    project = tmp_path / "project"
+    subprocess.run(["git", "clone", "-q", str(tiny_project), str(project)], check=True, env=base_env)
+    marker = uuid.uuid4().hex
+    env = {**base_env, "DISTILL_TEST_MARKER": marker, "PREFECT_HOME": str(tmp_path / "prefect")}
+    env.pop("PREFECT_API_URL", None)
+    proc = subprocess.run([sys.executable, "-m", "flows", "stage", "data"], cwd=project, env=env, capture_output=True,
+                          text=True, timeout=600, stdin=subprocess.DEVNULL, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    deadline = time.monotonic() + 20
+    while _processes_with(f"DISTILL_TEST_MARKER={marker}") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = _processes_with(f"DISTILL_TEST_MARKER={marker}")
+    for pid in left:
+        os.kill(pid, 9)
+    assert not left, "the stage left processes behind (Prefect's temporary server)"
