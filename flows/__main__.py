@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def exit_now(status: int) -> None:
+def exit_now(status: int) -> NoReturn:
     """End a stage process without the interpreter's teardown (1 to 3 s of freeing torch, Prefect and MLflow).
 
     Everything that matters is written by then: the stage's outputs (atomically), its MLflow run (flushed and
