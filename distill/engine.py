@@ -159,23 +159,32 @@ class SupervisedTask:
 
 
 class EpochSampler(Sampler[int]):
-    """A shuffling sampler whose order depends only on ``(seed, epoch)`` (exact resume, DDP-safe)."""
+    """A shuffling sampler whose order depends only on ``(seed, epoch)`` (exact resume, DDP-safe).
 
-    def __init__(self, n: int, seed: int) -> None:
+    An epoch is ``length`` samples (default ``n``): one permutation of the ``n`` indices after another, each
+    seeded by ``(seed, epoch, pass)``, cut at ``length``. So an epoch of a small set can take as many steps as
+    an epoch of a larger one (the step-matched baseline), every image still seen as evenly as possible.
+    """
+
+    def __init__(self, n: int, seed: int, length: int | None = None) -> None:
         self.n = n
         self.seed = seed
+        self.length = n if length is None else int(length)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[int]:
-        g = torch.Generator()
-        g.manual_seed(self.seed * 100_003 + self.epoch)
-        return iter(torch.randperm(self.n, generator=g).tolist())
+        order: list[int] = []
+        for p in range(math.ceil(self.length / self.n) if self.n else 0):
+            g = torch.Generator()
+            g.manual_seed(self.seed * 100_003 + self.epoch + p * 1_000_000_007)  # pass 0: the plain epoch order
+            order += torch.randperm(self.n, generator=g).tolist()
+        return iter(order[:self.length])
 
     def __len__(self) -> int:
-        return self.n
+        return self.length
 
 
 def make_accelerator(*, grad_accum: int = 1, cpu: bool | None = None) -> Any:
@@ -580,11 +589,11 @@ def _non_finite_message(desc: str, loss: Tensor, epoch: int, step: int, state_pa
 
 
 def _prepare(task: Task, train_set: Dataset, val_set: Dataset | None, params: TrainParams, accelerator: Any, *,
-             seed: int, num_workers: int) -> tuple[DataLoader, DataLoader | None, Any]:
+             seed: int, num_workers: int, samples_per_epoch: int | None) -> tuple[DataLoader, DataLoader | None, Any]:
     """Loaders and optimizer, prepared with ``task.model`` (which becomes the prepared model)."""
-    sampler = EpochSampler(len(train_set), seed)
+    sampler = EpochSampler(len(train_set), seed, length=samples_per_epoch)
     loader = DataLoader(train_set, batch_size=params.batch_size, sampler=sampler,
-                        drop_last=_drop_last(len(train_set), params.batch_size), num_workers=num_workers)
+                        drop_last=_drop_last(len(sampler), params.batch_size), num_workers=num_workers)
     lr = params.lr * (accelerator.num_processes * params.grad_accum if params.scale_lr else 1)
     optimizer = build_optimizer(task.model, lr=lr, weight_decay=params.weight_decay)
     task.model, optimizer, loader = accelerator.prepare(task.model, optimizer, loader)
@@ -654,6 +663,7 @@ def fit(
     total_steps: int | None = None,
     warmup_steps: int | None = None,
     state_key: str | None = None,
+    samples_per_epoch: int | None = None,
 ) -> FitResult:
     """Train ``task.model``: set up, resume, then per epoch train, evaluate, record and save the state.
 
@@ -674,6 +684,8 @@ def fit(
             ``ceil(total_steps / steps_per_epoch)`` epochs run and the last may be partial.
         warmup_steps: the LR warm-up in optimizer steps (default ``params.warmup_epochs * steps_per_epoch``).
         state_key: recorded in the saved state; a state with another key is not resumed (see :func:`resume_state`).
+        samples_per_epoch: draw this many samples per epoch (default ``len(train_set)``), permutation after
+            permutation: an epoch of a small set then has as many steps as one of a larger set.
 
     Returns:
         :class:`FitResult`: the unwrapped trained model, the per-epoch history and the step counts.
@@ -686,8 +698,8 @@ def fit(
     """
     accelerator = accelerator or make_accelerator(grad_accum=params.grad_accum)
     loader, val_loader, optimizer = _prepare(task, train_set, val_set, params, accelerator, seed=seed,
-                                             num_workers=num_workers)
-    budget = _budget(params, accelerator, loader, len(train_set), total_steps, warmup_steps)
+                                             num_workers=num_workers, samples_per_epoch=samples_per_epoch)
+    budget = _budget(params, accelerator, loader, samples_per_epoch or len(train_set), total_steps, warmup_steps)
     scheduler = _scheduler(optimizer, budget, params)
     state_path = None if state_dir is None else Path(state_dir)
     resumed = _restore(accelerator, state_path, scheduler, key=state_key, desc=desc, epochs=budget.epochs,

@@ -160,6 +160,8 @@ def training_summary(training: Mapping[str, Mapping[str, Any]]) -> str:
         if "labeled_images" in t and t.get("train_images", 0) > t["labeled_images"]:
             images += (f" ({t['labeled_images']:,} labeled, {t['train_images'] - t['labeled_images']:,} unlabeled: "
                        "those only through the teacher's soft labels)")
+        if t.get("samples_per_epoch", 0) > t.get("train_images", 0):
+            images += f", each epoch drawing {t['samples_per_epoch']:,} samples from them"
         if "steps" in t:
             lines.append(f"- {name}: {t.get('epochs', '?')} epochs, {t['steps']:,} optimizer steps "
                          f"({t.get('warmup_steps', 0):,} of warm-up){images}")

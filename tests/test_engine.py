@@ -268,3 +268,21 @@ def test_one_progress_bar_per_fit_and_epochs_go_to_the_log(monkeypatch, capsys, 
     logged = [r.getMessage() for r in caplog.records if r.name == "distill.engine"]
     assert [m.split(" train_loss")[0] for m in logged] == [f"[toyfit] epoch {e}/3 steps={4 * e}" for e in (1, 2, 3)]
     assert [r["epoch"] for r in records] == [1, 2, 3] and [r["steps"] for r in records] == [4, 8, 12]
+
+
+def test_an_epoch_longer_than_the_set_draws_permutation_after_permutation():
+    """The step-matched baseline's epoch: ``length`` samples, each image as evenly as possible, seeded per epoch."""
+    plain = EpochSampler(10, seed=3)
+    plain.set_epoch(2)
+    longer = EpochSampler(10, seed=3, length=25)
+    longer.set_epoch(2)
+    order = list(longer)
+    assert len(order) == len(longer) == 25
+    assert order[:10] == list(plain)  # the first pass is the plain epoch's order
+    counts = torch.bincount(torch.tensor(order), minlength=10)
+    assert sorted(set(order[:20])) == list(range(10)) and int(counts.max() - counts.min()) <= 1
+    again = EpochSampler(10, seed=3, length=25)
+    again.set_epoch(2)
+    assert list(again) == order
+    again.set_epoch(3)
+    assert list(again) != order

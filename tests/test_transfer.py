@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import shutil
 from pathlib import Path
 from typing import Any
@@ -62,33 +61,46 @@ def test_the_baseline_gets_exactly_the_students_steps_and_the_report_says_so(tra
     per_epoch = steps_per_epoch(n_student, 32)  # drop_last: floor(n / 32)
     assert student["steps"] == 2 * per_epoch and student["warmup_steps"] == per_epoch
     assert (baseline["steps"], baseline["warmup_steps"]) == (student["steps"], student["warmup_steps"])
-    # 60 labeled images in batches of 32 (drop_last): 1 step per epoch, so the baseline runs one epoch per step
-    assert baseline["epochs"] == math.ceil(student["steps"] / steps_per_epoch(len(data.train), 32))
+    # the same epochs: each of the baseline's draws as many samples from its 60 labeled images as the student's holds
+    assert baseline["epochs"] == student["epochs"] == 2
     report = (root / "reports" / "results.md").read_text()
     assert (f"- student: 2 epochs, {student['steps']:,} optimizer steps ({student['warmup_steps']:,} of warm-up) on "
             f"{n_student:,} images (60 labeled, {len(data.unlabeled):,} unlabeled") in report
+    assert (f"- baseline: 2 epochs, {baseline['steps']:,} optimizer steps ({baseline['warmup_steps']:,} of warm-up) "
+            f"on 60 images, each epoch drawing {n_student:,} samples from them") in report
     assert (f"The baseline's budget is the student's optimizer steps (`baseline.budget: steps`): {baseline['steps']:,} "
             f"and {student['steps']:,}, warm-up {baseline['warmup_steps']:,} and "
             f"{student['warmup_steps']:,}.") in report
 
 
-@pytest.mark.parametrize("batch, accum, processes", [(32, 1, 1), (50, 1, 1), (16, 3, 1), (7, 2, 2), (64, 4, 3)])
-def test_the_baseline_budget_matches_the_student_whatever_batch_accumulation_and_processes(
-        transfer_project, batch, accum, processes):
-    """The budget is the student's own count: its transfer set, the batch rule, accumulation, processes."""
-    from distill.stages.baseline import student_budget
+@pytest.mark.parametrize("batch, accum", [(64, 1), (50, 3), (30, 2)])  # ragged batches, accumulation
+def test_the_baseline_takes_exactly_the_students_steps_whatever_batch_and_accumulation(transfer_project, tmp_path,
+                                                                                       batch, accum):
+    """Both really train (1 epoch, tiny models): the step counts come from the engine, not from a formula."""
+    root, _ = transfer_project
+    project = tmp_path / "p"
+    shutil.copytree(root, project, ignore=shutil.ignore_patterns(".state"))
+    params = tiny_params(data={"max_per_class": 6, "unlabeled": True},
+                         student={"train": {"batch_size": batch, "grad_accum": accum, "epochs": 1,
+                                            "warmup_epochs": 0, "mixup": 0.4}})  # the fixture's store
+    student, baseline = run("student", params, project), run("baseline", params, project)
+    assert student["steps"] > 0 and (baseline["steps"], baseline["warmup_steps"]) == (
+        student["steps"], student["warmup_steps"])
+    data = load_prepared(project / "data" / "prepared")
+    n = len(data.train) + len(data.unlabeled)
+    assert student["steps"] == steps_per_epoch(n, batch, grad_accum=accum)  # ceil(batches / accum)
+
+
+def test_the_baseline_of_a_labels_only_student_draws_only_the_labeled_images(transfer_project):
+    from distill.stages.baseline import student_epoch
 
     root, _ = transfer_project
     data = load_prepared(root / "data" / "prepared")
-    params = tiny_params(student={"train": {"batch_size": batch, "grad_accum": accum, "epochs": 3,
-                                            "warmup_epochs": 1}})
-    view = ParamsView(params, stage="baseline", declared=declared_params("baseline", REPO / "dvc.yaml"))
-    per_epoch = steps_per_epoch(len(data.train) + len(data.unlabeled), batch, processes=processes, grad_accum=accum)
-    assert student_budget(view, data, processes) == (3 * per_epoch, per_epoch)
-    none = ParamsView(tiny_params(student={"distillation": "none"}), stage="baseline",
-                      declared=declared_params("baseline", REPO / "dvc.yaml"))
-    per_epoch = steps_per_epoch(len(data.train), 32)  # a labels-only student trains on the labeled images only
-    assert student_budget(none, data, 1) == (2 * per_epoch, per_epoch)
+    declared = declared_params("baseline", REPO / "dvc.yaml")
+    soft = ParamsView(tiny_params(data={"unlabeled": True}), stage="baseline", declared=declared)
+    none = ParamsView(tiny_params(student={"distillation": "none"}), stage="baseline", declared=declared)
+    assert student_epoch(soft, data) == len(data.train) + len(data.unlabeled)
+    assert student_epoch(none, data) == len(data.train)
 
 
 def test_a_store_without_the_unlabeled_images_is_refused(transfer_project, tmp_path):

@@ -164,7 +164,7 @@ def checkpoint_extra(params: ParamsView, meta: DatasetMeta, stage: str, summary:
 def train_and_save(model: nn.Module, *, stage: str, kind: str, config: dict[str, Any], params: ParamsView,
                    recipe: TrainParams, data: PreparedData, criterion: DistillationLoss, views_factory: ViewsFactory,
                    paths: Paths, tracker: Tracker, inputs: Sequence[Path], train_split: Optional[Split] = None,
-                   budget: Optional[Callable[[int], tuple[int, int]]] = None, callbacks: Sequence[Any] = (),
+                   samples_per_epoch: Optional[int] = None, callbacks: Sequence[Any] = (),
                    extra: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """Fit ``model`` with the one engine, then write curves, checkpoint and metrics; returns the summary.
 
@@ -177,8 +177,8 @@ def train_and_save(model: nn.Module, *, stage: str, kind: str, config: dict[str,
         data: the prepared data; ``train_split`` replaces its training split (the student's transfer set).
         criterion / views_factory: what differs between the three trainings (``views_factory(aug, accelerator)``).
         inputs: the files the result depends on besides params and code (for the resume key).
-        budget: ``processes -> (total_steps, warmup_steps)`` instead of the recipe's epochs (the step-matched
-            baseline: the student's steps depend on the number of processes).
+        samples_per_epoch: images drawn per epoch (default: the training split's size), the step-matched
+            baseline's epoch as long as the student's (:class:`distill.engine.EpochSampler`).
         callbacks: engine callbacks (tests inject faults through them).
         extra: more checkpoint metadata.
     """
@@ -189,12 +189,11 @@ def train_and_save(model: nn.Module, *, stage: str, kind: str, config: dict[str,
     tracker.log_dataset(name=data.meta.name, digest=data.meta.fingerprint, source=f"file://{paths.data.resolve()}",
                         context="train")
     state_dir = paths.state(stage, resume_key(params.declared(), inputs, accelerator))
-    total, warmup = budget(accelerator.num_processes) if budget is not None else (None, None)
     result = fit(task, train_set=ArrayDataset(train), val_set=ArrayDataset(data.val), params=recipe,
                  seed=params.seed, accelerator=accelerator, state_dir=state_dir, desc=stage,
                  on_epoch_end=lambda rec: tracker.log_metrics({k: v for k, v in rec.items() if k != "epoch"},
                                                             step=int(rec["epoch"])),
-                 total_steps=total, warmup_steps=warmup, callbacks=callbacks)
+                 samples_per_epoch=samples_per_epoch, callbacks=callbacks)
     summary = _summary(result)
     if accelerator.is_main_process:
         write_curves(paths.curves(stage), result.history)

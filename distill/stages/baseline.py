@@ -6,9 +6,11 @@ It may have its own learning rate and weight decay (``baseline.lr``, ``baseline.
 student's), tuned with the same search budget as the student's recipe (docs/benchmarks.md).
 
 Budget (``baseline.budget``): ``steps`` gives it exactly the student's optimizer steps and warm-up steps,
-whatever the batch size, ``drop_last``, gradient accumulation and process count (the student trains on more
-images per epoch when it also learns from the unlabeled ones, so the baseline runs more, and a last partial,
-epoch); ``epochs`` gives it the student's epochs (DeiT's protocol). Writes ``models/baseline.safetensors``,
+whatever the batch size, ``drop_last``, gradient accumulation and process count. The student's epoch is its
+transfer set (labeled and unlabeled images); the baseline's epoch draws as many samples from the labeled images
+(one fresh permutation after another, :class:`distill.engine.EpochSampler`), so both run the same epochs of the
+same number of steps, with the same schedule, and their curves line up epoch by epoch. ``epochs`` gives it the
+student's epochs over the labeled images alone (DeiT's protocol). Writes ``models/baseline.safetensors``,
 ``metrics/baseline.json`` and ``plots/baseline.csv``.
 """
 
@@ -18,22 +20,17 @@ from typing import Any, Sequence
 
 from distill.config import ParamsView, Paths, TrainParams
 from distill.data import PreparedData, load_prepared
-from distill.engine import steps_per_epoch
 from distill.losses import DistillationLoss
 from distill.stages._common import build_student, train_and_save
 from distill.tracking import NO_TRACKING, Tracker
 from distill.views import RandomViews
 
-__all__ = ["run", "student_budget"]
+__all__ = ["run", "student_epoch"]
 
 
-def student_budget(params: ParamsView, data: PreparedData, processes: int) -> tuple[int, int]:
-    """The student's ``(optimizer steps, warm-up steps)``, computed as its own training will count them."""
-    sp = params.student
-    recipe = sp.train
-    images = len(data.train) + (len(data.unlabeled) if sp.distillation != "none" else 0)
-    per_epoch = steps_per_epoch(images, recipe.batch_size, processes=processes, grad_accum=recipe.grad_accum)
-    return per_epoch * recipe.epochs, per_epoch * recipe.warmup_epochs
+def student_epoch(params: ParamsView, data: PreparedData) -> int:
+    """How many images the student's epoch holds: its transfer set (the unlabeled images too, when it distils)."""
+    return len(data.train) + (len(data.unlabeled) if params.student.distillation != "none" else 0)
 
 
 def _recipe(params: ParamsView) -> TrainParams:
@@ -51,11 +48,12 @@ def run(params: ParamsView, paths: Paths, tracker: Tracker = NO_TRACKING, *,
     recipe = _recipe(params)
     model, cfg, pretrained = build_student(sp.model, data.meta, paths, distilled=params.baseline.dist_token,
                                            seed=params.seed, tracker=tracker)
-    budget = (lambda processes: student_budget(params, data, processes)) if params.baseline.budget == "steps" else None
+    per_epoch = student_epoch(params, data) if params.baseline.budget == "steps" else None
     criterion = DistillationLoss(mode="none", label_smoothing=recipe.label_smoothing)
     return train_and_save(model, stage="baseline", kind="deit", config=cfg, params=params, recipe=recipe, data=data,
                           criterion=criterion, views_factory=lambda aug, _acc: RandomViews(aug, mixup=recipe.mixup),
-                          paths=paths, tracker=tracker, inputs=[paths.data, *pretrained], budget=budget,
+                          paths=paths, tracker=tracker, inputs=[paths.data, *pretrained], samples_per_epoch=per_epoch,
                           callbacks=callbacks, extra={"train_images": len(data.train),
                                                       "labeled_images": len(data.train),
+                                                      "samples_per_epoch": per_epoch or len(data.train),
                                                       "budget": params.baseline.budget})

@@ -112,7 +112,7 @@ def _training(infos: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     for name, info in infos.items():
         extra, summary = info["extra"], info["extra"].get("metrics", {})
         out[name] = {k: summary[k] for k in ("epochs", "steps", "warmup_steps") if k in summary}
-        kept = ("train_images", "labeled_images", "budget", "used_as_is")
+        kept = ("train_images", "labeled_images", "samples_per_epoch", "budget", "used_as_is")
         out[name].update({k: extra[k] for k in kept if k in extra})
     return out
 
