@@ -493,8 +493,15 @@ def test_a_two_process_stage_tracks_once_into_a_real_mlflow_server(scale_project
     assert parent.data.tags.get("distill.pipeline_key"), parent.data.tags
     history = client.get_metric_history(run.info.run_id, "val_acc")
     metrics = _read_json(scale_project / "metrics" / "baseline.json")
-    # the baseline's epochs scale to the student's steps (baseline.budget): more than the 2 the params say
-    assert metrics["epochs"] > 2
+    # the baseline's epochs are the student's, each as many steps as the student's on 2 processes (budget: steps)
+    from distill.data import load_prepared
+    from distill.engine import steps_per_epoch
+
+    p = yaml.safe_load((scale_project / "params.yaml").read_text())["student"]["train"]
+    data = load_prepared(scale_project / "data" / "prepared")
+    per_epoch = steps_per_epoch(len(data.train) + len(data.unlabeled), p["batch_size"], processes=2,
+                                grad_accum=p["grad_accum"])
+    assert metrics["epochs"] == p["epochs"] and metrics["steps"] == p["epochs"] * per_epoch
     assert sorted(m.step for m in history) == list(range(1, metrics["epochs"] + 1)), "each epoch logged once"
     assert run.data.metrics["final_val_acc"] == pytest.approx(metrics["val_acc"])
     # Artifacts went through the server into its artifact root.
