@@ -1,70 +1,162 @@
-"""One-seed screen of student/baseline recipes against one fixed teacher (how the default recipe was chosen).
+"""Screen regimes and recipes on the VALIDATION split, over several seeds (how the default was chosen).
 
-Prepares the data and trains the teacher once in ``--workdir`` (reused on later calls), then trains each
-variant: a name starting with ``base`` trains the labels-only baseline, any other name the distilled
-student (generating the soft-label store first when it replays one). Prints each model's test top-1.
-A single seed and a 359-image test split give a figure within about ±1 point: use it to screen,
-and confirm with ``bench/distill_gain.py`` over several seeds.
+For every seed, in its own worker process (1 torch thread by default): prepares the data and trains the
+teacher once per (data, teacher) configuration, generates the soft-label store once per store configuration,
+then trains each variant with the pipeline's own stages (``distill.stages``, run by name with the params
+``dvc.yaml`` declares for each). A variant named ``base...`` trains the labels-only baseline (exactly the
+student's optimizer and warm-up steps, its own ``baseline.lr`` / ``baseline.weight_decay``); any other name
+trains the distilled student. Each figure is the validation top-1 of the final model (eval view; a DeiT's
+eval output is the mean of its two heads). The test split is never read, and seeds >= 1000 are refused: they
+are kept for the held-out confirmation (``bench/distill_gain.py``).
 
 Usage:
-    python bench/recipe_screen.py --workdir /tmp/screen --seed 0 \\
-        -B data.max_per_class=null -B student.train.epochs=60 \\
-        "hard:student.teacher_mode=online" "soft:student.teacher_mode=online;student.distillation=soft" "base:"
+    python bench/recipe_screen.py --seeds 100 101 102 103 --jobs 2 --out screen.json \\
+        -B data.max_per_class=15 "stu:" "stu_lr2:student.train.lr=0.002" "base:" "base_lr3:baseline.lr=0.003"
 
-``-B key=value`` applies to everything (data, teacher, every variant); a variant is ``name:k=v;k=v``.
+``-B key=value`` applies to every variant; a variant is ``name:k=v;k=v`` on top. The JSON written to ``--out``
+after every finished seed holds each seed's figures, stage times and the resolved overrides.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import hashlib
 import json
+import multiprocessing
+import os
+import platform
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
-import yaml
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from distill.config import Paths, apply_overrides, load_raw, parse_params  # noqa: E402
+from distill.evaluation import aggregate_runs  # noqa: E402
 
-from soft_labels import test_top1  # noqa: E402  (bench/soft_labels.py)
+HELD_OUT = 1000  # seeds from here on are for the confirmation only
 
-from distill import stages as S  # noqa: E402
-from distill.config import apply_overrides, parse_params  # noqa: E402
+
+def _key(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def run_seed(raw: dict, variants: list[tuple[str, str]], seed: int, base: Path) -> dict:
+    """Every variant on one seed; teacher and store shared between the variants that agree on them."""
+    from distill.stages.runner import run_stage, stage_view
+
+    def run(stage: str, params: Any, paths: Paths) -> dict[str, Any]:
+        return run_stage(stage, params, paths, dvc_yaml=ROOT / "dvc.yaml")
+
+    out: dict = {"seed": seed, "variants": {}}
+    for name, overrides in variants:
+        params = parse_params(apply_overrides(raw, [o for o in overrides.split(";") if o] + [f"seed={seed}"]))
+        dump = params.model_dump(mode="json")
+        root = base / f"seed{seed}" / _key({"seed": seed, "data": dump["data"], "teacher": dump["teacher"]})
+        paths = Paths(root)
+        rec: dict[str, Any] = {"overrides": overrides}
+        if not (root / "teacher.done").is_file():
+            (root / "data" / "raw").mkdir(parents=True, exist_ok=True)
+            for stage in ("data", "teacher"):
+                t0 = time.perf_counter()
+                run(stage, params, paths)
+                rec[f"{stage}_s"] = time.perf_counter() - t0
+            (root / "teacher.done").write_text("ok")
+        rec["teacher_val"] = json.loads(paths.metrics("teacher").read_text())["val_acc"]
+        t0 = time.perf_counter()
+        if name.startswith("base"):
+            summary, rec["model"] = run("baseline", params, paths), "baseline"
+        else:
+            if params.student.distillation != "none" and params.student.teacher_mode == "stored":
+                store_key = _key(stage_view("soft_labels", params, ROOT / "dvc.yaml").declared())
+                key_file = root / "store.key"
+                if not key_file.is_file() or key_file.read_text() != store_key:
+                    t1 = time.perf_counter()
+                    run("soft_labels", params, paths)
+                    rec["soft_labels_s"] = time.perf_counter() - t1
+                    key_file.write_text(store_key)
+            summary, rec["model"] = run("student", params, paths), "student"
+        rec.update(train_s=time.perf_counter() - t0, val=summary["val_acc"], epochs=summary["epochs"],
+                   steps=summary["steps"], train_loss=summary["train_loss"])
+        out["variants"][name] = rec
+        print(f"  seed {seed} {name}: {rec['model']} val {rec['val']:.4f} (teacher {rec['teacher_val']:.4f}) "
+              f"steps {rec['steps']} {rec['train_s']:.0f} s", flush=True)
+    return out
+
+
+def _exit_with_parent(parent: int) -> None:
+    """A worker whose parent is gone (killed: no executor shutdown) stops instead of training on."""
+    import threading
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def _worker(raw: dict, variants: list[tuple[str, str]], seed: int, base: Path, threads: int, parent: int) -> dict:
+    _exit_with_parent(parent)
+    import torch
+
+    torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    res = run_seed(raw, variants, seed, base)
+    res["wall_s"] = time.perf_counter() - t0
+    return res
+
+
+def summarize(runs: list[dict], names: list[str]) -> dict[str, Any]:
+    """Mean ± std of each variant's validation top-1 (and the teacher's) over the seeds."""
+    per_seed = [{n: r["variants"][n]["val"] for n in names if n in r["variants"]}
+                | {"teacher": next(iter(r["variants"].values()))["teacher_val"]} for r in runs]
+    return {k: {m: v[m] for m in ("mean", "std", "n", "values")} for k, v in aggregate_runs(per_seed).items()}
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--workdir", required=True)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--params", default=str(ROOT / "params.yaml"))
+    ap.add_argument("--seeds", type=int, nargs="+", required=True)
     ap.add_argument("-B", "--base", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--workdir", default=None, help="keep the seeds' folders here (default: a folder in /tmp)")
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     ap.add_argument("variants", nargs="+", metavar="NAME:K=V;K=V")
     args = ap.parse_args(argv)
+    if max(args.seeds) >= HELD_OUT:
+        ap.error(f"seeds >= {HELD_OUT} are reserved for the held-out confirmation (bench/distill_gain.py)")
+    os.environ.setdefault("DISTILL_PROGRESS", "0")
+    raw = apply_overrides(load_raw(args.params), [*args.base, "evaluate.register_model=false"])
+    variants = [(v.partition(":")[0], v.partition(":")[2]) for v in args.variants]
+    for _, overrides in variants:  # a bad override fails before any work
+        parse_params(apply_overrides(raw, [o for o in overrides.split(";") if o]))
+    names = [n for n, _ in variants]
+    base = Path(args.workdir or f"/tmp/recipe-screen-{os.getpid()}")
+    runs: list[dict] = []
+    started = time.strftime("%Y-%m-%d %H:%M:%S")
 
-    raw = apply_overrides(yaml.safe_load(Path(args.params).read_text()), [*args.base, f"seed={args.seed}"])
-    paths = S.Paths(Path(args.workdir))
-    if not paths.model("teacher").is_file():
-        for stage in ("data", "teacher"):
-            getattr(S, f"run_{stage}")(parse_params(raw), paths)
-    stored: set[str] = set()  # the store depends only on the teacher and its stage's params (views, crops, mixup)
-    for spec in args.variants:
-        name, _, overrides = spec.partition(":")
-        params = parse_params(apply_overrides(raw, [o for o in overrides.split(";") if o]))
-        t0 = time.perf_counter()
-        if name.startswith("base"):
-            S.run_baseline(params, paths)
-            model = "baseline"
-        else:
-            store_key = json.dumps(S.stage_params(params, "soft_labels"), sort_keys=True)
-            if params.student.teacher_mode == "stored" and params.student.distillation != "none" \
-                    and store_key not in stored:
-                S.run_soft_labels(params, paths)
-                stored = {store_key}
-            S.run_student(params, paths)
-            model = "student"
-        print(f"RESULT {name} seed={args.seed} test_top1={test_top1(paths, model):.4f} "
-              f"time={time.perf_counter() - t0:.0f}s [{overrides}]", flush=True)
+    def dump() -> None:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({
+            "command": " ".join(["python", "bench/recipe_screen.py", *(argv if argv is not None else sys.argv[1:])]),
+            "machine": f"{platform.platform()}, {os.cpu_count()} cores, {args.jobs} jobs x {args.threads} threads",
+            "base_overrides": args.base, "variants": dict(variants), "seeds": args.seeds, "started": started,
+            "summary": summarize(runs, names), "runs": sorted(runs, key=lambda r: r["seed"])}, indent=1, default=str))
+
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max(1, args.jobs), mp_context=ctx) as pool:
+        futures = [pool.submit(_worker, raw, variants, s, base, args.threads, os.getpid()) for s in args.seeds]
+        for fut in concurrent.futures.as_completed(futures):
+            runs.append(fut.result())
+            dump()
+    print(f"\n{len(runs)} seeds {sorted(r['seed'] for r in runs)}, validation top-1 (%), base {args.base or 'none'}")
+    for name, s in summarize(runs, names).items():
+        print(f"  {name:>20}: {100 * s['mean']:.2f} ± {100 * s['std']:.2f} (n={s['n']})")
     return 0
 
 
