@@ -17,6 +17,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -43,22 +44,34 @@ def experiment_name() -> str:
 def run_dvc(cmd: list[str], *, cwd: Path, env: dict[str, str]) -> None:
     """Run a DVC command on this terminal; if this process is stopped, DVC is interrupted first (it cleans up).
 
+    DVC runs in a process group of its own, with the stage it starts. Stopping this process (Ctrl-C, SIGTERM,
+    SIGHUP) sends SIGINT to that whole group, as Ctrl-C in a terminal does: DVC ignores SIGINT while a stage
+    runs and relies on the stage receiving it too, then records the failure and releases its lock.
+
     Raises:
         StageFailed: the command exited non-zero.
     """
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env)
+    group = {"process_group": 0} if sys.version_info >= (3, 11) else {"start_new_session": True}
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, **group)
     try:
         rc = proc.wait()
     finally:
-        if proc.poll() is None:  # this process is being stopped (Ctrl-C, SIGTERM, SIGHUP): stop DVC as Ctrl-C would
-            proc.send_signal(signal.SIGINT)
+        if proc.poll() is None:  # this process is being stopped: interrupt DVC and its stage as Ctrl-C would
+            _signal_group(proc, signal.SIGINT)
             try:
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                proc.kill()
+                _signal_group(proc, signal.SIGKILL)
                 proc.wait()
     if rc != 0:
         raise StageFailed(f"`{' '.join(cmd)}` exited with status {rc}; the failing stage's error is above")
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
 
 
 def _api_url() -> Optional[str]:
