@@ -83,10 +83,16 @@ def _top1(metrics: Mapping[str, Any], name: str) -> float | None:
 
 
 def _interval(ci: Any) -> str:
-    """`` (95 % CI +0.28 to +2.51)`` for an interval of a difference in fractions, or nothing."""
+    """``95 % CI +0.28 to +2.51`` for an interval of a difference in fractions, or nothing."""
     if isinstance(ci, (list, tuple)) and len(ci) == 2 and all(_is_number(v) for v in ci):
-        return f" (95 % CI {100 * ci[0]:+.2f} to {100 * ci[1]:+.2f})"
+        return f"95 % CI {100 * ci[0]:+.2f} to {100 * ci[1]:+.2f}"
     return ""
+
+
+def _aside(*parts: str) -> str:
+    """`` (a; b)`` of the non-empty parts, or nothing."""
+    kept = [p for p in parts if p]
+    return f" ({'; '.join(kept)})" if kept else ""
 
 
 def _ratio(metrics: Mapping[str, Any], key: str, num: str, den: str) -> float | None:
@@ -122,8 +128,8 @@ def distillation_summary(metrics: Mapping[str, Any]) -> str:
             with their ``*_ci95`` intervals.
 
     Returns:
-        E.g. "Distillation bought +1.23 points top-1 (95 % CI +0.10 to +2.36; student 98.33 % vs baseline
-        97.10 %). The student is 0.50 points behind the teacher (98.83 %) ..."
+        E.g. "Distillation bought +1.23 points top-1 (student 98.33 % vs baseline 97.10 %; 95 % CI +0.10 to
+        +2.36). The student is 0.50 points behind the teacher (98.83 %; 95 % CI -0.20 to +1.20) with ..."
     """
     teacher, baseline, student = (_top1(metrics, n) for n in ("teacher", "baseline", "student"))
     gain = metrics.get("distillation_gain")
@@ -135,16 +141,16 @@ def distillation_summary(metrics: Mapping[str, Any]) -> str:
     sentences = []
     if _is_number(gain):
         both = None not in (student, baseline)
-        detail = f" (student {_pct(student)} % vs baseline {_pct(baseline)} %)" if both else ""
+        detail = f"student {_pct(student)} % vs baseline {_pct(baseline)} %" if both else ""
         change = f"bought {100 * gain:+.2f} points top-1" if gain > 0 else f"changed top-1 by {100 * gain:+.2f} points"
-        sentences.append(f"Distillation {change}{_interval(metrics.get('distillation_gain_ci95'))}{detail}.")
+        sentences.append(f"Distillation {change}{_aside(detail, _interval(metrics.get('distillation_gain_ci95')))}.")
     if _is_number(gap):
         where = ("behind" if gap > 0 else "ahead of") if gap != 0 else "level with"
         amount = f"{abs(100 * gap):.2f} points " if gap != 0 else ""
-        ref = f" ({_pct(teacher)} %)" if teacher is not None else ""
+        ref = f"{_pct(teacher)} %" if teacher is not None else ""
         ci = _interval(metrics.get("gap_to_teacher_ci95"))
-        ci = f"; teacher minus student{ci}" if ci else ""
-        sentences.append(f"The student is {amount}{where} the teacher{ref}{_cost_clause(metrics)}{ci}.")
+        ci = f"{ci} of teacher minus student" if ci else ""
+        sentences.append(f"The student is {amount}{where} the teacher{_aside(ref, ci)}{_cost_clause(metrics)}.")
     return " ".join(sentences) if sentences else "No top-1 accuracies to compare."
 
 

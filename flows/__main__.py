@@ -121,8 +121,20 @@ def _orchestrate(args: argparse.Namespace) -> int:
             seeds_flow(seeds=args.seeds, overrides=args.overrides, project_root=".")
     finally:
         if server is not None:
+            _drain_prefect()  # the flow's last logs and events reach the server before it stops
             server.stop()
     return 0
+
+
+def _drain_prefect(timeout: float = 30) -> None:
+    """Send Prefect's queued logs and events now (its workers would otherwise retry a stopped server for a minute)."""
+    if "prefect" not in sys.modules:
+        return
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=timeout)
+    EventsWorker.drain_all(timeout=timeout)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -155,12 +167,7 @@ def exit_now(status: int) -> NoReturn:
     """
     if not os.environ.get("PREFECT_API_URL"):
         sys.exit(status)
-    if "prefect" in sys.modules:
-        from prefect.events.worker import EventsWorker
-        from prefect.logging.handlers import APILogWorker
-
-        APILogWorker.drain_all(timeout=30)
-        EventsWorker.drain_all(timeout=30)
+    _drain_prefect()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(status)

@@ -135,3 +135,26 @@ def test_a_stage_without_a_prefect_api_leaves_no_temporary_server(tiny_project, 
     for pid in left:
         os.kill(pid, 9)
     assert not left, "the stage left processes behind (Prefect's temporary server)"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="reads the process table from /proc")
+def test_the_pipeline_with_its_private_server_sends_every_log_before_stopping_it(tiny_project, base_env, tmp_path):
+    """A whole `python -m flows pipeline` on its private server: the flow's last logs reach the server before it
+    stops (else Prefect's log worker retries the stopped server for a minute and prints `Error logging to API`)."""
+    import subprocess
+    import sys
+    import uuid
+
+    project = tmp_path / "project"
+    subprocess.run(["git", "clone", "-q", str(tiny_project), str(project)], check=True, env=base_env)
+    marker = uuid.uuid4().hex
+    env = {**base_env, "DISTILL_TEST_MARKER": marker, "PREFECT_HOME": str(tmp_path / "prefect")}
+    env.pop("PREFECT_API_URL", None)
+    proc = subprocess.run([sys.executable, "-m", "flows", "pipeline"], cwd=project, env=env, capture_output=True,
+                          text=True, timeout=900, stdin=subprocess.DEVNULL, check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert "Finished in state Completed()" in out
+    assert "Error logging to API" not in out and "Error sending" not in out, out[-3000:]
+    assert not _processes_with(f"DISTILL_TEST_MARKER={marker}", server=True), "the private server outlived the run"
