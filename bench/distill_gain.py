@@ -42,6 +42,8 @@ from torch.utils.data import DataLoader
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
+from _workers import exit_with_parent  # noqa: E402  (bench/ is on sys.path)
+
 from distill.checkpoint import load_model  # noqa: E402
 from distill.config import Paths, apply_overrides, load_raw, merge, parse_params  # noqa: E402
 from distill.data import ArrayDataset, Augmenter, AugmentSpec, load_prepared  # noqa: E402
@@ -87,18 +89,6 @@ def run_seed(raw: dict, seed: int, workdir: Path, split: str) -> dict:
     return {**metrics, "stage_time_s": times}
 
 
-def _exit_with_parent(parent: int) -> None:
-    """A worker whose parent is gone (killed: no executor shutdown) stops instead of training on."""
-    import threading
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(1.0)
-        os._exit(1)
-
-    threading.Thread(target=watch, daemon=True).start()
-
-
 def _timed_seed(raw: dict, seed: int, workdir: Path, split: str) -> tuple[dict, float]:
     t0 = time.perf_counter()
     return run_seed(raw, seed, workdir, split), time.perf_counter() - t0
@@ -106,7 +96,7 @@ def _timed_seed(raw: dict, seed: int, workdir: Path, split: str) -> tuple[dict, 
 
 def _worker_seed(raw: dict, seed: int, workdir: Path, split: str, threads: int, parent: int) -> tuple[dict, float]:
     """One seed in a ``--jobs`` worker process."""
-    _exit_with_parent(parent)
+    exit_with_parent(parent)
     torch.set_num_threads(threads)
     return _timed_seed(raw, seed, workdir, split)
 

@@ -34,6 +34,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
+from _workers import exit_with_parent  # noqa: E402  (bench/ is on sys.path)
+
 from distill.config import Paths, apply_overrides, load_raw, parse_params  # noqa: E402
 from distill.evaluation import aggregate_runs  # noqa: E402
 
@@ -87,20 +89,8 @@ def run_seed(raw: dict, variants: list[tuple[str, str]], seed: int, base: Path) 
     return out
 
 
-def _exit_with_parent(parent: int) -> None:
-    """A worker whose parent is gone (killed: no executor shutdown) stops instead of training on."""
-    import threading
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(1.0)
-        os._exit(1)
-
-    threading.Thread(target=watch, daemon=True).start()
-
-
 def _worker(raw: dict, variants: list[tuple[str, str]], seed: int, base: Path, threads: int, parent: int) -> dict:
-    _exit_with_parent(parent)
+    exit_with_parent(parent)
     import torch
 
     torch.set_num_threads(threads)
