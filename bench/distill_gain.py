@@ -49,7 +49,7 @@ from distill.config import Paths, apply_overrides, load_raw, merge, parse_params
 from distill.data import ArrayDataset, Augmenter, AugmentSpec, load_prepared  # noqa: E402
 from distill.engine import evaluate, make_accelerator  # noqa: E402
 from distill.evaluation import aggregate_runs  # noqa: E402
-from distill.report import seed_table  # noqa: E402
+from distill.report import per_seed_lines, seed_table  # noqa: E402
 from distill.stages.runner import pipeline_stages, run_stage  # noqa: E402
 
 KEYS = ("teacher.top1", "baseline.top1", "student.top1", "distillation_gain", "gap_to_teacher",
@@ -99,19 +99,6 @@ def _worker_seed(raw: dict, seed: int, workdir: Path, split: str, threads: int, 
     exit_with_parent(parent)
     torch.set_num_threads(threads)
     return _timed_seed(raw, seed, workdir, split)
-
-
-def per_seed_lines(summary: dict[str, Any]) -> str:
-    lines = []
-    for key in ("distillation_gain", "gap_to_teacher"):
-        if key in summary:
-            agg = summary[key]
-            values = ", ".join(f"{100 * v:+.2f}" for v in agg["values"])
-            low, high = agg["ci95"]
-            ci = (f"95 % CI {100 * low:+.2f} to {100 * high:+.2f} (paired over {agg['n']} seeds)"
-                  if agg["n"] > 1 else "no interval from one seed")
-            lines.append(f"{key}: mean {100 * agg['mean']:+.2f} points, {ci}; per seed: {values}")
-    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,7 +12,8 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Mapping, Sequence
 
-__all__ = ["results_table", "results_report", "distillation_summary", "training_summary", "seed_table", "format_count"]
+__all__ = ["results_table", "results_report", "distillation_summary", "training_summary", "seed_table",
+           "per_seed_lines", "format_count"]
 
 DASH = "\u2013"  # en dash: a missing value
 
@@ -230,3 +231,21 @@ def seed_table(aggregated: Mapping[str, Mapping[str, Any]], keys: Sequence[str] 
         body.append([f"{key}{unit}", f"{_format_stat(key, agg['mean'])} ± {_format_stat(key, agg['std'])}", shown,
                      str(agg["n"])])
     return _markdown(["metric", "mean ± std", "95 % CI of the mean", "n"], body, [":---", "---:", "---:", "---:"])
+
+
+def per_seed_lines(aggregated: Mapping[str, Mapping[str, Any]]) -> str:
+    """The distillation gain and the gap to the teacher in points: mean, paired 95 % interval and every seed's value.
+
+    Args:
+        aggregated: Output of :func:`distill.evaluation.aggregate_runs` (with ``values`` and ``ci95``).
+    """
+    lines = []
+    for key in ("distillation_gain", "gap_to_teacher"):
+        if key in aggregated:
+            agg = aggregated[key]
+            values = ", ".join(f"{100 * v:+.2f}" for v in agg["values"])
+            low, high = agg["ci95"]
+            ci = (f"95 % CI {100 * low:+.2f} to {100 * high:+.2f} (paired over {agg['n']} seeds)"
+                  if agg["n"] > 1 else "no interval from one seed")
+            lines.append(f"{key}: mean {100 * agg['mean']:+.2f} points, {ci}; per seed: {values}")
+    return "\n".join(lines)

@@ -45,22 +45,12 @@ def experiment_metrics(root: Path, names: list[str]) -> dict[str, dict[str, Any]
     return found
 
 
-def per_seed_lines(summary: dict[str, Any]) -> str:
-    """The gain's and the gap's value on each seed, in points (the figures behind their intervals)."""
-    lines = []
-    for key, label in (("distillation_gain", "Distillation gain"), ("gap_to_teacher", "Gap to the teacher")):
-        if key in summary:
-            values = ", ".join(f"{100 * v:+.2f}" for v in summary[key]["values"])
-            lines.append(f"- {label} per seed (points): {values}")
-    return "\n".join(lines)
-
-
 def summarise(per_seed: dict[int, dict[str, Any]], out_dir: Path) -> dict[str, Any]:
     """Aggregate per-seed evaluate metrics; write ``seeds.json``, ``seeds.md`` and a plot. Returns the summary."""
     from distill.evaluation import aggregate_runs
     from distill.io import atomic_write_json, atomic_write_text
     from distill.plots import plot_seed_summary
-    from distill.report import seed_table
+    from distill.report import per_seed_lines, seed_table
 
     agg = aggregate_runs(list(per_seed.values()))
     keys = [k for k in HEADLINE if k in agg] + sorted(k for k in agg if k not in HEADLINE)

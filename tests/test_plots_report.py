@@ -123,3 +123,15 @@ def test_seed_table():
 
 def test_format_count():
     assert [R.format_count(v) for v in (24, 15_300, 2_500_000, 3.6e9)] == ["24", "15.3K", "2.50M", "3.60G"]
+
+
+def test_per_seed_lines_give_mean_paired_interval_and_each_seed():
+    runs = [{"distillation_gain": g, "gap_to_teacher": 0.01} for g in (0.03, 0.04, 0.05)]
+    text = R.per_seed_lines(E.aggregate_runs(runs))
+    gain, gap = text.splitlines()
+    _, low, high = E.t_interval([0.03, 0.04, 0.05])
+    assert gain == (f"distillation_gain: mean +4.00 points, 95 % CI {100 * low:+.2f} to {100 * high:+.2f} "
+                    "(paired over 3 seeds); per seed: +3.00, +4.00, +5.00")
+    assert gap.startswith("gap_to_teacher: mean +1.00 points")
+    one_seed = R.per_seed_lines(E.aggregate_runs(runs[:1])).splitlines()[0]
+    assert one_seed.endswith("no interval from one seed; per seed: +3.00")
