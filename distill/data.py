@@ -896,8 +896,7 @@ def load_prepared(path: str | Path, *, mmap: bool = True) -> PreparedData:
             splits[name] = Split(images=images, labels=labels, ids=ids)
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise DatasetNotFoundError(f"prepared data at {path.resolve()} is incomplete or corrupt ({err}); "
-                                   "rerun the data "
-                                   "stage: `dvc repro -f data`") from None
+                                   "rerun the data stage: `dvc repro -f data`") from None
     return PreparedData(train=splits["train"], val=splits["val"], test=splits["test"], meta=meta,
                         unlabeled=splits["unlabeled"])
 

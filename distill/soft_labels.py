@@ -7,8 +7,7 @@ Knowledge Distillation Framework for Visual Recognition") stores, per image, man
 augmentation parameters with the teacher's output for exactly that view. The student
 (:class:`distill.views.StoredViews`) re-renders a stored view from its parameters (bit-identical on the same
 device: :class:`distill.data.Augmenter` renders each pixel independently of the rest of the batch) and uses
-the stored logits, so no teacher
-runs in the student's loop and teacher and student stay consistent.
+the stored logits, so no teacher runs in the student's loop and teacher and student stay consistent.
 
 On-disk layout (a folder, tracked by DVC as one output)::
 
@@ -636,9 +635,8 @@ class SoftLabelStore:
         recover_dir(path)
         meta_file = path / "meta.json"
         if not meta_file.is_file():
-            raise SoftLabelStoreError(f"no soft-label store at {path.resolve()} (no meta.json); "
-                                      "run the soft_labels stage "
-                                      f"first: `dvc repro soft_labels` (or `python -m flows stage soft_labels`)")
+            raise SoftLabelStoreError(f"no soft-label store at {path.resolve()} (no meta.json); run the soft_labels "
+                                      "stage first: `dvc repro soft_labels` (or `python -m flows stage soft_labels`)")
         try:
             raw = json.loads(meta_file.read_text())
             if raw.get("format") != FORMAT:

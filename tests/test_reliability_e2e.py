@@ -354,8 +354,9 @@ def test_two_experiments_at_once_share_one_store_without_damage(copy, run, env, 
                               project, env, tmp_path / f"{name}.log") for name, alpha in alphas.items()}
     for name, proc in procs.items():
         rc, log = proc.wait(timeout=1500), (tmp_path / f"{name}.log").read_text()
-        if rc != 0 and _dvc_temp_cleanup_error(log):  # DVC's own removal of its temporary copy, after it saved the
-            warnings.warn(f"{name}: {_dvc_temp_cleanup_error(log)}", stacklevel=1)  # experiment: checked below
+        cleanup_error = _dvc_temp_cleanup_error(log)
+        if rc != 0 and cleanup_error:  # DVC's own removal of its temporary copy, after it saved the experiment:
+            warnings.warn(f"{name}: {cleanup_error}", stacklevel=1)  # the experiment is checked below
             continue
         assert rc == 0, log[-6000:]
     assert {p: stat(project / p) for p in workspace} == workspace, "the workspace's outputs were touched"

@@ -34,8 +34,7 @@ from distill.models.deit import PRESETS, DeiTConfig, load_pretrained_deit
 from distill.tracking import Tracker
 
 __all__ = ["augmenter", "student_config", "build_student", "load_teacher", "resume_key", "train_and_save",
-           "write_curves",
-           "code_fingerprint", "checkpoint_extra"]
+           "write_curves", "code_fingerprint", "checkpoint_extra"]
 
 ViewsFactory = Callable[[Augmenter, Any], Any]
 
@@ -86,9 +85,8 @@ def pretrained_file(paths: Paths, role: str, value: str) -> Path:
     folder = paths.pretrained(role).resolve()
     if not path.is_relative_to(folder):
         raise ValueError(f"{key_name(role)} = {value!r} lies outside {paths.pretrained(role)}/, which dvc.yaml "
-                         "lists as the "
-                         f"dependency of the stages that read it: DVC would not rerun them when the file changes. Move "
-                         f"or link the file into {paths.pretrained(role)}/ (and `dvc add` it there).")
+                         "lists as the dependency of the stages that read it: DVC would not rerun them when the file "
+                         f"changes. Move or link the file into {paths.pretrained(role)}/ (and `dvc add` it there).")
     if not path.is_file():
         raise FileNotFoundError(f"{key_name(role)} = {value!r}: no such file {path}")
     return path
