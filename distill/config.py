@@ -136,6 +136,8 @@ class DataParams(_Strict):
     val_fraction: float = Field(gt=0.0, lt=0.5)
     test_fraction: float = Field(gt=0.0, lt=0.5)
     max_per_class: Optional[int] = Field(ge=1)
+    pool_per_class: Optional[int] = Field(ge=1, description="training images per class used at all (seeded); the "
+                                          "labeled ones (max_per_class) and the unlabeled split come from them")
     unlabeled: bool = Field(description="build the unlabeled transfer split: the training images above "
                             "max_per_class without their labels, and an image folder's root/unlabeled/")
     skip_bad_images: bool = Field(description="imagefolder: skip (and count) unreadable images instead of failing")
@@ -143,6 +145,10 @@ class DataParams(_Strict):
 
     @model_validator(mode="after")
     def _check_unlabeled(self) -> "DataParams":
+        if self.pool_per_class is not None and self.max_per_class is not None \
+                and self.max_per_class > self.pool_per_class:
+            raise ValueError(f"data.max_per_class ({self.max_per_class}) labeled images per class cannot come from a "
+                             f"pool of data.pool_per_class ({self.pool_per_class}); raise the pool or lower the labels")
         if self.unlabeled and self.max_per_class is None and self.name != "imagefolder":
             raise ValueError("data.unlabeled keeps the training images above data.max_per_class as an unlabeled "
                              "transfer set; set data.max_per_class (e.g. 50) or data.unlabeled: false")

@@ -9,9 +9,14 @@ Sources:
 
 * ``digits``: scikit-learn's ``load_digits`` (1,797 real 8x8 handwritten digits shipped inside
   scikit-learn; no download). The embedded default. Split stratified into train/val/test.
-* ``cifar10``, ``cifar100``, ``mnist``, ``fashion_mnist``: torchvision datasets read from ``root``;
-  downloaded only when ``download=True``. The official test set is the test split; the official
-  training set is split into train/val (``test_fraction`` is not used).
+* ``mnist``, ``fashion_mnist``: the four official idx files (``train-images-idx3-ubyte`` ..., plain or
+  ``.gz``), read from ``root`` itself (the layout Debian's ``dataset-fashion-mnist`` installs in
+  ``/usr/share/datasets/fashion-mnist``) or from torchvision's ``root/FashionMNIST/raw/`` (``root/MNIST/raw/``);
+  downloaded by torchvision only when ``download=True``.
+* ``cifar10``, ``cifar100``: torchvision datasets read from ``root``; downloaded only when ``download=True``.
+
+  For all four the official test set is the test split and the official training set is split into train/val
+  (``test_fraction`` is not used).
 * ``imagefolder``: a folder of image files (the extensions torchvision's ``ImageFolder`` accepts, found
   recursively inside each class folder; names starting with ``.`` are ignored). Two layouts:
 
@@ -55,6 +60,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gzip
 import hashlib
 import io
 import json
@@ -93,10 +99,12 @@ __all__ = [
     "PreparedData",
     "Split",
     "decode_image",
+    "IDX_FILES",
     "in_batch_mix",
     "load_prepared",
     "prepare_dataset",
     "prepare_to",
+    "read_idx",
     "sample_lam",
     "save_prepared",
     "stratified_split",
@@ -263,10 +271,12 @@ def stratified_split(labels: np.ndarray, fractions: Sequence[float], seed: int) 
     return [np.sort(np.concatenate(p)) if p else np.empty(0, dtype=np.int64) for p in parts]
 
 
-def _cap_per_class(idx: np.ndarray, labels: np.ndarray, cap: int | None, seed: int) -> np.ndarray:
+def _cap_per_class(idx: np.ndarray, labels: np.ndarray, cap: int | None, seed: int, stream: int = 1) -> np.ndarray:
+    """At most ``cap`` of the samples ``idx`` per class, drawn by ``(seed, stream)``; sorted. Caps of one stream
+    are nested: the samples kept under a smaller cap are among those kept under a larger one."""
     if cap is None:
         return idx
-    rng = np.random.default_rng(seed + 1)
+    rng = np.random.default_rng([seed, stream] if stream != 1 else seed + 1)  # stream 1: the labeled images
     keep = []
     for c in np.unique(labels[idx]):
         members = idx[labels[idx] == c]
@@ -324,10 +334,11 @@ class _Plan:
 
 def _assign(train: _Pool, *, val: _Pool | None, test: _Pool | None, extra: _Pool | None,
             val_fraction: float, test_fraction: float, seed: int, max_per_class: int | None,
-            unlabeled: bool) -> dict[str, list[_Part]]:
+            unlabeled: bool, pool_per_class: int | None = None) -> dict[str, list[_Part]]:
     """The rows of every split: a missing val or test pool is carved out of ``train`` (seeded, stratified), the
-    training split is capped at ``max_per_class`` per class, and the unlabeled split gets the training images
-    above the cap (when ``unlabeled``) followed by the whole ``extra`` pool."""
+    training images are cut to a pool of ``pool_per_class`` per class (the others are not used at all), the
+    training split is capped at ``max_per_class`` per class of that pool, and the unlabeled split gets the rest of
+    the pool (when ``unlabeled``) followed by the whole ``extra`` pool."""
     carved = [name for name, pool in (("val", val), ("test", test)) if pool is None]
     fractions = [val_fraction if name == "val" else test_fraction for name in carved]
     train_idx, *carved_idx = stratified_split(train.labels, fractions, seed)
@@ -335,6 +346,7 @@ def _assign(train: _Pool, *, val: _Pool | None, test: _Pool | None, extra: _Pool
             "test": [_Part(test, np.arange(len(test.labels)))] if test is not None else []}
     for name, idx in zip(carved, carved_idx):
         rows[name] = [_Part(train, idx)]
+    train_idx = _cap_per_class(train_idx, train.labels, pool_per_class, seed, stream=2)
     kept = _cap_per_class(train_idx, train.labels, max_per_class, seed)
     rest = [_Part(train, np.setdiff1d(train_idx, kept))]
     if extra is not None:
@@ -360,12 +372,94 @@ def _torchvision_root(name: str, root: str | Path | None) -> Path:
     return Path(root).expanduser()
 
 
-def _torchvision_pools(name: str, root: str | Path | None, download: bool) -> tuple[dict[str, _Pool], list[str]]:
+# The official idx files of MNIST and Fashion-MNIST (LeCun's format), plain or gzipped.
+IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+             "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+_IDX_SUBFOLDER = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}  # torchvision's root/<name>/raw/ layout
+_APT_PACKAGE = {"fashion_mnist": "dataset-fashion-mnist"}  # Debian installs it in /usr/share/datasets/fashion-mnist
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """An idx file of unsigned bytes (MNIST's format; gzip-compressed when the name ends in ``.gz``) as an array.
+
+    Raises:
+        ValueError: not an idx file of unsigned bytes, or fewer values than its header declares (truncated).
+    """
+    path = Path(path)
+    try:
+        with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
+            data = f.read()
+    except (OSError, EOFError) as err:  # a damaged gzip stream: BadGzipFile (an OSError) or EOFError
+        raise ValueError(f"{path} cannot be read ({type(err).__name__}: {err})") from None
+    if len(data) < 4 or data[:3] != b"\x00\x00\x08":
+        raise ValueError(f"{path} is not an idx file of unsigned bytes (it starts with {data[:4].hex() or 'nothing'})")
+    ndim = data[3]
+    header = 4 + 4 * ndim
+    shape = struct.unpack(f">{ndim}I", data[4:header])
+    if len(data) - header != math.prod(shape):
+        raise ValueError(f"{path} holds {len(data) - header} values but its header declares {shape} (truncated?)")
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
+
+
+def _idx_file(folder: Path, stem: str) -> Path | None:
+    for candidate in (folder / stem, folder / f"{stem}.gz"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _idx_folder(name: str, root: Path) -> Path | None:
+    """The folder holding all four official idx files: ``root`` itself (Debian's layout) or ``root/<Name>/raw``."""
+    for folder in (root, root / _IDX_SUBFOLDER[name] / "raw"):
+        if all(_idx_file(folder, stem) for pair in IDX_FILES.values() for stem in pair):
+            return folder
+    return None
+
+
+def _idx_pools(name: str, root: Path, download: bool) -> tuple[dict[str, _Pool], list[str]]:
+    """MNIST / Fashion-MNIST from their official idx files: the official training and test sets."""
     import torchvision
 
-    cls = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100,
-           "mnist": torchvision.datasets.MNIST, "fashion_mnist": torchvision.datasets.FashionMNIST}[name]
+    cls = {"mnist": torchvision.datasets.MNIST, "fashion_mnist": torchvision.datasets.FashionMNIST}[name]
+    folder = _idx_folder(name, root)
+    if folder is None and download:
+        for train in (True, False):  # torchvision writes root/<Name>/raw/
+            try:
+                cls(root=str(root), train=train, download=True)
+            except (RuntimeError, OSError) as err:
+                raise DatasetNotFoundError(f"{name}: the download into {root.resolve()} failed ({err}); check the "
+                                           "network, or place the files there by hand") from None
+        folder = _idx_folder(name, root)
+    if folder is None:
+        wanted = ", ".join(f"{stem}[.gz]" for pair in IDX_FILES.values() for stem in pair)
+        fix = (f"`apt-get install {_APT_PACKAGE[name]}` installs them in /usr/share/datasets/fashion-mnist (set "
+               "data.root to it)" if name in _APT_PACKAGE else "place them there")
+        raise DatasetNotFoundError(
+            f"{name}: the official files ({wanted}) are not in {root.resolve()} nor in "
+            f"{(root / _IDX_SUBFOLDER[name] / 'raw').resolve()}; {fix}, or set data.download: true to fetch them "
+            "once (needs internet)")
+    pools: dict[str, _Pool] = {}
+    for split, (images_stem, labels_stem) in IDX_FILES.items():
+        images_file, labels_file = _idx_file(folder, images_stem), _idx_file(folder, labels_stem)
+        try:
+            images, labels = read_idx(images_file), read_idx(labels_file)
+        except ValueError as err:
+            raise DatasetNotFoundError(f"{name}: {err}; replace the file (reinstall the package or download it "
+                                       "again)") from None
+        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+            raise DatasetNotFoundError(f"{name}: {images_file} holds images of shape {images.shape} and {labels_file} "
+                                       f"labels of shape {labels.shape}; they do not belong together")
+        pools[split] = _Pool(folder="", labels=labels.astype(np.int64), images=np.ascontiguousarray(images[:, None]))
+    return pools, [str(c) for c in cls.classes]
+
+
+def _torchvision_pools(name: str, root: str | Path | None, download: bool) -> tuple[dict[str, _Pool], list[str]]:
     path = _torchvision_root(name, root)
+    if name in _IDX_SUBFOLDER:
+        return _idx_pools(name, path, download)
+    import torchvision
+
+    cls = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100}[name]
     out: dict[str, _Pool] = {}
     classes: list[str] = []
     for train in (True, False):
@@ -482,12 +576,13 @@ def _where(path: Path) -> str:
 
 
 def _plan(name: str, *, root: str | Path | None, val_fraction: float, test_fraction: float, seed: int,
-          download: bool, max_per_class: int | None, unlabeled: bool) -> _Plan:
+          download: bool, max_per_class: int | None, unlabeled: bool, pool_per_class: int | None = None) -> _Plan:
     """Everything about a dataset but its pixels: classes, and which sample of which source each split gets."""
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; valid: {', '.join(DATASETS)}")
     split_kw: dict[str, Any] = {"val_fraction": val_fraction, "test_fraction": test_fraction, "seed": seed,
-                                "max_per_class": max_per_class, "unlabeled": unlabeled}
+                                "max_per_class": max_per_class, "unlabeled": unlabeled,
+                                "pool_per_class": pool_per_class}
     folder: Path | None = None
     if name == "digits":
         pool, classes = _digits_pool()
@@ -795,7 +890,7 @@ def _write(staging: Path, plan: _Plan, *, name: str, image_size: int, seed: int,
 def prepare_to(out_dir: str | Path, *, name: str, root: str | Path | None = None, image_size: int = 16,
                val_fraction: float = 0.15, test_fraction: float = 0.2, seed: int = 0, download: bool = False,
                max_per_class: int | None = None, unlabeled: bool = False, skip_bad_images: bool = False,
-               workers: int | None = None) -> PreparedData:
+               workers: int | None = None, pool_per_class: int | None = None) -> PreparedData:
     """Prepare a dataset into ``out_dir``: split it with a fixed seed, bring it to ``image_size``, write it.
 
     Image files are decoded in ``workers`` processes and written to disk batch by batch, so memory does not grow
@@ -818,6 +913,9 @@ def prepare_to(out_dir: str | Path, *, name: str, root: str | Path | None = None
         unlabeled: build the ``unlabeled`` split (labels :data:`UNLABELED`): the training images above
             ``max_per_class`` and an image folder's ``root/unlabeled/``; else neither is kept.
         skip_bad_images: skip unreadable image files and count them in ``meta.json`` instead of failing.
+        pool_per_class: use at most this many training images per class at all (seeded; None: all): the pool
+            that the labeled images (``max_per_class``) and the unlabeled split are drawn from. The labeled images
+            of a smaller ``max_per_class`` are among those of a larger one (same seed and pool).
         workers: decoding processes for image files; None: one per CPU (at most 8); 0: decode in this process.
             The arrays are the same whatever the number.
 
@@ -831,7 +929,7 @@ def prepare_to(out_dir: str | Path, *, name: str, root: str | Path | None = None
             or ``unlabeled`` with nothing to put in the unlabeled split.
     """
     plan = _plan(name, root=root, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
-                 download=download, max_per_class=max_per_class, unlabeled=unlabeled)
+                 download=download, max_per_class=max_per_class, unlabeled=unlabeled, pool_per_class=pool_per_class)
     out = Path(out_dir)
     with _staged(out) as staging:
         _write(staging, plan, name=name, image_size=image_size, seed=seed, skip_bad_images=skip_bad_images,

@@ -142,9 +142,12 @@ def test_missing_and_corrupt_prepared_data_name_the_folder(digits, tmp_path):
         load_prepared(out)
 
 
-@pytest.mark.parametrize("name", ["cifar10", "mnist"])
-def test_missing_torchvision_dataset_says_where_and_how(name, tmp_path):
-    with pytest.raises(DatasetNotFoundError, match=rf"{name} not found under {tmp_path}.*data.download: true"):
+@pytest.mark.parametrize("name, found", [("cifar10", "cifar10 not found under {root}"),
+                                         ("mnist", "mnist: the official files .* are not in {root} nor in "),
+                                         ("fashion_mnist", "fashion_mnist: the official files .*apt-get install "
+                                                           "dataset-fashion-mnist")])
+def test_missing_torchvision_dataset_says_where_and_how(name, found, tmp_path):
+    with pytest.raises(DatasetNotFoundError, match=found.format(root=tmp_path) + ".*data.download: true"):
         prepare_dataset(name, root=str(tmp_path), download=False)
     with pytest.raises(DatasetNotFoundError, match="data.root is not set"):
         prepare_dataset(name, root=None)

@@ -29,7 +29,7 @@ def run(params: ParamsView, paths: Paths, tracker: Tracker = NO_TRACKING, *,
     data = prepare_to(paths.data, name=d.name, root=root if root.is_absolute() else paths.root / root,
                       image_size=d.image_size, val_fraction=d.val_fraction, test_fraction=d.test_fraction,
                       seed=params.seed, download=d.download, max_per_class=d.max_per_class, unlabeled=d.unlabeled,
-                      skip_bad_images=d.skip_bad_images)
+                      skip_bad_images=d.skip_bad_images, pool_per_class=d.pool_per_class)
     meta = data.meta
     metrics: dict[str, Any] = {
         "num_train": len(data.train), "num_unlabeled": len(data.unlabeled), "num_val": len(data.val),
