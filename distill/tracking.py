@@ -5,7 +5,8 @@ if the tracking server is down. Stage functions take a :class:`Tracker`; :class:
 runs them with no tracking at all (tests, benchmarks), :class:`MlflowTracker` logs to MLflow.
 
 Run layout: one *parent* run per pipeline execution, one *child* run per stage. The experiment is tagged
-``mlflow.experimentKind: custom_model_development``, so MLflow's UI opens it on its training runs. The parent
+``mlflow.experimentKind: custom_model_development``; MLflow 3.17's UI still opens it on GenAI traces unless
+its GenAI / model-training switch says otherwise, so users are sent to :func:`runs_url`. The parent
 is named after its DVC experiment and carries the full resolved params (flattened), the git commit MLflow's
 UI shows (``mlflow.source.git.commit``), the DVC experiment name, and, once the evaluate stage has run, the
 headline metrics (teacher, baseline and student top-1, the gain and the gap): select parents and press
@@ -54,10 +55,13 @@ from distill.config import flatten
 
 __all__ = ["Tracker", "NullTracker", "NO_TRACKING", "MlflowTracker", "TrackingUnavailableError", "tracking_uri",
            "check_tracking_server", "open_experiment", "create_pipeline_run", "stage_run", "git_commit",
-           "dvc_input_hashes", "experiment_name", "log_headline", "HEADLINE", "EXPERIMENT_KIND"]
+           "dvc_input_hashes", "experiment_name", "log_headline", "runs_url", "HEADLINE", "EXPERIMENT_KIND",
+           "LOCAL_UI"]
 
-#: MLflow 3's UI opens an experiment of this kind on its training runs (not on the GenAI traces overview).
+#: The experiment's kind: model training, not GenAI (MLflow 3.17's UI switch overrides it: see :func:`runs_url`).
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+#: Where ``mlflow ui`` / ``mlflow server`` serve the UI by default (their ``--host 127.0.0.1 --port 5000``).
+LOCAL_UI = "http://127.0.0.1:5000"
 #: The parent run's headline metrics, copied from the evaluate stage's metrics (fractions).
 HEADLINE = ("teacher.top1", "baseline.top1", "student.top1", "distillation_gain", "gap_to_teacher")
 
@@ -65,6 +69,28 @@ HEADLINE = ("teacher.top1", "baseline.top1", "student.top1", "distillation_gain"
 def experiment_name() -> str:
     """The MLflow experiment: ``DISTILL_MLFLOW_EXPERIMENT``, default ``distill`` (read at each use)."""
     return os.environ.get("DISTILL_MLFLOW_EXPERIMENT", "distill")
+
+
+def runs_url(experiment_id: str, tracking_uri: str | None = None) -> str:
+    """The address that opens MLflow's UI on the experiment's training runs (the runs table).
+
+    MLflow 3's UI has a GenAI / model-training switch, ``workflowType``, remembered in the browser and
+    ``genai`` by default, which overrides the experiment's ``mlflow.experimentKind`` tag and opens an
+    experiment on its traces. The route ``#/experiments/<id>/runs`` names the runs tab, and the query
+    ``workflowType=machine_learning`` sets the switch for this page (the browser's saved choice is kept).
+
+    Args:
+        experiment_id: the MLflow experiment's id.
+        tracking_uri: the tracking URI (default: ``MLFLOW_TRACKING_URI``). An ``http(s)://`` tracking server
+            serves the UI itself, at that address; for a local store (SQLite, files) the UI is
+            ``mlflow ui``'s default address, :data:`LOCAL_UI`.
+
+    Returns:
+        e.g. ``http://127.0.0.1:5000/#/experiments/1/runs?workflowType=machine_learning``.
+    """
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "") if tracking_uri is None else tracking_uri
+    ui = uri.rstrip("/") if uri.startswith(("http://", "https://")) else LOCAL_UI
+    return f"{ui}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
 
 
 class TrackingUnavailableError(RuntimeError):
