@@ -192,8 +192,9 @@ def results_report(metrics: Mapping[str, Any], *, dataset: str) -> str:
     return (f"# Results on the {dataset} test split ({n} images)\n\n" + results_table(rows) + "\n\n"
             + distillation_summary(metrics) + "\n\n"
             + f"Intervals are 95 % intervals of this run's test set ({n} images: one image is "
-            + (f"{100 / n:.2f} points" if isinstance(n, int) and n else "?") + "); they leave out the spread over "
-            "seeds, which `python -m flows seeds` measures (`reports/seeds.md`).\n\n"
+            + (f"{100 / n:.2f} points" if isinstance(n, int) and n else "?") + "): Wilson score intervals for "
+            "each accuracy, Newcombe's paired score interval for the gain and the gap (the same images, two models). "
+            "They leave out the spread over seeds, which `python -m flows seeds` measures (`reports/seeds.md`).\n\n"
             + "## Training\n\n" + training_summary(metrics.get("training", {})) + "\n\n"
             + f"Speed: {metrics.get('throughput_method', '')}\n")
 

@@ -145,14 +145,28 @@ def test_t_interval_of_a_paired_difference_matches_a_hand_computation():
 def test_wilson_interval_and_paired_test_set_interval():
     low, high = E.wilson_interval(352, 359)
     assert low < 352 / 359 < high and high < 1.0 and (low, high) == pytest.approx((0.9603, 0.9905), abs=1e-4)
-    a = torch.tensor([True] * 90 + [False] * 10)
-    b = torch.tensor([True] * 85 + [False] * 15)
-    diff, low, high = E.paired_accuracy_interval(a, b)
-    d = a.float() - b.float()
-    half = 1.959963984540054 * float(d.std()) / 10
-    assert diff == pytest.approx(0.05) and (low, high) == pytest.approx((0.05 - half, 0.05 + half))
+    # Newcombe's paired score interval, against the reference value of Fagerland, Lydersen & Laake's
+    # `contingencytables` (Newcombe_square_and_add_CI_paired_2x2 on the table 59, 6 / 16, 80: -0.0621,
+    # 95 % CI -0.1186 to -0.0046)
+    diff, low, high = E.newcombe_paired_interval(59, 6, 16, 80)
+    assert (diff, low, high) == pytest.approx((-0.0621, -0.1186, -0.0046), abs=5e-5)
+    # from correctness vectors: the same table, in any order of the images
+    a = torch.tensor([True] * 59 + [True] * 6 + [False] * 16 + [False] * 80)
+    b = torch.tensor([True] * 59 + [False] * 6 + [True] * 16 + [False] * 80)
+    perm = torch.randperm(len(a), generator=torch.Generator().manual_seed(0))
+    assert E.paired_accuracy_interval(a[perm], b[perm]) == pytest.approx((diff, low, high))
+    assert E.paired_counts(a, b) == (59, 6, 16, 80)
+    # two models that never disagree: no difference measured, but the test set still leaves doubt (a Wald
+    # interval on the per-image differences would have zero width here)
     diff, low, high = E.paired_accuracy_interval(a, a)
-    assert diff == low == high == 0.0  # the same predictions: no difference, and no doubt about it
+    assert diff == 0.0 and low < -0.005 and high > 0.005 and low == pytest.approx(-high)
+    # wider than the Wald interval at these counts (Wald is too narrow: its coverage falls short)
+    d = a.float() - b.float()
+    wald = 1.959963984540054 * float(d.std()) / math.sqrt(len(d))
+    diff, low, high = E.paired_accuracy_interval(a, b)
+    assert high - low > 2 * wald
+    with pytest.raises(ValueError, match="differ in length"):
+        E.paired_counts(a, b[:-1])
 
 
 def test_interleaved_speed_gives_medians_spreads_and_per_round_ratios():
