@@ -224,6 +224,8 @@ class StudentParams(_Strict):
     model: StudentModelParams
     train: TrainParams
     distillation: Literal["none", "soft", "hard"]
+    dist_token: bool = Field(description="True: DeiT's distillation token and head take the distillation term; "
+                             "False: a class-token-only DeiT whose one head takes both terms (DeiT Table 3)")
     alpha: float = Field(ge=0.0, le=1.0)
     tau: float = Field(gt=0.0, le=100.0)
     teacher_mode: Literal["stored", "online"]

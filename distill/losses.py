@@ -18,6 +18,19 @@ for the same balance, scale DeiT's soft term by ``num_classes`` or lower ``alpha
 
 With ``mode='none'`` a model that returns ``(cls_logits, dist_logits)`` trains both heads on the
 true labels (the average of the two cross entropies); a single-head model just gets the base CE.
+
+A class-token-only student (``dist_token=False``, DeiT Table 3's "class token" rows) has one head, which takes
+both terms: ``(1 - alpha) * CE(cls, y) + alpha * distill(cls, teacher)``. With hard distillation on unlabeled
+images that is training on the teacher's pseudo-labels: the control that isolates what the distillation token
+adds.
+
+Averaging, stated because it changes what ``alpha`` means on a batch that mixes labeled and unlabeled images
+(the unlabeled transfer set): the label term is averaged over the batch's *labeled* images only, the
+distillation term over *all* of them. A labeled image therefore weighs ``(1 - alpha) / n_labeled`` in the label
+term and ``alpha / B`` in the distillation term: with ``alpha = 0.9``, 8 labeled images in a batch of 64 give
+each labeled image an effective ``0.9/64 / (0.1/8 + 0.9/64) = 0.53`` on the teacher, while an unlabeled image
+learns from the teacher alone. ``alpha`` is the balance of the two *averages*, not of each image's two targets.
+``tests/test_losses.py`` pins it.
 """
 
 from __future__ import annotations
@@ -58,10 +71,11 @@ class DistillationLoss(nn.Module):
         alpha: weight of the distillation term; ``(1 - alpha)`` weighs the base CE.
         tau: temperature for soft distillation (ignored otherwise).
         label_smoothing: applied to the true-label CE only.
+        dist_token: False for a class-token-only student, whose one head takes both terms.
     """
 
     def __init__(self, *, mode: DistillMode = "none", alpha: float = 0.5, tau: float = 1.0,
-                 label_smoothing: float = 0.1) -> None:
+                 label_smoothing: float = 0.1, dist_token: bool = True) -> None:
         super().__init__()
         if mode not in ("none", "soft", "hard"):
             raise ValueError(f"distillation mode must be 'none', 'soft' or 'hard', got {mode!r}")
@@ -73,6 +87,7 @@ class DistillationLoss(nn.Module):
         self.alpha = alpha
         self.tau = tau
         self.label_smoothing = label_smoothing
+        self.dist_token = dist_token
 
     @property
     def needs_teacher(self) -> bool:
@@ -121,15 +136,17 @@ class DistillationLoss(nn.Module):
                 base = self._label_ce(outputs, labels, mix)
             return {"loss": base, "base": base.detach(), "distill": torch.zeros((), device=base.device)}
 
-        if not isinstance(outputs, tuple) or len(outputs) != 2:
+        if isinstance(outputs, tuple) != self.dist_token or (isinstance(outputs, tuple) and len(outputs) != 2):
+            got = "a single tensor" if not isinstance(outputs, tuple) else f"{len(outputs)} outputs"
             raise TypeError(
-                f"distillation mode {self.mode!r} needs a model that returns (cls_logits, dist_logits) in "
-                "training mode (a DeiT with distilled=True, in train()); got a single tensor. Use "
-                "distillation 'none' for a model without a distillation token."
-            )
+                f"distillation mode {self.mode!r} with dist_token={self.dist_token} needs a model that returns "
+                + ("(cls_logits, dist_logits) in training mode (a DeiT with distilled=True, in train())"
+                   if self.dist_token else "one tensor of logits (a class-token-only DeiT)")
+                + f"; got {got}. Use distillation 'none' for a model without a distillation token, or set "
+                "student.dist_token to match the model.")
         if teacher_logits is None:
             raise ValueError(f"distillation mode {self.mode!r} needs teacher logits for every batch")
-        cls_logits, dist_logits = outputs
+        cls_logits, dist_logits = outputs if isinstance(outputs, tuple) else (outputs, outputs)
         if teacher_logits.shape != dist_logits.shape:
             raise ValueError(
                 f"teacher logits have shape {tuple(teacher_logits.shape)} but the student's distillation "

@@ -72,8 +72,41 @@ def test_none_mode_single_and_tuple():
 
 
 def test_single_tensor_with_distillation_is_a_clear_error():
-    with pytest.raises(TypeError, match="cls_logits, dist_logits"):
+    with pytest.raises(TypeError, match="cls_logits, dist_logits.*student.dist_token"):
         DistillationLoss(mode="hard")(torch.randn(2, 3), torch.tensor([0, 1]), torch.randn(2, 3))
+    with pytest.raises(TypeError, match="one tensor of logits.*got 2 outputs"):
+        DistillationLoss(mode="hard", dist_token=False)((torch.randn(2, 3),) * 2, torch.tensor([0, 1]),
+                                                        torch.randn(2, 3))
+
+
+def test_class_token_only_student_takes_both_terms_on_its_one_head():
+    logits, teacher = torch.randn(4, 3, generator=torch.Generator().manual_seed(0)), torch.randn(4, 3)
+    y = torch.tensor([0, -1, 2, -1])  # two unlabeled images: they learn from the teacher's pseudo-label alone
+    crit = DistillationLoss(mode="hard", alpha=0.3, label_smoothing=0.0, dist_token=False)
+    out = crit(logits, y, teacher)
+    ce = torch.nn.functional.cross_entropy
+    base = ce(logits[[0, 2]], y[[0, 2]])
+    pseudo = ce(logits, teacher.argmax(1))
+    assert out["loss"].item() == pytest.approx((0.7 * base + 0.3 * pseudo).item(), rel=1e-6)
+
+
+def test_alpha_balances_the_two_averages_not_each_images_two_targets():
+    """The documented averaging: a labeled image weighs (1 - alpha) / n_labeled in the label term and alpha / B
+    in the distillation term (alpha 0.9, 8 labeled of 64: an effective 0.53 on the teacher)."""
+    batch, labeled, alpha = 64, 8, 0.9
+    y = torch.full((batch,), -1)
+    y[:labeled] = 0
+    cls = torch.zeros(batch, 3, requires_grad=True)
+    dist = torch.zeros(batch, 3, requires_grad=True)
+    teacher = torch.tensor([[0.0, 5.0, 0.0]]).expand(batch, 3)
+    DistillationLoss(mode="hard", alpha=alpha, label_smoothing=0.0)((cls, dist), y, teacher)["loss"].backward()
+    label_pull = cls.grad[0, 0].abs().item()  # the gradient of a labeled image's label term
+    teacher_pull = dist.grad[0, 1].abs().item()  # and of its distillation term
+    third = 2 / 3  # d CE / d logit of the target at uniform logits over 3 classes
+    assert label_pull == pytest.approx((1 - alpha) / labeled * third, rel=1e-5)
+    assert teacher_pull == pytest.approx(alpha / batch * third, rel=1e-5)
+    assert teacher_pull / (label_pull + teacher_pull) == pytest.approx(0.53, abs=0.005)
+    assert cls.grad[labeled:].abs().sum().item() == 0.0  # unlabeled images: no label term
 
 
 def test_missing_teacher_and_shape_mismatch():

@@ -38,10 +38,10 @@ def run(params: ParamsView, paths: Paths, tracker: Tracker = NO_TRACKING, *,
     data = load_prepared(paths.data)
     sp = params.student
     recipe = sp.train.resolve()
-    model, cfg, pretrained = build_student(sp.model, data.meta, paths, distilled=True, seed=params.seed,
+    model, cfg, pretrained = build_student(sp.model, data.meta, paths, distilled=sp.dist_token, seed=params.seed,
                                            tracker=tracker)
     criterion = DistillationLoss(mode=sp.distillation, alpha=sp.alpha, tau=sp.tau,
-                                 label_smoothing=recipe.label_smoothing)
+                                 label_smoothing=recipe.label_smoothing, dist_token=sp.dist_token)
     inputs: list[Path] = [paths.data, *pretrained]
     if sp.distillation == "none":
         split = data.train
