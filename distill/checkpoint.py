@@ -7,7 +7,10 @@ its model alone, no ``params.yaml`` needed). safetensors never unpickles, so loa
 run code.
 
 Writes go through :func:`distill.io.atomic_replace` (temporary file, ``fsync``, rename, ``fsync`` of the
-folder): a crash leaves the old checkpoint or the new one, never half a file.
+folder): a crash leaves the old checkpoint or the new one, never half a file. The same weights and metadata give
+the same bytes: the header is written in a canonical order (safetensors writes its metadata map in a random order
+per save, safetensors/safetensors#584), and nothing run-dependent (wall-clock timings) goes into the metadata, so
+DVC sees identical weights as an unchanged output and reruns nothing downstream.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ def save_model(path: str | Path, model: nn.Module, *, kind: str, config: dict[st
         config: keyword config that :func:`build_model` rebuilds the model from.
         extra: JSON-serialisable extras (normalisation, params, data fingerprint, metrics ...).
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
     meta = {
@@ -52,7 +55,22 @@ def save_model(path: str | Path, model: nn.Module, *, kind: str, config: dict[st
         "config": json.dumps(config, sort_keys=True),
         "extra": json.dumps(extra or {}, sort_keys=True, default=str),
     }
-    atomic_replace(path, lambda tmp: save_file(state, tmp, metadata=meta))
+    data = save(state, metadata=meta)
+    atomic_replace(path, lambda tmp: _write_canonical(tmp, data))
+
+
+def _write_canonical(path: str, data: bytes) -> None:
+    """Write safetensors ``data`` with its JSON header re-serialised with sorted keys, so equal content gives equal
+    bytes (safetensors/safetensors#584: the ``__metadata__`` map comes out in a random order; pinned by
+    tests/test_stage_outputs.py). The format allows any key order and pads the header with spaces to a multiple
+    of 8 bytes; tensor offsets count from the end of the header, so they stay valid."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.dumps(json.loads(data[8:8 + n]), sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    header += b" " * (-len(header) % 8)
+    with open(path, "wb") as f:
+        f.write(len(header).to_bytes(8, "little"))
+        f.write(header)
+        f.write(memoryview(data)[8 + n:])
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:

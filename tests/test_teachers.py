@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -65,12 +66,13 @@ def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / "t.safetensors"
     save_model(path, build_teacher(**cfg), kind="teacher", config=cfg)
     before = path.read_bytes()
-    import safetensors.torch
+    import distill.checkpoint
 
-    def boom(*a, **k):
+    def boom(tmp, data):  # the disk fills up halfway through the file
+        Path(tmp).write_bytes(data[: len(data) // 2])
         raise OSError("disk full")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", boom)
+    monkeypatch.setattr(distill.checkpoint, "_write_canonical", boom)
     with pytest.raises(OSError):
         save_model(path, build_teacher(**cfg), kind="teacher", config=cfg)
     assert path.read_bytes() == before

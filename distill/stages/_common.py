@@ -34,7 +34,7 @@ from distill.models.deit import PRESETS, DeiTConfig, load_pretrained_deit
 from distill.tracking import Tracker
 
 __all__ = ["augmenter", "student_config", "build_student", "load_teacher", "resume_key", "train_and_save",
-           "write_curves", "code_fingerprint", "checkpoint_extra"]
+           "write_curves", "code_fingerprint", "checkpoint_extra", "WALL_CLOCK", "without_wall_clock"]
 
 ViewsFactory = Callable[[Augmenter, Any], Any]
 
@@ -130,14 +130,26 @@ def resume_key(values: dict[str, Any], inputs: Sequence[Path], accelerator: Any)
     return h.hexdigest()[:16]
 
 
+#: Wall-clock figures of an epoch record and of a stage's summary: they differ from run to run, so they go to the
+#: metrics file and MLflow only, never into a checkpoint or the curves (DVC deps downstream), where they would make
+#: identical weights look like new outputs and rerun everything after them.
+WALL_CLOCK = frozenset({"epoch_time_s", "train_images_per_sec", "train_time_s"})
+
+
+def without_wall_clock(record: dict[str, Any]) -> dict[str, Any]:
+    """``record`` without its :data:`WALL_CLOCK` figures."""
+    return {k: v for k, v in record.items() if k not in WALL_CLOCK}
+
+
 def write_curves(path: Path, history: list[dict[str, float]]) -> None:
+    """The per-epoch curves (DVC plots), without wall-clock figures: the same training gives the same file."""
     if not history:
         return
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(history[0]))
+    writer = csv.DictWriter(buf, fieldnames=list(without_wall_clock(history[0])))
     writer.writeheader()
     for rec in history:
-        writer.writerow({k: (round(v, 6) if isinstance(v, float) else v) for k, v in rec.items()})
+        writer.writerow({k: (round(v, 6) if isinstance(v, float) else v) for k, v in without_wall_clock(rec).items()})
     atomic_write_text(path, buf.getvalue())
 
 
@@ -153,10 +165,11 @@ def _summary(result: Any) -> dict[str, Any]:
 
 def checkpoint_extra(params: ParamsView, meta: DatasetMeta, stage: str, summary: dict[str, Any],
                      **more: Any) -> dict[str, Any]:
-    """What a checkpoint records besides its weights: the data it fits, the stage's params and metrics."""
+    """What a checkpoint records besides its weights: the data it fits, the stage's params and metrics (timings
+    aside: identical weights give an identical file)."""
     return {"stage": stage, "image_size": meta.image_size, "mean": meta.mean, "std": meta.std,
             "num_classes": meta.num_classes, "class_names": meta.class_names, "data_fingerprint": meta.fingerprint,
-            "params": params.declared(), "metrics": summary, **more}
+            "params": params.declared(), "metrics": without_wall_clock(summary), **more}
 
 
 def train_and_save(model: nn.Module, *, stage: str, kind: str, config: dict[str, Any], params: ParamsView,

@@ -1,0 +1,69 @@
+"""A training stage's outputs: identical training gives identical files, and they are replaced as one set.
+
+In process, on the tiny configuration (seconds): the stages run as ``python -m flows stage`` runs them, through
+:func:`distill.stages.runner.run_stage`, into their own project folders.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from distill.config import Paths
+from distill.stages.runner import run_stage
+
+from conftest import REPO, tiny_params
+
+
+def run(stage: str, root: Path, params: Any = None, **kwargs: Any) -> dict[str, Any]:
+    return run_stage(stage, params or tiny_params(), Paths(root), dvc_yaml=REPO / "dvc.yaml", **kwargs)
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def stage_files(root: Path, stage: str) -> dict[str, Path]:
+    paths = Paths(root)
+    return {"checkpoint": paths.model(stage), "metrics": paths.metrics(stage), "curves": paths.curves(stage)}
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A project folder with the prepared data only."""
+    root = tmp_path_factory.mktemp("prepared")
+    run("data", root)
+    return root
+
+
+@pytest.fixture()
+def project(prepared: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "project"
+    shutil.copytree(prepared, dst)
+    return dst
+
+
+@pytest.mark.parametrize("stage", ["teacher", "baseline"])
+def test_the_same_training_twice_gives_byte_identical_checkpoint_and_curves(prepared, tmp_path, stage):
+    """Wall-clock timings live in metrics/<stage>.json only: a checkpoint or curve that embedded them would change
+    its md5 on every run, and DVC would rerun everything downstream of identical weights."""
+    runs = []
+    for name in ("first", "second"):
+        root = tmp_path / name
+        shutil.copytree(prepared, root)
+        torch.manual_seed(hash(name) % 1000)  # another global RNG state: the stage must not depend on it
+        runs.append(stage_files(root, stage))
+        run(stage, root)
+    first, second = runs
+    assert sha256(first["checkpoint"]) == sha256(second["checkpoint"])
+    assert sha256(first["curves"]) == sha256(second["curves"])
+    assert "time" not in first["curves"].read_text().splitlines()[0]  # no timing column in the curves
+    import json
+
+    metrics = json.loads(first["metrics"].read_text())
+    assert metrics["train_time_s"] > 0 and metrics["train_images_per_sec"] > 0  # the timings are in the metrics
