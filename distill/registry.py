@@ -11,10 +11,11 @@ one alias policy (below):
   which also takes the ``run_id`` to log to, so the stage's run is not made the active run and not ended)
   from the same arguments that wrote the saved folder (:func:`distill.serving.servable_spec`) and from the
   checkpoint inside that folder: the registered model is the DVC output ``models/student_mlflow`` up to
-  the ids and times MLflow writes into ``MLmodel``. The version's source is ``models:/<model_id>``, as
-  ``mlflow.register_model`` makes it, linked to the run. (``Model.log`` also copies the run's params and
-  step-0 metrics onto the logged model, and logs its ``model_config`` defaults, ``device`` and
-  ``batch_size``, as two params of the run.)
+  the ids and times MLflow writes into ``MLmodel``. The logged model is created first in the run's own
+  experiment (``Model.log`` alone would file it under ``Default``, there being no active experiment), with
+  the run's params. The version's source is ``models:/<model_id>``, as ``mlflow.register_model`` makes it,
+  linked to the run. (``Model.log`` also links the run's step-0 metrics to the logged model, and logs its
+  ``model_config`` defaults, ``device`` and ``batch_size``, as two params of the run.)
 * :func:`register_student`: registers a file artifact a run already logged (source
   ``runs:/<run_id>/<artifact_path>``); such a version cannot be loaded with ``mlflow.pyfunc``.
 
@@ -178,7 +179,9 @@ def log_and_register_student(tracker: Tracker, model_dir: str | Path, *, model_n
     def log_and_register(client: Any) -> dict[str, Any]:
         # The global URI too: Model.log takes none, and MLflow's SQL registry resolves a models:/ source with it.
         with servable_spec(checkpoint) as spec, _tracking_uri(uri):
-            info = Model.log(artifact_path=None, name=name, flavor=mlflow.pyfunc, run_id=run_id, **spec)
+            model_id = _new_logged_model(client, run_id, name)
+            info = Model.log(artifact_path=None, name=name, flavor=mlflow.pyfunc, run_id=run_id, model_id=model_id,
+                             **spec)
             return _register(client, source=info.model_uri, run_id=run_id, model_id=info.model_id,
                              model_name=model_name, metric=float(metric), dataset_key=dataset_key,
                              metric_name=metric_name)
@@ -186,6 +189,18 @@ def log_and_register_student(tracker: Tracker, model_dir: str | Path, *, model_n
     result = _in_registry(uri, f"{model_name!r} (run {run_id})", log_and_register)
     tracker.set_tags({"registry.version": result["version"], "registry.alias": result["alias"]})
     return result
+
+
+def _new_logged_model(client: Any, run_id: str, name: str) -> str:
+    """A new logged model of ``run_id``, in the run's own experiment; returns its id (for ``Model.log``).
+
+    ``Model.log(run_id=...)`` alone files the model under the *active* experiment, which in a stage process
+    (runs made through ``MlflowClient``, none active) is ``Default``: the run's experiment would show no model.
+    The run's params go on the model, as ``Model.log`` does for a model it creates itself.
+    """
+    run = client.get_run(run_id)
+    return client.create_logged_model(run.info.experiment_id, name=name, source_run_id=run_id,
+                                      params=dict(run.data.params)).model_id
 
 
 @contextmanager

@@ -112,9 +112,11 @@ def servable(tmp_path_factory):
 
 
 def _tracker(store):
-    """A stage's tracker: a run of its own, left RUNNING (the stage ends it)."""
+    """A stage's tracker: a run of its own with a param, left RUNNING (the stage ends it)."""
     client, experiment_id, _ = store
-    return MlflowTracker(client.create_run(experiment_id).info.run_id, uri=mlflow.get_tracking_uri())
+    run_id = client.create_run(experiment_id).info.run_id
+    client.log_param(run_id, "seed", 0)
+    return MlflowTracker(run_id, uri=mlflow.get_tracking_uri())
 
 
 def test_logged_student_loads_and_predicts_through_its_alias(store, servable):
@@ -137,7 +139,12 @@ def test_logged_student_loads_and_predicts_through_its_alias(store, servable):
     # A logged model of the stage's run (not a bare artifact), registered from models:/<model_id>.
     version = client.get_model_version(LOGGED, "1")
     assert version.source.startswith("models:/m-") and version.run_id == tracker.run_id
-    assert mlflow.get_logged_model(version.source[len("models:/"):]).source_run_id == tracker.run_id
+    logged = mlflow.get_logged_model(version.source[len("models:/"):])
+    assert logged.source_run_id == tracker.run_id
+    # Filed under the run's own experiment (its Models tab), not MLflow's `Default`.
+    assert logged.experiment_id == store[1] != "0"
+    assert [m.model_id for m in client.search_logged_models([store[1]])].count(logged.model_id) == 1
+    assert logged.params.get("seed") == "0" and logged.status == "READY"
     run = client.get_run(tracker.run_id)
     assert run.info.status == "RUNNING"  # logging did not end the stage's run
     assert (run.data.tags["registry.version"], run.data.tags["registry.alias"]) == ("1", "champion")
