@@ -4,7 +4,10 @@ A checkpoint is one ``.safetensors`` file: the weights plus string metadata hold
 the config that rebuilds it (:func:`distill.models.build.build_model`), the normalisation its inputs
 expect and the resolved parameters of the stage that trained it (nanoGPT's habit: a checkpoint rebuilds
 its model alone, no ``params.yaml`` needed). safetensors never unpickles, so loading a checkpoint cannot
-run code.
+run code. safetensors has no checksum of its own: a flipped bit inside a tensor loads silently. So the metadata
+records the sha256 of the weights (:func:`weights_sha256`), and :func:`load_model` refuses a checkpoint whose
+weights no longer match it, naming the file and the stage that rebuilds it: a stage run outside DVC (which
+checks the file's md5) then cannot build on a damaged teacher.
 
 Writes go through :func:`distill.io.atomic_replace` (temporary file, ``fsync``, rename, ``fsync`` of the
 folder): a crash leaves the old checkpoint or the new one, never half a file. The same weights and metadata give
@@ -15,7 +18,9 @@ DVC sees identical weights as an unchanged output and reruns nothing downstream.
 
 from __future__ import annotations
 
+import hashlib
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +30,9 @@ from torch import nn
 from distill.io import atomic_replace
 from distill.models.build import build_model
 
-__all__ = ["CheckpointError", "load_model", "read_metadata", "save_model"]
+__all__ = ["CheckpointError", "load_model", "read_metadata", "save_model", "weights_sha256"]
 
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"  # 2: the metadata records weights_sha256 (version 1 files load without the check)
 
 
 class CheckpointError(ValueError):
@@ -54,6 +59,7 @@ def save_model(path: str | Path, model: nn.Module, *, kind: str, config: dict[st
         "kind": kind,
         "config": json.dumps(config, sort_keys=True),
         "extra": json.dumps(extra or {}, sort_keys=True, default=str),
+        "weights_sha256": weights_sha256(state),
     }
     data = save(state, metadata=meta)
     atomic_replace(path, lambda tmp: _write_canonical(tmp, data))
@@ -94,7 +100,28 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path} is a safetensors file but not a distill checkpoint (no metadata); "
                               "load raw weights with teacher.pretrained_path instead")
     return {"kind": meta["kind"], "config": json.loads(meta["config"]), "extra": json.loads(meta["extra"]),
-            "format_version": meta["format_version"]}
+            "format_version": meta["format_version"], "weights_sha256": meta.get("weights_sha256")}
+
+
+def weights_sha256(state: Mapping[str, torch.Tensor]) -> str:
+    """sha256 over a state dict: each tensor's name, dtype, shape and bytes, in name order (device-independent)."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().to("cpu").contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def _check_weights(path: str | Path, state: Mapping[str, torch.Tensor], info: dict[str, Any]) -> None:
+    """The weights read back must be the ones saved (version 1 checkpoints recorded no checksum)."""
+    recorded = info.get("weights_sha256")
+    if recorded is None or weights_sha256(state) == recorded:
+        return
+    stage = info["extra"].get("stage") or "<stage>"
+    raise CheckpointError(f"checkpoint {path} is corrupt: its weights do not match the sha256 recorded when it was "
+                          f"saved (a damaged or edited file). Delete it and rerun the stage that produces it "
+                          f"(`dvc repro -f {stage}`, or `dvc checkout {path}` if DVC's cache holds a good copy).")
 
 
 def load_model(path: str | Path, *, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
@@ -104,7 +131,8 @@ def load_model(path: str | Path, *, map_location: str | torch.device = "cpu") ->
         ``(model, info)`` with ``info = {"kind", "config", "extra"}``; the model is in eval mode.
 
     Raises:
-        CheckpointError: the file is missing, corrupt, or its weights do not fit its config.
+        CheckpointError: the file is missing, corrupt (its weights differ from the recorded sha256), or its weights
+            do not fit its config.
     """
     from safetensors.torch import load_file
 
@@ -114,6 +142,7 @@ def load_model(path: str | Path, *, map_location: str | torch.device = "cpu") ->
     except Exception as err:  # noqa: BLE001
         raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({err}). "
                               "Rerun the stage that produces it.") from None
+    _check_weights(path, state, info)
     try:
         model = build_model(info["kind"], info["config"])
     except (ValueError, TypeError) as err:  # an unknown kind, or a config this code cannot build

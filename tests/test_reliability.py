@@ -143,6 +143,27 @@ def test_corrupt_teacher_checkpoint(project, damage):
     assert snapshot(project) == before
 
 
+def flip_a_byte_inside_a_tensor(path: Path) -> None:
+    """Damage a safetensors file where its format cannot notice: one byte in the middle of the tensor data."""
+    data = bytearray(path.read_bytes())
+    start = 8 + int.from_bytes(data[:8], "little")  # the data follows the 8-byte length and the JSON header
+    data[(start + len(data)) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_a_flipped_byte_inside_the_teacher_weights_is_refused_naming_the_file(project):
+    """safetensors has no checksum: without the recorded sha256 the store would be built from a damaged teacher."""
+    ckpt = Paths(project).model("teacher")
+    flip_a_byte_inside_a_tensor(ckpt)
+    before = snapshot(project)
+    refused = rf"checkpoint {re.escape(str(ckpt))} is corrupt: its weights do not match the sha256.*repro -f teacher"
+    with pytest.raises(CheckpointError, match=refused):
+        run("soft_labels", tiny_params(), project)
+    with pytest.raises(CheckpointError, match=refused):
+        run("student", tiny_params(student={"teacher_mode": "online"}), project)
+    assert snapshot(project) == before
+
+
 def test_truncated_soft_label_store(project):
     logits = sorted((project / "soft_labels").rglob("*logits*.npy"))[0]
     logits.write_bytes(logits.read_bytes()[:-100])
