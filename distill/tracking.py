@@ -55,8 +55,8 @@ from distill.config import flatten
 
 __all__ = ["Tracker", "NullTracker", "NO_TRACKING", "MlflowTracker", "TrackingUnavailableError", "tracking_uri",
            "check_tracking_server", "open_experiment", "create_pipeline_run", "stage_run", "git_commit",
-           "dvc_input_hashes", "experiment_name", "log_headline", "runs_url", "HEADLINE", "EXPERIMENT_KIND",
-           "LOCAL_UI"]
+           "dvc_input_hashes", "experiment_name", "log_headline", "runs_url", "system_metrics_monitor", "HEADLINE",
+           "EXPERIMENT_KIND", "LOCAL_UI"]
 
 #: The experiment's kind: model training, not GenAI (MLflow 3.17's UI switch overrides it: see :func:`runs_url`).
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
@@ -485,6 +485,31 @@ def _find_or_create_parent(client: Any, experiment_id: str, project_root: Path) 
                                params=_project_params(project_root), tags={"distill.pipeline_key": key})
 
 
+def system_metrics_monitor(run_id: str, uri: str) -> Any | None:
+    """MLflow's system metrics (CPU, memory, disk, network; GPU with ``nvidia-ml-py``) on a stage's run, if enabled.
+
+    Off by default. ``MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING=true`` (or ``mlflow.enable_system_metrics_logging()``)
+    turns it on, and MLflow's ``MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL`` (seconds, default 10) and
+    ``MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING`` apply. The runs are made with ``MlflowClient``, so
+    ``mlflow.start_run(log_system_metrics=True)``, MLflow's documented switch, never runs here (it would make the
+    stage's run the process's active run, and end it): MLflow's own ``SystemMetricsMonitor``, the class that
+    ``start_run`` starts (mlflow/mlflow#10253, #10312 for an existing run), samples on a daemon thread and logs
+    ``system/*`` metrics; an outage only stops it (it warns).
+
+    Returns:
+        The started monitor (call ``finish()`` before ending the run), or None when system metrics are off.
+    """
+    from mlflow.environment_variables import MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING
+
+    if not MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING.get():
+        return None
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(run_id, tracking_uri=uri)
+    monitor.start()
+    return monitor
+
+
 def log_headline(tracker: "MlflowTracker", metrics: dict[str, Any]) -> None:
     """Copy the evaluate stage's headline metrics onto the parent run, for *Compare* in MLflow's UI."""
     flat = flatten(metrics)
@@ -520,11 +545,14 @@ def stage_run(stage: str, *, project_root: str | Path = ".", params: Optional[di
     tracker.parent = MlflowTracker(parent_id, uri=tracker.uri, stage=stage)
     if params:
         tracker.log_params(params)
+    monitor = system_metrics_monitor(run.info.run_id, tracker.uri)
     status = "FAILED"
     try:
         yield tracker
         status = "FINISHED"
     finally:
+        if monitor is not None:
+            monitor.finish()  # its last samples are sent while the run is still RUNNING
         # Under plain `dvc repro` no flow owns the parent: each stage closes it as it ends.
         if tracker.parent is not None:
             tracker.parent.flush()

@@ -2,6 +2,7 @@
 ``stage_run``, the stage run in process on a tiny project.
 
 * the evaluate stage logs the servable student into the pipeline's experiment (its *Models* tab), not ``Default``;
+* system metrics: off by default, on a stage's run with MLflow's own switch;
 """
 
 from __future__ import annotations
@@ -65,3 +66,20 @@ def test_evaluate_logs_the_student_into_the_pipelines_experiment(project: Path) 
     assert list(client.search_logged_models(["0"])) == []  # nothing in `Default`
     version = client.get_model_version(result["registry"]["name"], result["registry"]["version"])
     assert version.source == f"models:/{models[0].model_id}"
+
+
+def test_system_metrics_are_off_by_default_and_on_with_mlflows_switch(project: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    client = client_of(project)
+    monkeypatch.delenv("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", raising=False)
+    off, _ = tracked("baseline", project, tiny_params())
+    monkeypatch.setenv("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "true")
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.5")  # the tiny stage runs for seconds, not 10 s
+    on, _ = tracked("baseline", project, tiny_params())
+    assert not [k for k in client.get_run(off).data.metrics if k.startswith("system/")]
+    logged = client.get_run(on).data.metrics
+    for key in ("system/cpu_utilization_percentage", "system/system_memory_usage_megabytes",
+                "system/disk_usage_percentage"):
+        assert key in logged, sorted(logged)
+    assert len(client.get_metric_history(on, "system/cpu_utilization_percentage")) >= 2
+    assert client.get_run(on).info.status == "FINISHED"
