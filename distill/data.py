@@ -28,7 +28,8 @@ Sources:
   The classes are the sorted folder names of ``train/`` (flat: of ``root``), as torchvision's ``ImageFolder``;
   a class folder in ``val/`` or ``test/`` that ``train/`` lacks is an error. ``root/unlabeled/`` (images at any
   depth, no classes) is the unlabeled transfer set, read when ``unlabeled=True``; the name is therefore
-  reserved (never a class). Each image is decoded to RGB, its shorter side resized to ``image_size``
+  reserved (never a class). Each image is decoded to RGB (16-bit images by their high byte, as PIL reads 16-bit
+  colour PNGs; PIL's own conversion would clip 16-bit grey to white), its shorter side resized to ``image_size``
   (bilinear, antialiased) and centre-cropped, in parallel worker processes, and written straight into the
   split's ``.npy`` file, so memory does not grow with the dataset. An unreadable image is an error naming the
   file, or, with ``skip_bad_images=True``, skipped and counted in ``meta.json`` (``skipped_images``,
@@ -619,7 +620,8 @@ def _plan(name: str, *, root: str | Path | None, val_fraction: float, test_fract
 
 def _rgb_pixels(path: str | Path) -> Tensor:
     """The RGB pixels of an image file as uint8 ``(3, H, W)`` (a channels-last view), as torchvision's
-    ``ImageFolder`` reads them: ``PIL.Image.open(...).convert("RGB")``, no EXIF rotation.
+    ``ImageFolder`` reads them: ``PIL.Image.open(...).convert("RGB")``, no EXIF rotation; except 16-bit grey images,
+    which that would clip to white: they keep their high byte (:func:`_grey16_to_rgb8`).
 
     Grey and colour JPEGs (magic bytes, whatever the file name) are decoded by torchvision's libjpeg-turbo decoder
     straight into a tensor: the same library with the same settings as PIL's (accurate integer DCT, smooth chroma
@@ -637,9 +639,23 @@ def _rgb_pixels(path: str | Path) -> Tensor:
         img = Image.open(io.BytesIO(data.numpy()))
     except UnidentifiedImageError:  # its message would name the in-memory buffer, not the file
         raise ValueError("not an image format PIL can read") from None
+    if img.mode in _SIXTEEN_BIT_GREY:
+        return _grey16_to_rgb8(np.asarray(img))
     if img.mode != "RGB":
         img = img.convert("RGB")  # also decodes; a truncated file raises here
     return torch.from_numpy(np.array(img)).permute(2, 0, 1)
+
+
+# PIL's modes for 16-bit grey images (PNG, TIFF): convert("RGB") clips them at 255, so nearly every pixel would turn
+# white; "I" (32-bit) is how some readers hand over 16-bit grey.
+_SIXTEEN_BIT_GREY = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def _grey16_to_rgb8(pixels: np.ndarray) -> Tensor:
+    """16-bit grey pixels ``(H, W)`` as RGB uint8 ``(3, H, W)``: the high byte, as PIL reads 16-bit colour PNGs
+    (``RGB;16B``), so a 16-bit image reads the same whether it is saved grey or colour."""
+    grey = (np.clip(pixels.astype(np.int64), 0, 65535) >> 8).astype(np.uint8)
+    return torch.from_numpy(grey)[None].expand(3, -1, -1)
 
 
 def decode_image(path: str | Path, size: int) -> Tensor:

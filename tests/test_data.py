@@ -285,6 +285,44 @@ def test_every_kind_of_file_decodes_as_imagefolder_does(tmp_path):
         assert np.array_equal(data.split(s).images, images[data.split(s).ids])
 
 
+def _png16(path: Path, pixels: np.ndarray) -> None:
+    """A real 16-bit PNG (greyscale for ``(H, W)``, RGB for ``(H, W, 3)``), written by hand: PIL writes only the grey
+    kind, and this spares the test another dependency. Colour type 0 or 2, bit depth 16, no filter, no interlace."""
+    import struct
+    import zlib
+
+    h, w = pixels.shape[:2]
+    rows = b"".join(b"\x00" + pixels[y].astype(">u2").tobytes() for y in range(h))
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", w, h, 16, 0 if pixels.ndim == 2 else 2, 0, 0, 0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows))
+                     + chunk(b"IEND", b""))
+
+
+def test_16_bit_pngs_read_as_their_high_byte_not_as_white(tmp_path):
+    """PIL's convert("RGB") clips 16-bit grey to 255: a 16-bit digit became an all-white image."""
+    from PIL import Image
+
+    digits = [np.kron(_digit_pixels()[i], np.ones((2, 2), dtype=np.uint8)) for i in range(12)]  # 16 x 16, 8-bit
+    for i, x in enumerate(digits):
+        wide = x.astype(np.uint16) * 256 + 100 + (i % 2) * 55  # 16-bit: the digit in the high byte, noise below
+        folder = tmp_path / "raw" / ("grey" if i % 2 else "colour")
+        _png16(folder / f"{i:03d}.png", wide if i % 2 else np.stack([wide] * 3, axis=-1))
+    assert Image.open(tmp_path / "raw" / "grey" / "001.png").mode == "I;16"  # PIL's own reading of the grey file
+    data = _prepare(tmp_path / "raw", tmp_path / "p", val_fraction=0.2, test_fraction=0.2)
+    order = [*range(0, 12, 2), *range(1, 12, 2)]  # ids: positions in the sorted file list, colour/ then grey/
+    for s in ("train", "val", "test"):
+        split = data.split(s)
+        for image, i in zip(split.images, split.ids):
+            expected = np.stack([digits[order[i]]] * 3)  # the high byte is the 8-bit digit, grey or colour alike
+            assert np.array_equal(image, expected), (s, order[i])
+    assert 0.05 < data.meta.mean[0] < 0.6  # not white
+
+
 def test_split_layout_reads_train_val_test(tmp_path):
     root = _make_folder(tmp_path / "raw", {"train": {"a": 6, "b": 4, "c": 5}, "val": {"a": 2, "c": 3},
                                            "test": {"b": 2, "c": 1}}, ext=".jpg")
