@@ -66,6 +66,7 @@ def _parser() -> argparse.ArgumentParser:
                              help="parameter override, DVC's -S syntax (repeatable)")
     parser = argparse.ArgumentParser(prog="python -m flows", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    # argparse %-formats help strings: a literal percent sign is written %%
     sub = parser.add_subparsers(dest="cmd", required=True)
     st = sub.add_parser("stage", parents=[common], help="run one stage as a Prefect flow (what dvc.yaml calls)")
     st.add_argument("name", help="the stage (distill/stages/<name>.py)")
@@ -75,7 +76,7 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--name", default=None, help="the DVC experiment's name (default: a new one)")
     pl.add_argument("-f", "--force", action="store_true", help="rerun every stage")
     sd = sub.add_parser("seeds", parents=[overridable],
-                        help="run the pipeline for several seeds (DVC experiments): mean, per-seed values, 95 % CI")
+                        help="run the pipeline for several seeds (DVC experiments): mean, per-seed values, 95 %% CI")
     sd.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     return parser
 

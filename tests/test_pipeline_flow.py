@@ -41,6 +41,20 @@ run_dvc([sys.executable, "-c", sys.argv[1], sys.argv[2]], cwd=Path("."), env=Non
 """
 
 
+@pytest.mark.parametrize("argv", [["--help"], ["stage", "--help"], ["pipeline", "--help"], ["seeds", "--help"]])
+def test_every_help_prints(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    """A `%` in a help string is argparse's format character: `python -m flows --help` once crashed on `95 % CI`."""
+    from flows.__main__ import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: python -m flows"), out
+    if argv == ["--help"]:
+        assert "95 % CI" in out, out
+
+
 def test_a_failing_dvc_command_fails_the_flow_naming_its_status(tmp_path: Path) -> None:
     with pytest.raises(StageFailed, match="exited with status 3"):
         run_dvc([sys.executable, "-c", "import sys; sys.exit(3)"], cwd=tmp_path, env=dict(os.environ))
