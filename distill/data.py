@@ -22,7 +22,8 @@ Sources:
 
   - *split*: ``root/train/<class>/``, ``root/val/<class>/`` and optionally ``root/test/<class>/`` (the
     torchvision/DeiT layout). A missing ``val/`` or ``test/`` is carved out of ``train/``, seeded and
-    stratified, ``val_fraction`` / ``test_fraction`` of ``train/``'s images per class.
+    stratified, ``val_fraction`` / ``test_fraction`` of ``train/``'s images per class (rounded: a class of one or
+    two images gets none, and a warning names every class a split lacks).
   - *flat*: ``root/<class>/``, split by seed, stratified: ``val_fraction`` and ``test_fraction`` of each class.
 
   The classes are the sorted folder names of ``train/`` (flat: of ``root``), as torchvision's ``ImageFolder``;
@@ -602,6 +603,7 @@ def _plan(name: str, *, root: str | Path | None, val_fraction: float, test_fract
         if plan.count(split) == 0:
             raise DatasetNotFoundError(f"the {split} split of {name} is empty; lower data.max_per_class or raise the "
                                        "split fractions")
+    _warn_missing_classes(plan, name)
     if unlabeled and plan.count("unlabeled") == 0:
         where = f" (no images under {folder / 'unlabeled'}/)" if folder is not None else ""
         how = ("set data.max_per_class (the training images above it are kept without their labels)"
@@ -611,6 +613,27 @@ def _plan(name: str, *, root: str | Path | None, val_fraction: float, test_fract
         raise ValueError(f"data.unlabeled is true but the unlabeled split of {name} would be empty{where}: {how}"
                          f"{extra}, or set data.unlabeled: false")
     return plan
+
+
+def _warn_missing_classes(plan: _Plan, name: str) -> None:
+    """Warn when a class has no image in the train, val or test split: a class too small to split (one or two
+    images get none when ``round(fraction * n)`` is 0), or a val/ or test/ folder without it. Training goes on
+    (long-tailed data has such classes); the warning says that the accuracy on that split ignores them.
+    """
+    labels = {s: np.concatenate([p.pool.labels[p.index] for p in plan.splits[s]] or [np.zeros(0, np.int64)])
+              for s in ("train", "val", "test")}
+    total = np.bincount(np.concatenate(list(labels.values())), minlength=len(plan.classes))
+    for split, found in labels.items():
+        absent = np.setdiff1d(np.flatnonzero(total), found).tolist()
+        if not absent:
+            continue
+        listed = ", ".join(f"{plan.classes[c]!r} ({total[c]} image{'s' if total[c] != 1 else ''})" for c in absent[:8])
+        more = f" and {len(absent) - 8} more" if len(absent) > 8 else ""
+        fix = ("add images to them, or lower data.val_fraction and data.test_fraction" if split == "train" else
+               f"add images to them, give a {split}/ folder that has them, or raise data.{split}_fraction (each class "
+               "gets round(fraction x its images))")
+        _log.warning("%s: class(es) %s%s have no image in the %s split, so its accuracy says nothing about them: %s",
+                     name, listed, more, split, fix)
 
 
 # --------------------------------------------------------------------------------------------------

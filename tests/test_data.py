@@ -323,6 +323,22 @@ def test_16_bit_pngs_read_as_their_high_byte_not_as_white(tmp_path):
     assert 0.05 < data.meta.mean[0] < 0.6  # not white
 
 
+def test_a_class_too_small_to_split_is_named_in_a_warning(tmp_path, caplog):
+    """A class with one image gets no validation or test image (round(0.2 x 1) = 0): say so, naming it."""
+    root = _make_folder(tmp_path / "raw", {".": {"common": 10, "rare": 1}})
+    with caplog.at_level("WARNING", logger="distill.data"):
+        data = _prepare(root, tmp_path / "p")
+    assert data.meta.sizes["train"] == 7  # it still trains: long-tailed data has such classes
+    for split in ("val", "test"):
+        assert f"class(es) 'rare' (1 image) have no image in the {split} split" in caplog.text
+        assert f"raise data.{split}_fraction" in caplog.text
+    assert "'common'" not in caplog.text and "in the train split" not in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="distill.data"):
+        _prepare(_make_folder(tmp_path / "raw2", {".": {"a": 10, "b": 10}}), tmp_path / "p2")
+    assert caplog.text == ""  # every class in every split: no warning
+
+
 def test_split_layout_reads_train_val_test(tmp_path):
     root = _make_folder(tmp_path / "raw", {"train": {"a": 6, "b": 4, "c": 5}, "val": {"a": 2, "c": 3},
                                            "test": {"b": 2, "c": 1}}, ext=".jpg")
