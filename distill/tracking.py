@@ -38,6 +38,7 @@ retried.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import queue
 import subprocess
@@ -94,7 +95,7 @@ def runs_url(experiment_id: str, tracking_uri: str | None = None) -> str:
 
 
 class TrackingUnavailableError(RuntimeError):
-    """The configured MLflow tracking server cannot be reached."""
+    """The MLflow tracking store cannot be used: a server that does not answer, or a SQLite store that stays locked."""
 
 
 class Tracker(Protocol):
@@ -233,8 +234,6 @@ class MlflowTracker:
 
 
 def _warn(message: str) -> None:
-    import logging
-
     logging.getLogger("distill.tracking").warning(message)
     print(f"WARNING: {message}", file=sys.stderr, flush=True)
 
@@ -260,8 +259,17 @@ def _is_unreachable(err: BaseException) -> bool:
     return False
 
 
-def _retry_locked(fn: Callable[[], Any], *, attempts: int = 6, delay: float = 0.2) -> Any:
-    """Call ``fn``, retrying with backoff while SQLite says ``database is locked`` (concurrent writers)."""
+#: How many times a call meeting ``database is locked`` is made in all. Each call first waits out MLflow's SQLite
+#: busy timeout (20 s): a store that stays locked fails after about 40 s.
+LOCK_ATTEMPTS = 2
+
+
+def _retry_locked(fn: Callable[[], Any], *, attempts: Optional[int] = None, delay: float = 0.2) -> Any:
+    """Call ``fn``, retrying with backoff while SQLite says ``database is locked`` (concurrent writers).
+
+    ``attempts`` defaults to :data:`LOCK_ATTEMPTS`.
+    """
+    attempts = attempts or LOCK_ATTEMPTS
     for i in range(attempts):
         try:
             return fn()
@@ -321,8 +329,8 @@ def check_tracking_server(uri: str, *, budget: float = 3.0) -> None:
         time.sleep(1.0)
     raise TrackingUnavailableError(
         f"MLflow tracking server {uri} is unreachable ({last}). Start it (`mlflow server ...`), fix "
-        "MLFLOW_TRACKING_URI, or unset it to track into the local sqlite store. Nothing was run; "
-        "the stage's metrics files are unaffected.")
+        "MLFLOW_TRACKING_URI, or unset it to track into the local sqlite store, then run again. Nothing was run "
+        "and nothing was logged to MLflow by this command.")
 
 
 def set_defaults() -> None:
@@ -338,6 +346,45 @@ def set_defaults() -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    # MLflow logs each `database is locked` with SQLAlchemy's whole traceback (about 90 lines, the file never
+    # named) before it raises; the call is retried and then reported in one line (_locked_store_error).
+    store_log = logging.getLogger("mlflow.store.db.utils")
+    if not any(isinstance(f, _LockedStoreFilter) for f in store_log.filters):
+        store_log.addFilter(_LockedStoreFilter())
+
+
+class _LockedStoreFilter(logging.Filter):
+    """Drops MLflow's own log record of a ``database is locked`` error (the caller retries it, then reports it)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "database is locked" not in record.getMessage()
+
+
+@contextmanager
+def _locked_store_error(uri: str) -> Iterator[None]:
+    """A SQLite store still locked after the retries (:func:`_retry_locked`) becomes one short error naming it.
+
+    (SQLAlchemy's own error is hundreds of lines of traceback that never name the file.)
+
+    Raises:
+        TrackingUnavailableError: naming the store, who may hold it and what to do; its cause is dropped.
+    """
+    t0 = time.monotonic()
+    try:
+        yield
+    except TrackingUnavailableError:
+        raise
+    except Exception as err:
+        if "database is locked" not in str(err):
+            raise
+        store = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else uri
+        raise TrackingUnavailableError(
+            f"MLflow's SQLite store {store} is locked by another process (still locked after "
+            f"{time.monotonic() - t0:.0f} s of retries). Another pipeline or stage may be writing to it, or a "
+            f"program holds a transaction open on it (a `sqlite3` shell, a database browser): `fuser {store}` "
+            "lists the processes that have it open. Run again once it is free, or track elsewhere with "
+            "MLFLOW_TRACKING_URI (a tracking server, e.g. http://127.0.0.1:5000, or another sqlite:///.../mlflow.db). "
+            "Nothing was run and nothing was logged to MLflow by this command.") from None
 
 
 @contextmanager
@@ -421,7 +468,7 @@ def open_experiment(project_root: str | Path = ".") -> tuple[Any, str]:
         ``(MlflowClient, experiment_id)``.
 
     Raises:
-        TrackingUnavailableError: a configured tracking server does not answer.
+        TrackingUnavailableError: a configured tracking server does not answer, or the SQLite store stays locked.
     """
     import mlflow
 
@@ -430,8 +477,9 @@ def open_experiment(project_root: str | Path = ".") -> tuple[Any, str]:
     check_tracking_server(uri)
     mlflow.set_tracking_uri(uri)
     name = experiment_name()
-    with _store_init_lock(uri):  # opening a fresh store creates its tables (MlflowClient() opens it)
-        client = mlflow.MlflowClient()
+    # Opening a fresh store creates its tables (MlflowClient() opens it).
+    with _locked_store_error(uri), _store_init_lock(uri):
+        client = _retry_locked(mlflow.MlflowClient)
         exp = _retry_locked(lambda: client.get_experiment_by_name(name))
         if exp is None:
             try:
@@ -456,9 +504,14 @@ def _source_tags(project_root: Path) -> dict[str, str]:
 
 def create_pipeline_run(client: Any, experiment_id: str, project_root: Path, *, run_name: str,
                         params: Optional[dict[str, Any]] = None, tags: Optional[dict[str, str]] = None) -> str:
-    """Create the parent run of one pipeline execution, with its resolved params (flattened); returns its id."""
+    """Create the parent run of one pipeline execution, with its resolved params (flattened); returns its id.
+
+    Raises:
+        TrackingUnavailableError: the SQLite store stays locked.
+    """
     all_tags = {"distill.role": "pipeline", **_source_tags(project_root), **(tags or {})}
-    run = _retry_locked(lambda: client.create_run(experiment_id, run_name=run_name, tags=all_tags))
+    with _locked_store_error(tracking_uri(project_root)):
+        run = _retry_locked(lambda: client.create_run(experiment_id, run_name=run_name, tags=all_tags))
     if params:
         MlflowTracker(run.info.run_id, uri=tracking_uri(project_root)).log_params(params)
     return run.info.run_id
@@ -526,22 +579,25 @@ def stage_run(stage: str, *, project_root: str | Path = ".", params: Optional[di
         run ends FINISHED, or FAILED if the stage raised (left RUNNING if the tracking server went away).
 
     Raises:
-        TrackingUnavailableError: a configured tracking server does not answer at the start.
+        TrackingUnavailableError: a configured tracking server does not answer at the start, or the SQLite store
+            stays locked.
     """
     root = Path(project_root).resolve()
     client, experiment_id = open_experiment(root)
+    uri = tracking_uri(root)
     given_parent = os.environ.get("DISTILL_PARENT_RUN_ID")
-    parent_id = given_parent or _find_or_create_parent(client, experiment_id, root)
-    tags = {
-        "distill.role": "stage",
-        "distill.stage": stage,
-        "mlflow.parentRunId": parent_id,
-        **_source_tags(root),
-        **{f"dvc_hash.{k}": v for k, v in dvc_input_hashes(stage, root).items()},
-        **(extra_tags or {}),
-    }
-    run = _retry_locked(lambda: client.create_run(experiment_id, run_name=stage, tags=tags))
-    tracker = MlflowTracker(run.info.run_id, uri=tracking_uri(root), stage=stage)
+    with _locked_store_error(uri):
+        parent_id = given_parent or _find_or_create_parent(client, experiment_id, root)
+        tags = {
+            "distill.role": "stage",
+            "distill.stage": stage,
+            "mlflow.parentRunId": parent_id,
+            **_source_tags(root),
+            **{f"dvc_hash.{k}": v for k, v in dvc_input_hashes(stage, root).items()},
+            **(extra_tags or {}),
+        }
+        run = _retry_locked(lambda: client.create_run(experiment_id, run_name=stage, tags=tags))
+    tracker = MlflowTracker(run.info.run_id, uri=uri, stage=stage)
     tracker.parent = MlflowTracker(parent_id, uri=tracker.uri, stage=stage)
     if params:
         tracker.log_params(params)

@@ -3,11 +3,18 @@
 
 * the evaluate stage logs the servable student into the pipeline's experiment (its *Models* tab), not ``Default``;
 * system metrics: off by default, on a stage's run with MLflow's own switch;
+* a store that cannot be used (a SQLite file another process holds locked, a tracking server on a dead port): one
+  short error naming it and what to do, and nothing in it that is untrue where it is raised.
 """
 
 from __future__ import annotations
 
 import shutil
+import socket
+import subprocess
+import sys
+import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +22,10 @@ import mlflow
 import pytest
 import torch
 
+from distill import tracking
 from distill.config import Paths
 from distill.stages.runner import run_stage
-from distill.tracking import stage_run
+from distill.tracking import TrackingUnavailableError, check_tracking_server, open_experiment, stage_run
 
 from conftest import REPO, tiny_params
 
@@ -83,3 +91,60 @@ def test_system_metrics_are_off_by_default_and_on_with_mlflows_switch(project: P
         assert key in logged, sorted(logged)
     assert len(client.get_metric_history(on, "system/cpu_utilization_percentage")) >= 2
     assert client.get_run(on).info.status == "FINISHED"
+
+
+# --------------------------------------------------------------------------------------- stores that cannot be used
+LOCK_HOLDER = """
+import sqlite3, sys, time
+connection = sqlite3.connect(sys.argv[1], isolation_level=None)
+connection.execute(f"BEGIN {sys.argv[2]}")  # IMMEDIATE: a writer mid-transaction; EXCLUSIVE: readers shut out too
+print("locked", flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.mark.slow  # each lock costs MLflow's own SQLite busy timeout, 20 s
+def test_a_locked_sqlite_store_is_one_short_error_naming_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                            capfd: pytest.CaptureFixture[str]) -> None:
+    db = tmp_path / "mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+    monkeypatch.delenv("DISTILL_PARENT_RUN_ID", raising=False)
+    open_experiment(tmp_path)  # the store exists, with its tables and the experiment
+    monkeypatch.setattr(tracking, "LOCK_ATTEMPTS", 1)  # one call: MLflow's own 20 s wait, not the retries' 40 s
+    capfd.readouterr()
+    # EXCLUSIVE: opening the experiment (a read) fails; IMMEDIATE: it reads, then creating the stage's run fails.
+    for lock in ("EXCLUSIVE", "IMMEDIATE"):
+        holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(db), lock], stdout=subprocess.PIPE, text=True)
+        try:
+            assert holder.stdout.readline().strip() == "locked"
+            with pytest.raises(TrackingUnavailableError) as caught, stage_run("data", project_root=tmp_path):
+                pytest.fail("the stage's run opened on a locked store")
+        finally:
+            holder.kill()
+            holder.wait()
+        message = str(caught.value)
+        assert f"MLflow's SQLite store {db} is locked by another process" in message, (lock, message)
+        assert f"fuser {db}" in message and "MLFLOW_TRACKING_URI" in message and "Run again" in message
+        # No SQLAlchemy chain: the whole traceback is this module's frames and the one message.
+        shown = "".join(traceback.format_exception(caught.value))
+        assert "sqlalchemy" not in shown.lower() and len(shown.splitlines()) < 25, shown
+        printed = capfd.readouterr().err  # nor MLflow's own log record of the error, with its traceback
+        assert "Traceback" not in printed and "sqlalchemy" not in printed.lower(), printed[-3000:]
+    # Once the lock is gone, the same store works.
+    with stage_run("data", project_root=tmp_path) as tracker:
+        tracker.log_metrics({"x": 1.0})
+
+
+def test_a_dead_tracking_server_message_is_true_wherever_it_is_raised() -> None:
+    with socket.socket() as s:  # a port that nothing listens on
+        s.bind(("127.0.0.1", 0))
+        uri = f"http://127.0.0.1:{s.getsockname()[1]}"
+    t0 = time.monotonic()
+    with pytest.raises(TrackingUnavailableError) as caught:
+        check_tracking_server(uri, budget=1.0)
+    assert time.monotonic() - t0 < 3
+    message = str(caught.value)
+    assert f"MLflow tracking server {uri} is unreachable" in message and "MLFLOW_TRACKING_URI" in message
+    # Raised at a stage's start, DVC has already deleted the stage's outputs: no claim about the metrics files.
+    assert "unaffected" not in message and "metrics" not in message
+    assert "Nothing was run and nothing was logged to MLflow by this command." in message
