@@ -260,8 +260,8 @@ def _is_unreachable(err: BaseException) -> bool:
 
 
 #: How many times a call meeting ``database is locked`` is made in all. Each call first waits out MLflow's SQLite
-#: busy timeout (20 s): a store that stays locked fails after about 40 s.
-LOCK_ATTEMPTS = 2
+#: busy timeout (20 s): a store that stays locked fails after about a minute.
+LOCK_ATTEMPTS = 3
 
 
 def _retry_locked(fn: Callable[[], Any], *, attempts: Optional[int] = None, delay: float = 0.2) -> Any:

@@ -110,7 +110,7 @@ def test_a_locked_sqlite_store_is_one_short_error_naming_it(tmp_path: Path, monk
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
     monkeypatch.delenv("DISTILL_PARENT_RUN_ID", raising=False)
     open_experiment(tmp_path)  # the store exists, with its tables and the experiment
-    monkeypatch.setattr(tracking, "LOCK_ATTEMPTS", 1)  # one call: MLflow's own 20 s wait, not the retries' 40 s
+    monkeypatch.setattr(tracking, "LOCK_ATTEMPTS", 1)  # one call: MLflow's own 20 s wait, not the retries' minute
     capfd.readouterr()
     # EXCLUSIVE: opening the experiment (a read) fails; IMMEDIATE: it reads, then creating the stage's run fails.
     for lock in ("EXCLUSIVE", "IMMEDIATE"):
