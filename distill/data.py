@@ -188,6 +188,13 @@ class DatasetMeta:
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if k not in self._OPTIONAL or v}
 
+    @property
+    def label(self) -> str:
+        """What to call this data where a name is shown (MLflow's dataset list): an image folder's own folder name
+        (``flowers`` for ``data/raw/flowers``), else the dataset's name. Not part of ``meta.json``."""
+        folder = Path(self.source).name if self.name == "imagefolder" else ""
+        return folder or self.name
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DatasetMeta:
         return cls(**data)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,8 +28,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["StateDiff", "diff_state", "format_keys", "load_weights_file", "strip_wrapper_prefixes",
-           "weights_file_config"]
+from distill.config import Paths
+
+__all__ = ["StateDiff", "diff_state", "format_keys", "load_weights_file", "pretrained_file", "pretrained_key",
+           "strip_wrapper_prefixes", "weights_file_config"]
 
 NESTED_KEYS = ("state_dict", "model", "module")  # where training scripts put the weights inside a checkpoint dict
 WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.")
@@ -73,6 +76,33 @@ def load_weights_file(path: str | Path) -> dict[str, Tensor]:
         raise ValueError(f"{path} does not hold a state dict of tensors (found {found}; expected one at the top or "
                          f"under one of {', '.join(NESTED_KEYS)})")
     return state
+
+
+def pretrained_key(role: str) -> str:
+    """The param that names ``role``'s pretrained weights file."""
+    return "teacher.pretrained_path" if role == "teacher" else "student.model.pretrained_path"
+
+
+def pretrained_file(paths: Paths, role: str, value: str) -> Path:
+    """``<role>.pretrained_path`` as a path, once it is sure DVC watches it: it lies in ``models/pretrained/<role>/``.
+
+    The check is on the path as written (made absolute, ``..`` folded), not on where a symbolic link points: a link
+    in that folder is accepted (DVC hashes what it points to, so an edit of the target reruns the stages), a path
+    outside the folder is refused.
+
+    Raises:
+        ValueError: the path lies outside the folder (names the param and what to do).
+        FileNotFoundError: no such file (a dangling link included).
+    """
+    folder = paths.pretrained(role)
+    path = Path(os.path.abspath(paths.root / value))  # lexical: no symlink resolution
+    if not path.is_relative_to(os.path.abspath(folder)):
+        raise ValueError(f"{pretrained_key(role)} = {value!r} lies outside {folder}/, which dvc.yaml lists as the "
+                         "dependency of the stages that read it: DVC would not rerun them when the file changes. Move "
+                         f"or link the file into {folder}/ (and `dvc add` it there).")
+    if not path.is_file():
+        raise FileNotFoundError(f"{pretrained_key(role)} = {value!r}: no such file {path}")
+    return path
 
 
 def _all_tensors(state: Mapping[str, Any]) -> bool:

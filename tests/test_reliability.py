@@ -294,3 +294,29 @@ def test_temp_experiment_workspace_tracks_into_the_repository_store(monkeypatch,
     temp = tmp_path / "repo" / ".dvc" / "tmp" / "exps" / "standalone" / "tmpab12"
     assert tracking_uri(temp) == f"sqlite:///{tmp_path / 'repo' / 'mlflow.db'}"
     assert tracking_uri(tmp_path) == f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+# ------------------------------------------------------------------------------------ pretrained weights
+def test_a_link_in_the_pretrained_folder_is_accepted_and_a_path_outside_refused(project, tmp_path):
+    """DVC tracks models/pretrained/<role>/ and hashes what a link in it points to; the error says "link the file
+    into" that folder, so a link there must be accepted. A path outside it stays refused."""
+    from safetensors.torch import save_file
+
+    cfg = {"arch": "resnet_small", "num_classes": 10, "in_chans": 1, "width": 4, "blocks": 1}
+    elsewhere = tmp_path / "elsewhere" / "teacher.safetensors"
+    elsewhere.parent.mkdir()
+    save_file(build_model("teacher", cfg, seed=3).state_dict(), elsewhere)
+    link = project / "models" / "pretrained" / "teacher" / "linked.safetensors"
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(elsewhere)
+    run("teacher", tiny_params(teacher={"pretrained_path": "models/pretrained/teacher/linked.safetensors"}), project)
+
+    before = snapshot(project)
+    for outside in (str(elsewhere), "models/pretrained/teacher/../../../elsewhere.safetensors"):
+        with pytest.raises(ValueError, match=r"teacher\.pretrained_path = .* lies outside .*pretrained/teacher/"):
+            run("teacher", tiny_params(teacher={"pretrained_path": outside}), project)
+    (project / "models" / "pretrained" / "teacher" / "dangling.safetensors").symlink_to(tmp_path / "gone")
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        run("teacher", tiny_params(teacher={"pretrained_path": "models/pretrained/teacher/dangling.safetensors"}),
+            project)
+    assert snapshot(project) == before

@@ -67,3 +67,24 @@ def test_the_same_training_twice_gives_byte_identical_checkpoint_and_curves(prep
 
     metrics = json.loads(first["metrics"].read_text())
     assert metrics["train_time_s"] > 0 and metrics["train_images_per_sec"] > 0  # the timings are in the metrics
+
+
+def test_mlflow_names_an_image_folder_after_its_folder(tmp_path):
+    """Every own dataset was called 'imagefolder' in MLflow's dataset list; the name now says which data it is."""
+    import mlflow
+    from test_data import _make_folder
+
+    from distill.tracking import MlflowTracker
+
+    _make_folder(tmp_path / "data" / "raw" / "flowers", {".": {"rose": 15, "tulip": 15}})
+    params = tiny_params(data={"name": "imagefolder", "root": "data/raw/flowers", "max_per_class": None})
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    experiment = client.create_experiment("datasets")
+    for stage in ("data", "teacher"):
+        run_id = client.create_run(experiment, run_name=stage).info.run_id
+        tracker = MlflowTracker(run_id, uri=uri, stage=stage)
+        run(stage, tmp_path, params, tracker=tracker)
+        tracker.flush()
+        inputs = client.get_run(run_id).inputs.dataset_inputs
+        assert [i.dataset.name for i in inputs] == ["flowers"], stage

@@ -32,6 +32,7 @@ from distill.losses import DistillationLoss
 from distill.models.build import build_model
 from distill.models.deit import PRESETS, DeiTConfig, load_pretrained_deit
 from distill.tracking import Tracker
+from distill.weights import pretrained_file
 
 __all__ = ["augmenter", "student_config", "build_student", "load_teacher", "resume_key", "train_and_save",
            "write_curves", "code_fingerprint", "checkpoint_extra", "WALL_CLOCK", "without_wall_clock"]
@@ -77,23 +78,6 @@ def build_student(model: ParamsView, meta: DatasetMeta, paths: Paths, *, distill
     weights = pretrained_file(paths, "student", model.pretrained_path)
     tracker.log_dict(load_pretrained_deit(net, weights), "pretrained_load.json")
     return net, cfg, [weights]
-
-
-def pretrained_file(paths: Paths, role: str, value: str) -> Path:
-    """``<role>.pretrained_path`` resolved, after checking DVC watches it (it lies in ``models/pretrained/<role>/``)."""
-    path = (paths.root / value).resolve()
-    folder = paths.pretrained(role).resolve()
-    if not path.is_relative_to(folder):
-        raise ValueError(f"{key_name(role)} = {value!r} lies outside {paths.pretrained(role)}/, which dvc.yaml "
-                         "lists as the dependency of the stages that read it: DVC would not rerun them when the file "
-                         f"changes. Move or link the file into {paths.pretrained(role)}/ (and `dvc add` it there).")
-    if not path.is_file():
-        raise FileNotFoundError(f"{key_name(role)} = {value!r}: no such file {path}")
-    return path
-
-
-def key_name(role: str) -> str:
-    return "teacher.pretrained_path" if role == "teacher" else "student.model.pretrained_path"
 
 
 def load_teacher(paths: Paths, meta: DatasetMeta) -> nn.Module:
@@ -197,7 +181,7 @@ def train_and_save(model: nn.Module, *, stage: str, kind: str, config: dict[str,
     aug = augmenter(params, data.meta)
     task = SupervisedTask(model=model, augmenter=aug, criterion=criterion, views=views_factory(aug, accelerator))
     train = data.train if train_split is None else train_split
-    tracker.log_dataset(name=data.meta.name, digest=data.meta.fingerprint, source=f"file://{paths.data.resolve()}",
+    tracker.log_dataset(name=data.meta.label, digest=data.meta.fingerprint, source=f"file://{paths.data.resolve()}",
                         context="train")
     state_dir = paths.state(stage, resume_key(params.declared(), inputs, accelerator))
     result = fit(task, train_set=ArrayDataset(train), val_set=ArrayDataset(data.val), params=recipe,

@@ -38,6 +38,6 @@ def run(params: ParamsView, paths: Paths, tracker: Tracker = NO_TRACKING, *,
     atomic_write_json(paths.metrics("data"), {**metrics, "fingerprint": meta.fingerprint})
     tracker.log_metrics(metrics)
     tracker.log_dict(meta.to_dict(), "dataset_meta.json")
-    tracker.log_dataset(name=d.name, digest=meta.fingerprint, source=f"file://{paths.data.resolve()}",
+    tracker.log_dataset(name=meta.label, digest=meta.fingerprint, source=f"file://{paths.data.resolve()}",
                         context="prepared")
     return {**metrics, "fingerprint": meta.fingerprint}

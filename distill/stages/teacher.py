@@ -25,10 +25,11 @@ from distill.engine import evaluate, make_accelerator
 from distill.io import atomic_write_json
 from distill.losses import DistillationLoss
 from distill.models.build import build_model
-from distill.stages._common import augmenter, checkpoint_extra, pretrained_file, train_and_save, write_curves
+from distill.stages._common import augmenter, checkpoint_extra, train_and_save, write_curves
 from distill.teachers import load_teacher_weights
 from distill.tracking import NO_TRACKING, Tracker
 from distill.views import RandomViews
+from distill.weights import pretrained_file
 
 __all__ = ["run", "teacher_config"]
 
