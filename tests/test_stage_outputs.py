@@ -69,22 +69,44 @@ def test_the_same_training_twice_gives_byte_identical_checkpoint_and_curves(prep
     assert metrics["train_time_s"] > 0 and metrics["train_images_per_sec"] > 0  # the timings are in the metrics
 
 
-def test_mlflow_names_an_image_folder_after_its_folder(tmp_path):
-    """Every own dataset was called 'imagefolder' in MLflow's dataset list; the name now says which data it is."""
+def tracked_runs(root: Path, stages: list[str], params: Any) -> dict[str, Any]:
+    """Run ``stages`` in ``root``, each into its own run of a real MLflow store (SQLite); returns the runs."""
     import mlflow
-    from test_data import _make_folder
 
     from distill.tracking import MlflowTracker
 
-    _make_folder(tmp_path / "data" / "raw" / "flowers", {".": {"rose": 15, "tulip": 15}})
-    params = tiny_params(data={"name": "imagefolder", "root": "data/raw/flowers", "max_per_class": None})
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = f"sqlite:///{root / 'mlflow.db'}"
     client = mlflow.MlflowClient(tracking_uri=uri)
-    experiment = client.create_experiment("datasets")
-    for stage in ("data", "teacher"):
+    experiment = client.create_experiment("stages")
+    runs = {}
+    for stage in stages:
         run_id = client.create_run(experiment, run_name=stage).info.run_id
         tracker = MlflowTracker(run_id, uri=uri, stage=stage)
-        run(stage, tmp_path, params, tracker=tracker)
+        run(stage, root, params, tracker=tracker)
         tracker.flush()
-        inputs = client.get_run(run_id).inputs.dataset_inputs
-        assert [i.dataset.name for i in inputs] == ["flowers"], stage
+        runs[stage] = client.get_run(run_id)
+    return runs
+
+
+def test_mlflow_names_an_image_folder_after_its_folder(tmp_path):
+    """Every own dataset was called 'imagefolder' in MLflow's dataset list; the name now says which data it is."""
+    from test_data import _make_folder
+
+    _make_folder(tmp_path / "data" / "raw" / "flowers", {".": {"rose": 15, "tulip": 15}})
+    params = tiny_params(data={"name": "imagefolder", "root": "data/raw/flowers", "max_per_class": None})
+    for stage, logged in tracked_runs(tmp_path, ["data", "teacher"], params).items():
+        assert [i.dataset.name for i in logged.inputs.dataset_inputs] == ["flowers"], stage
+
+
+def test_every_training_run_records_process_count_precision_and_device(prepared, tmp_path):
+    """They change the steps and the learning rate (scale_lr) and are in no params.yaml: the run records them."""
+    root = tmp_path / "project"
+    shutil.copytree(prepared, root)
+    from distill.engine import make_accelerator
+
+    device = str(make_accelerator().device)  # this machine's: cpu here, cuda on a GPU
+    runs = tracked_runs(root, ["teacher", "soft_labels", "baseline"], tiny_params())
+    for stage, logged in runs.items():
+        params = logged.data.params
+        assert {k: params.get(f"runtime.{k}") for k in ("num_processes", "mixed_precision", "device")} == \
+            {"num_processes": "1", "mixed_precision": "no", "device": device}, stage

@@ -35,7 +35,8 @@ from distill.tracking import Tracker
 from distill.weights import pretrained_file
 
 __all__ = ["augmenter", "student_config", "build_student", "load_teacher", "resume_key", "train_and_save",
-           "write_curves", "code_fingerprint", "checkpoint_extra", "WALL_CLOCK", "without_wall_clock"]
+           "write_curves", "code_fingerprint", "checkpoint_extra", "WALL_CLOCK", "without_wall_clock",
+           "log_runtime"]
 
 ViewsFactory = Callable[[Augmenter, Any], Any]
 
@@ -88,6 +89,15 @@ def load_teacher(paths: Paths, meta: DatasetMeta) -> nn.Module:
         raise ValueError(f"teacher checkpoint {paths.model('teacher')} has {n} classes but dataset {meta.name!r} has "
                          f"{meta.num_classes}: retrain the teacher on this dataset (`dvc repro teacher`)")
     return model
+
+
+def log_runtime(tracker: Tracker, accelerator: Any) -> None:
+    """What accelerate runs the stage on, as params of its MLflow run: the process count and the precision change
+    the steps and the learning rate (``scale_lr``), the device the speed, yet none of them is in ``params.yaml``."""
+    tracker.log_params({"runtime": {"num_processes": accelerator.num_processes,
+                                    "mixed_precision": str(accelerator.mixed_precision),
+                                    "device": str(accelerator.device),
+                                    "distributed_type": str(accelerator.distributed_type.value)}})
 
 
 @functools.lru_cache(maxsize=1)
@@ -178,6 +188,7 @@ def train_and_save(model: nn.Module, *, stage: str, kind: str, config: dict[str,
         extra: more checkpoint metadata.
     """
     accelerator = make_accelerator(grad_accum=recipe.grad_accum)
+    log_runtime(tracker, accelerator)
     aug = augmenter(params, data.meta)
     task = SupervisedTask(model=model, augmenter=aug, criterion=criterion, views=views_factory(aug, accelerator))
     train = data.train if train_split is None else train_split

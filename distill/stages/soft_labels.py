@@ -17,7 +17,7 @@ from distill.data import load_prepared
 from distill.engine import make_accelerator
 from distill.io import atomic_write_json, file_sha256
 from distill.soft_labels import describe_store, generate_store
-from distill.stages._common import augmenter, load_teacher
+from distill.stages._common import augmenter, load_teacher, log_runtime
 from distill.tracking import NO_TRACKING, Tracker
 
 __all__ = ["run"]
@@ -29,6 +29,7 @@ def run(params: ParamsView, paths: Paths, tracker: Tracker = NO_TRACKING, *,
     data = load_prepared(paths.data)
     teacher = load_teacher(paths, data.meta)
     accelerator = make_accelerator()
+    log_runtime(tracker, accelerator)
     s = params.soft_labels
     transfer = data.transfer()
     t0 = time.perf_counter()

@@ -25,7 +25,7 @@ from distill.engine import evaluate, make_accelerator
 from distill.io import atomic_write_json
 from distill.losses import DistillationLoss
 from distill.models.build import build_model
-from distill.stages._common import augmenter, checkpoint_extra, train_and_save, write_curves
+from distill.stages._common import augmenter, checkpoint_extra, log_runtime, train_and_save, write_curves
 from distill.teachers import load_teacher_weights
 from distill.tracking import NO_TRACKING, Tracker
 from distill.views import RandomViews
@@ -72,6 +72,7 @@ def _as_it_is(model: Any, cfg: dict[str, Any], params: ParamsView, data: Any, pa
               tracker: Tracker) -> dict[str, Any]:
     """``teacher.train.epochs: 0``: no training; measure the teacher on the validation split and save it."""
     accelerator = make_accelerator()
+    log_runtime(tracker, accelerator)
     model = model.to(accelerator.device)
     loader = accelerator.prepare(DataLoader(ArrayDataset(data.val), batch_size=256, shuffle=False))
     val = evaluate(model, loader, accelerator, augmenter(params, data.meta))
