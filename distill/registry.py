@@ -19,20 +19,29 @@ one alias policy (below):
 * :func:`register_student`: registers a file artifact a run already logged (source
   ``runs:/<run_id>/<artifact_path>``); such a version cannot be loaded with ``mlflow.pyfunc``.
 
-Each version is tagged with ``dataset_key``, ``metric_name`` and ``metric_value``.
+Each version is tagged with ``dataset_key``, ``metric_name``, ``metric_value``, ``baseline_value`` (when
+known) and ``promotion``: why it was or was not made champion.
+
+Quality gate. A version can become champion only if its metric strictly beats ``Score.baseline``, the
+labels-only baseline of its own run on the same test set (the evaluate stage passes it): a student
+that distillation did not improve, or a short trial whose student is no better than its baseline, is
+registered as ``candidate`` and serves nothing. (To serve such a version anyway, set the alias by hand:
+``MlflowClient().set_registered_model_alias(name, "champion", version)``.)
 
 Alias policy. Aliases belong to a registered model, but accuracies are only comparable on the same
 test set, so champions are kept per dataset:
 
 * ``champion-<12 hex of sha256(dataset_key)>`` marks the best version for that dataset. A new version
-  takes it when no version holds it, or when its metric is strictly greater than the holder's
-  ``metric_value`` tag (a tie keeps the incumbent; a holder with an unreadable metric or another
-  ``metric_name`` is not comparable and is replaced).
+  that passes the gate takes it when no version holds it, or when its metric is strictly greater than
+  the holder's ``metric_value`` tag (a tie keeps the incumbent; a holder with an unreadable metric or
+  another ``metric_name`` is not comparable and is replaced).
 * ``champion`` marks the champion of the dataset registered most recently: ``models:/<name>@champion``
   is what the pipeline, as configured now, would serve. After each registration it points at the
   per-dataset champion of this call's dataset, whether that is the new version or an older one.
   So switching the pipeline to another dataset moves ``champion`` there (without comparing metrics
-  across test sets), and switching back restores that dataset's best version, not the latest one.
+  across test sets) once that dataset has a version that passed the gate, and switching back restores
+  that dataset's best version, not the latest one. While the dataset has none, ``champion`` stays where
+  it was: a served ``@champion`` never moves to a model that failed the gate.
 * ``candidate`` marks the newest version that did not become its dataset's champion.
 
 The read-compare-set sequence is not atomic: two registrations of the same model at the same moment
@@ -45,6 +54,7 @@ import hashlib
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -55,7 +65,8 @@ from mlflow.models import Model
 from distill.serving import servable_checkpoint, servable_spec
 from distill.tracking import Tracker
 
-__all__ = ["CANDIDATE", "CHAMPION", "RegistryError", "dataset_alias", "log_and_register_student", "register_student"]
+__all__ = ["CANDIDATE", "CHAMPION", "RegistryError", "Score", "dataset_alias", "gate_verdict",
+           "log_and_register_student", "register_student"]
 
 CHAMPION = "champion"
 CANDIDATE = "candidate"
@@ -64,6 +75,34 @@ _T = TypeVar("_T")
 
 class RegistryError(RuntimeError):
     """The model registry could not be read or written (the message names the tracking URI)."""
+
+
+@dataclass(frozen=True)
+class Score:
+    """What a new version is judged on (module docstring: quality gate, alias policy).
+
+    Attributes:
+        metric: the value champions are compared on, higher is better (test top-1 as a fraction).
+        dataset_key: identifies the test set the metric was measured on (data fingerprint and split).
+        metric_name: the name of ``metric``, stored as a tag; versions are compared only on the same name.
+        baseline: the same metric of the labels-only baseline of the same run, which ``metric`` must beat to
+            become champion; None: no gate (a version registered outside the pipeline).
+    """
+
+    metric: float
+    dataset_key: str
+    metric_name: str = "test_top1"
+    baseline: float | None = None
+
+
+def gate_verdict(score: Score) -> tuple[bool, str]:
+    """Whether ``score`` passes the quality gate (it beats its own baseline), and why, in words."""
+    if score.baseline is None:
+        return True, "no baseline to beat (no gate)"
+    gain = score.metric - score.baseline
+    beats = gain > 0
+    return beats, (f"{score.metric_name} {score.metric:.4f} {'beats' if beats else 'does not beat'} its own "
+                   f"labels-only baseline {score.baseline:.4f} ({gain * 100:+.2f} points)")
 
 
 def dataset_alias(dataset_key: str) -> str:
@@ -110,8 +149,7 @@ def _in_registry(uri: str, what: str, work: Callable[[Any], _T]) -> _T:
         raise RegistryError(f"could not register {what} in the model registry at {uri}: {err}") from err
 
 
-def register_student(*, run_id: str, artifact_path: str, model_name: str, metric: float, dataset_key: str,
-                     metric_name: str = "test_top1") -> dict[str, Any]:
+def register_student(*, run_id: str, artifact_path: str, model_name: str, score: Score) -> dict[str, Any]:
     """Register a run's student artifact as a new model version and set its alias (see module docstring).
 
     Uses the current MLflow tracking URI (the caller sets it), which is also the registry URI. The version is
@@ -121,15 +159,14 @@ def register_student(*, run_id: str, artifact_path: str, model_name: str, metric
         run_id: The MLflow run that logged the artifact.
         artifact_path: The artifact folder inside the run, e.g. ``"student_model"``.
         model_name: The registered model's name (created if missing).
-        metric: The value champions are compared on, higher is better (test top-1 as a fraction).
-        dataset_key: Identifies the test set the metric was measured on (data fingerprint and split).
-        metric_name: Name of ``metric``, stored as a tag; versions are compared only on the same name.
+        score: its metric, test set and baseline (:class:`Score`).
 
     Returns:
-        ``{"name", "version", "alias", "metric", "previous_champion_version", "previous_champion_metric",
-        "dataset_alias", "champion_version"}``: ``alias`` is ``"champion"`` or ``"candidate"``; the
-        ``previous_champion_*`` entries describe the dataset's champion this version was compared with
-        (None if there was none); ``champion_version`` is who holds ``champion`` afterwards.
+        ``{"name", "version", "alias", "metric", "baseline_metric", "reason", "previous_champion_version",
+        "previous_champion_metric", "dataset_alias", "champion_version"}``: ``alias`` is ``"champion"`` or
+        ``"candidate"`` and ``reason`` says why; the ``previous_champion_*`` entries describe the dataset's
+        champion this version was compared with (None if there was none); ``champion_version`` is who holds
+        ``champion`` afterwards (None if no version does).
 
     Raises:
         RegistryError: If the tracking store cannot be reached, read or written; names the URI.
@@ -139,27 +176,24 @@ def register_student(*, run_id: str, artifact_path: str, model_name: str, metric
     def register(client: Any) -> dict[str, Any]:
         _check_source(client, run_id, artifact_path)
         return _register(client, source=f"runs:/{run_id}/{artifact_path}", run_id=run_id, model_id=None,
-                         model_name=model_name, metric=float(metric), dataset_key=dataset_key, metric_name=metric_name)
+                         model_name=model_name, score=score)
 
     return _in_registry(mlflow.get_tracking_uri(), f"{model_name!r} (run {run_id})", register)
 
 
-def log_and_register_student(tracker: Tracker, model_dir: str | Path, *, model_name: str, metric: float,
-                             dataset_key: str, metric_name: str = "test_top1",
+def log_and_register_student(tracker: Tracker, model_dir: str | Path, *, model_name: str, score: Score,
                              name: str = "student") -> dict[str, Any]:
     """Log the servable student to the tracker's run as an MLflow logged model, register it, set its alias.
 
-    See the module docstring for how it is logged and for the alias policy. The run is tagged with the
-    version and alias it got (``registry.version``, ``registry.alias``).
+    See the module docstring for how it is logged, the quality gate and the alias policy. The run is tagged with
+    the version and alias it got and why (``registry.version``, ``registry.alias``, ``registry.reason``).
 
     Args:
         tracker: the evaluate stage's tracker; a tracker without an MLflow run (:class:`~distill.tracking.NullTracker`,
             ``run_id`` None) or one that went offline (tracking server gone mid-stage) logs nothing.
         model_dir: a model folder written by :func:`distill.serving.save_servable` (``models/student_mlflow``).
         model_name: The registered model's name (created if missing).
-        metric: The value champions are compared on, higher is better (test top-1 as a fraction).
-        dataset_key: Identifies the test set the metric was measured on (data fingerprint and split).
-        metric_name: Name of ``metric``, stored as a tag; versions are compared only on the same name.
+        score: its metric, test set and baseline (:class:`Score`).
         name: the logged model's name (MLflow 3 ``name``, formerly ``artifact_path``).
 
     Returns:
@@ -183,11 +217,11 @@ def log_and_register_student(tracker: Tracker, model_dir: str | Path, *, model_n
             info = Model.log(artifact_path=None, name=name, flavor=mlflow.pyfunc, run_id=run_id, model_id=model_id,
                              **spec)
             return _register(client, source=info.model_uri, run_id=run_id, model_id=info.model_id,
-                             model_name=model_name, metric=float(metric), dataset_key=dataset_key,
-                             metric_name=metric_name)
+                             model_name=model_name, score=score)
 
     result = _in_registry(uri, f"{model_name!r} (run {run_id})", log_and_register)
-    tracker.set_tags({"registry.version": result["version"], "registry.alias": result["alias"]})
+    tracker.set_tags({"registry.version": result["version"], "registry.alias": result["alias"],
+                      "registry.reason": result["reason"]})
     return result
 
 
@@ -228,31 +262,39 @@ def _check_source(client: Any, run_id: str, artifact_path: str) -> None:
         raise RegistryError(f"run {run_id} has no artifacts under {artifact_path!r}: log the model first")
 
 
-def _register(client: Any, *, source: str, run_id: str, model_id: str | None, model_name: str, metric: float,
-              dataset_key: str, metric_name: str) -> dict[str, Any]:
-    """Create a version from ``source`` and apply the alias policy (module docstring): the one implementation."""
+def _register(client: Any, *, source: str, run_id: str, model_id: str | None, model_name: str,
+              score: Score) -> dict[str, Any]:
+    """Create a version from ``source`` and apply the gate and the alias policy (module docstring): the one place."""
     _ensure_registered_model(client, model_name)
-    per_dataset = dataset_alias(dataset_key)
+    per_dataset = dataset_alias(score.dataset_key)
     previous = _alias_holder(client, model_name, per_dataset)
-    previous_metric = _tag_metric(previous, metric_name) if previous is not None else None
+    previous_metric = _tag_metric(previous, score.metric_name) if previous is not None else None
+    passes, reason = gate_verdict(score)
+    if passes and previous is not None and previous_metric is not None:
+        incumbent = f"the dataset's champion, version {previous.version} ({previous_metric:.4f})"
+        passes = score.metric > previous_metric
+        reason = f"{reason} and {incumbent}" if passes else f"{reason}, but not {incumbent}"
+    tags = {"dataset_key": score.dataset_key, "metric_name": score.metric_name, "metric_value": repr(score.metric),
+            "promotion": ("champion: " if passes else "candidate: ") + reason}
+    if score.baseline is not None:
+        tags["baseline_value"] = repr(score.baseline)
     version = client.create_model_version(
-        model_name, source=source, run_id=run_id, model_id=model_id,
-        tags={"dataset_key": dataset_key, "metric_name": metric_name, "metric_value": repr(metric)},
-        description=f"{metric_name} = {metric:.4f} on {dataset_key}")
-    wins = previous is None or previous_metric is None or metric > previous_metric
-    if wins:
-        client.set_registered_model_alias(model_name, per_dataset, version.version)
-    else:
-        client.set_registered_model_alias(model_name, CANDIDATE, version.version)
-    champion_version = version.version if wins else previous.version
-    client.set_registered_model_alias(model_name, CHAMPION, champion_version)
+        model_name, source=source, run_id=run_id, model_id=model_id, tags=tags,
+        description=f"{score.metric_name} = {score.metric:.4f} on {score.dataset_key}; {tags['promotion']}")
+    client.set_registered_model_alias(model_name, per_dataset if passes else CANDIDATE, version.version)
+    champion = version if passes else previous  # this dataset's champion, if it has one
+    if champion is not None:
+        client.set_registered_model_alias(model_name, CHAMPION, champion.version)
+    holder = _alias_holder(client, model_name, CHAMPION)  # else `champion` stays where it was
     return {
         "name": model_name,
         "version": str(version.version),
-        "alias": CHAMPION if wins else CANDIDATE,
-        "metric": metric,
+        "alias": CHAMPION if passes else CANDIDATE,
+        "metric": score.metric,
+        "baseline_metric": score.baseline,
+        "reason": reason,
         "previous_champion_version": None if previous is None else str(previous.version),
         "previous_champion_metric": previous_metric,
         "dataset_alias": per_dataset,
-        "champion_version": str(champion_version),
+        "champion_version": None if holder is None else str(holder.version),
     }

@@ -23,7 +23,7 @@ from distill.checkpoint import CheckpointError, load_model, save_model
 from distill.data import Augmenter, AugmentSpec, decode_image
 from distill.models.build import build_model
 from distill.models.deit import DeiT
-from distill.registry import log_and_register_student
+from distill.registry import Score, log_and_register_student
 from distill.serving import StudentClassifier, save_servable, servable_checkpoint
 from distill.tracking import MlflowTracker
 
@@ -203,8 +203,8 @@ def test_mlflow_models_serve_the_registered_champion(tmp_path, base_env) -> None
     client = mlflow.MlflowClient(tracking_uri=uri)
     experiment = client.create_experiment("serve-test", artifact_location=(tmp_path / "artifacts").as_uri())
     tracker = MlflowTracker(client.create_run(experiment).info.run_id, uri=uri)
-    registered = log_and_register_student(tracker, folder, model_name="served-student", metric=0.9,
-                                          dataset_key="fp-test:test")
+    registered = log_and_register_student(tracker, folder, model_name="served-student",
+                                          score=Score(0.9, "fp-test:test", baseline=0.8))
     assert registered["alias"] == "champion"
 
     images = raw_images(4, 20, 24, seed=5)  # another size: the server resizes and crops

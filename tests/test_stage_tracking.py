@@ -3,12 +3,14 @@
 
 * the evaluate stage logs the servable student into the pipeline's experiment (its *Models* tab), not ``Default``;
 * system metrics: off by default, on a stage's run with MLflow's own switch;
+* the champion gate: a student that does not beat its own run's baseline is registered, but not ``@champion``;
 * a store that cannot be used (a SQLite file another process holds locked, a tracking server on a dead port): one
   short error naming it and what to do, and nothing in it that is untrue where it is raised.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import socket
 import subprocess
@@ -50,6 +52,7 @@ def project(trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> P
     shutil.copytree(trained, root)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
     monkeypatch.delenv("DISTILL_PARENT_RUN_ID", raising=False)
+    monkeypatch.chdir(root)  # a SQLite store's artifacts go to ./mlruns: the project's, as under DVC
     return root
 
 
@@ -74,6 +77,27 @@ def test_evaluate_logs_the_student_into_the_pipelines_experiment(project: Path) 
     assert list(client.search_logged_models(["0"])) == []  # nothing in `Default`
     version = client.get_model_version(result["registry"]["name"], result["registry"]["version"])
     assert version.source == f"models:/{models[0].model_id}"
+
+
+def test_a_student_no_better_than_its_baseline_is_not_champion(project: Path,
+                                                               capfd: pytest.CaptureFixture[str]) -> None:
+    """The "student" is the baseline's own checkpoint: the same accuracy, so no gain."""
+    shutil.copy2(project / "models" / "baseline.safetensors", project / "models" / "student.safetensors")
+    run_id, result = tracked("evaluate", project, tiny_params(evaluate={"register_model": True}))
+    registry = result["registry"]
+    assert result["distillation_gain"] == 0.0 and registry["alias"] == "candidate"
+    assert registry["champion_version"] is None and "does not beat its own labels-only baseline" in registry["reason"]
+    client = client_of(project)
+    assert set(client.get_registered_model(registry["name"]).aliases) == {"candidate"}
+    tags = client.get_run(run_id).data.tags
+    assert (tags["registry.alias"], tags["registry.reason"]) == ("candidate", registry["reason"])
+    # What the DVC outputs and the terminal say (the verdict on the baseline is known before the registry).
+    gate = json.loads((project / "metrics" / "evaluate.json").read_text())["champion_gate"]
+    assert gate == {"passed": False, "reason": registry["reason"]}
+    assert "the student will not become `@champion`" in (project / "reports" / "results.md").read_text()
+    printed = capfd.readouterr().err
+    assert f"version {registry['version']} registered as @candidate, not promoted: {registry['reason']}" in printed
+    assert "no version is @champion" in printed
 
 
 def test_system_metrics_are_off_by_default_and_on_with_mlflows_switch(project: Path,
@@ -107,6 +131,7 @@ time.sleep(120)
 def test_a_locked_sqlite_store_is_one_short_error_naming_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                             capfd: pytest.CaptureFixture[str]) -> None:
     db = tmp_path / "mlflow.db"
+    monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
     monkeypatch.delenv("DISTILL_PARENT_RUN_ID", raising=False)
     open_experiment(tmp_path)  # the store exists, with its tables and the experiment

@@ -10,11 +10,17 @@ Writes ``metrics/evaluate.json`` (DVC metrics), ``reports/results.md``, ``report
 student as a servable MLflow model (``models/student_mlflow``: raw uint8 images in, class probabilities out),
 then logs them to MLflow and registers the student in the model registry. It reads only
 ``evaluate.*``: what each model trained on and for how long comes from the checkpoints themselves.
+
+The registry's quality gate (:mod:`distill.registry`): the student can become ``@champion`` only if it beats
+the labels-only baseline of this run. The metrics (``champion_gate``) and the report say whether it does; the
+registry's verdict, which also compares with the dataset's current champion, goes to the run's tags
+(``registry.alias``, ``registry.reason``) and to one line on the terminal when the student is not promoted.
 """
 
 from __future__ import annotations
 
 import csv
+import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -30,7 +36,7 @@ from distill.config import ParamsView, Paths, flatten
 from distill.data import ArrayDataset, Augmenter, AugmentSpec, DatasetMeta, load_prepared
 from distill.engine import make_accelerator, predict
 from distill.io import atomic_write_json, atomic_write_text
-from distill.registry import log_and_register_student
+from distill.registry import Score, gate_verdict, log_and_register_student
 from distill.serving import save_servable
 from distill.stages._common import load_teacher
 from distill.tracking import NO_TRACKING, Tracker
@@ -135,6 +141,24 @@ def _figures(paths: Paths, metrics: dict[str, Any], outputs: dict[str, tuple[Ten
     ]
 
 
+def _gate_note(passes: bool, reason: str) -> str:
+    """The report's line on the registry's quality gate."""
+    verdict = "may become" if passes else "will not become"
+    return (f"\nModel registry: the student {verdict} `@champion` ({reason}); the registry also requires it to beat "
+            "the dataset's current champion.\n")
+
+
+def _register(tracker: Tracker, paths: Paths, model_name: str, score: Score) -> dict[str, Any]:
+    """Log and register the servable student; one line on the terminal when it is not made champion."""
+    result = log_and_register_student(tracker, paths.served_model, model_name=model_name, score=score)
+    if result and result["alias"] != "champion":
+        held = (f"@champion stays on version {result['champion_version']}" if result["champion_version"]
+                else "no version is @champion")
+        print(f"[evaluate] {model_name} version {result['version']} registered as @{result['alias']}, not "
+              f"promoted: {result['reason']}; {held}.", file=sys.stderr, flush=True)
+    return result
+
+
 def run(params: ParamsView, paths: Paths, tracker: Tracker = NO_TRACKING, *,
         callbacks: Sequence[Any] = ()) -> dict[str, Any]:
     """Evaluate the three models; write metrics, figures and the report; register the student."""
@@ -154,13 +178,16 @@ def run(params: ParamsView, paths: Paths, tracker: Tracker = NO_TRACKING, *,
     cost = _cost(models, meta, ep, str(accelerator.device))
     for name in MODELS:
         metrics[name].update(cost[name])
+    score = Score(metric=metrics["student"]["top1"], dataset_key=f"{meta.fingerprint}:test",
+                  baseline=metrics["baseline"]["top1"])
+    passes, reason = gate_verdict(score)
     metrics.update(throughput_method=cost["throughput_method"], device=str(accelerator.device),
-                   training=_training(infos))
+                   training=_training(infos), champion_gate={"passed": passes, "reason": reason})
     if accelerator.is_main_process:
         atomic_write_json(paths.metrics("evaluate"), metrics)
         figures = _figures(paths, metrics, outputs, labels, meta)
         report = paths.reports / "results.md"
-        atomic_write_text(report, R.results_report(metrics, dataset=meta.name))
+        atomic_write_text(report, R.results_report(metrics, dataset=meta.name) + _gate_note(passes, reason))
         tracker.log_metrics({k: v for k, v in flatten(metrics).items()
                              if isinstance(v, (int, float)) and not isinstance(v, bool)})
         for figure in figures:
@@ -169,8 +196,6 @@ def run(params: ParamsView, paths: Paths, tracker: Tracker = NO_TRACKING, *,
         save_servable(paths.model("student"), paths.served_model)  # a DVC output: servable without MLflow's store
         tracker.flush()  # the metrics are sent (or the tracker found the server gone) before the registry
         if ep.register_model:
-            metrics["registry"] = log_and_register_student(tracker, paths.served_model, model_name=ep.model_name,
-                                                           metric=metrics["student"]["top1"],
-                                                           dataset_key=f"{meta.fingerprint}:test")
+            metrics["registry"] = _register(tracker, paths, ep.model_name, score)
     accelerator.wait_for_everyone()
     return metrics
