@@ -34,3 +34,4 @@ if [ ! -f "$stamp" ]; then
   rm -f .venv/.installed-*
   touch "$stamp"
 fi
+.venv/bin/python scripts/plots_template.py  # .dvc/offline_plots.html: `dvc plots show` with no network
