@@ -53,6 +53,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Protocol
 
 from distill.config import flatten
+from distill.io import file_md5
 
 __all__ = ["Tracker", "NullTracker", "NO_TRACKING", "MlflowTracker", "TrackingUnavailableError", "tracking_uri",
            "check_tracking_server", "open_experiment", "create_pipeline_run", "stage_run", "git_commit",
@@ -424,11 +425,13 @@ def git_commit(project_root: str | Path = ".") -> str:
 
 
 def dvc_input_hashes(stage: str, project_root: str | Path = ".") -> dict[str, str]:
-    """DVC's hashes of a stage's input files, read from ``dvc.yaml`` and ``dvc.lock``.
+    """The DVC hashes of a stage's inputs as the stage runs now: its deps in ``dvc.yaml``, hashed as DVC hashes them.
 
-    Each dep of the stage that is an output of another stage gets the md5 DVC recorded for it
-    (upstream stages have finished, so their lock entries are current). Plain source-file deps get
-    the md5 recorded for this stage's previous run when known.
+    A dep that is an output of another stage gets the md5 DVC recorded for it in ``dvc.lock`` (upstream stages
+    have finished, so their lock entries are current). Any other file (source code, a weights file) gets the md5
+    of its bytes now, DVC 3's file hash: ``dvc.lock`` still holds the previous run's, which is stale exactly when
+    the file's change is why the stage reruns. Any other folder gets the ``.dir`` hash of the previous run's
+    lock entry, when there is one.
     """
     import yaml
 
@@ -439,16 +442,24 @@ def dvc_input_hashes(stage: str, project_root: str | Path = ".") -> dict[str, st
     except (OSError, yaml.YAMLError):
         return {}
     deps = spec.get("stages", {}).get(stage, {}).get("deps", [])
-    known: dict[str, str] = {}
+    recorded: dict[str, str] = {}
+    outs: set[str] = set()
     for st in (lock or {}).get("stages", {}).values():
         for entry in st.get("outs", []) + st.get("deps", []):
             if "md5" in entry:
-                known.setdefault(entry["path"], entry["md5"])
+                recorded.setdefault(entry["path"], entry["md5"])
     for st in (lock or {}).get("stages", {}).values():  # outs take precedence
         for entry in st.get("outs", []):
             if "md5" in entry:
-                known[entry["path"]] = entry["md5"]
-    return {d: known[d] for d in deps if d in known}
+                recorded[entry["path"]] = entry["md5"]
+                outs.add(entry["path"])
+    hashes = {}
+    for dep in deps:
+        if dep not in outs and (root / dep).is_file():
+            hashes[dep] = file_md5(root / dep)
+        elif dep in recorded:
+            hashes[dep] = recorded[dep]
+    return hashes
 
 
 def pipeline_key(project_root: Path) -> str:
@@ -497,9 +508,11 @@ def open_experiment(project_root: str | Path = ".") -> tuple[Any, str]:
 def _source_tags(project_root: Path) -> dict[str, str]:
     """The tags MLflow's UI shows as a run's source and version, and the DVC experiment it belongs to."""
     commit = git_commit(project_root)
-    return {"mlflow.source.type": "PROJECT", "mlflow.source.name": str(project_root.resolve()),
-            "mlflow.source.git.commit": commit, "git_commit": commit,
-            "dvc_exp_name": os.environ.get("DVC_EXP_NAME", "")}
+    tags = {"mlflow.source.type": "PROJECT", "mlflow.source.name": str(project_root.resolve()),
+            "mlflow.source.git.commit": commit, "git_commit": commit}
+    if os.environ.get("DVC_EXP_NAME"):  # none under plain `dvc repro`: no empty tag
+        tags["dvc_exp_name"] = os.environ["DVC_EXP_NAME"]
+    return tags
 
 
 def create_pipeline_run(client: Any, experiment_id: str, project_root: Path, *, run_name: str,

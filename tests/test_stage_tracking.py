@@ -5,7 +5,9 @@
 * system metrics: off by default, on a stage's run with MLflow's own switch;
 * the champion gate: a student that does not beat its own run's baseline is registered, but not ``@champion``;
 * a store that cannot be used (a SQLite file another process holds locked, a tracking server on a dead port): one
-  short error naming it and what to do, and nothing in it that is untrue where it is raised.
+  short error naming it and what to do, and nothing in it that is untrue where it is raised;
+* under plain ``dvc repro`` (slow, real DVC): a stage's run carries the git commit, the stage, the dataset and the
+  DVC hashes of its inputs as they are when it runs, as under ``python -m flows pipeline`` (the same ``stage_run``).
 """
 
 from __future__ import annotations
@@ -26,10 +28,11 @@ import torch
 
 from distill import tracking
 from distill.config import Paths
+from distill.io import file_md5
 from distill.stages.runner import run_stage
 from distill.tracking import TrackingUnavailableError, check_tracking_server, open_experiment, stage_run
 
-from conftest import REPO, tiny_params
+from conftest import REPO, RunCmd, mlflow_client, mlflow_runs, tiny_params
 
 TRAINING = ("data", "teacher", "soft_labels", "student", "baseline")
 
@@ -173,3 +176,28 @@ def test_a_dead_tracking_server_message_is_true_wherever_it_is_raised() -> None:
     # Raised at a stage's start, DVC has already deleted the stage's outputs: no claim about the metrics files.
     assert "unaffected" not in message and "metrics" not in message
     assert "Nothing was run and nothing was logged to MLflow by this command." in message
+
+
+@pytest.mark.slow
+def test_plain_dvc_repro_stage_runs_carry_the_tags_with_current_hashes(tiny_project: Path, run_cmd: RunCmd,
+                                                                       tmp_path: Path) -> None:
+    project = tmp_path / "project"
+    run_cmd(["git", "clone", "-q", str(tiny_project), str(project)], tmp_path)
+    commit = run_cmd(["git", "rev-parse", "HEAD"], project).stdout.strip()
+    run_cmd(["dvc", "repro", "data"], project, timeout=600)
+    source = project / "distill" / "stages" / "data.py"
+    source.write_text(source.read_text() + "\n# an edit: what makes DVC rerun the stage\n")
+    run_cmd(["dvc", "repro", "data"], project, timeout=600)
+    runs = sorted(mlflow_runs(mlflow_client(project), "tags.`distill.stage` = 'data'"), key=lambda r: r.info.start_time)
+    assert len(runs) == 2, [r.info.run_id for r in runs]
+    tags = runs[-1].data.tags
+    assert (tags["distill.role"], tags["distill.stage"], tags["git_commit"]) == ("stage", "data", commit)
+    assert tags["mlflow.source.git.commit"] == commit and "dvc_exp_name" not in tags  # no DVC experiment: no tag
+    hashed = {k[len("dvc_hash."):]: v for k, v in tags.items() if k.startswith("dvc_hash.")}
+    assert "distill/stages/data.py" in hashed and "distill/data.py" in hashed, sorted(hashed)
+    for path, md5 in hashed.items():  # the inputs as they were when the stage ran, not the previous run's lock
+        if (project / path).is_file():
+            assert md5 == file_md5(project / path), path
+    assert [d.dataset.name for d in runs[-1].inputs.dataset_inputs] == ["digits"]
+    parent = mlflow_client(project).get_run(tags["mlflow.parentRunId"])
+    assert parent.data.tags["distill.role"] == "pipeline" and parent.data.tags["git_commit"] == commit
