@@ -6,6 +6,7 @@ The slow test serves a registered champion with ``mlflow models serve --env-mana
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 import urllib.error
 import urllib.request
@@ -154,6 +155,37 @@ def test_wrong_dtype_or_channels_is_a_clear_error(rgb_model) -> None:
         python_model.predict(None, [[[[300, 0, 0]]]])
 
 
+def test_one_channel_model_refuses_rgb_naming_the_shape_it_expects(tmp_path) -> None:
+    """The default model (digits) has one channel: an RGB image, a float or a channels-first batch is refused by
+    MLflow's signature check, with the expected shape and dtype in the message."""
+    folder = save_servable(student_checkpoint(tmp_path / "gray.safetensors", channels=1), tmp_path / "gray_mlflow")
+    model = mlflow.pyfunc.load_model(str(folder))
+    with pytest.raises(MlflowException, match=r"Shape of input \(2, 20, 20, 3\) does not match expected shape "
+                                              r"\(-1, -1, -1, 1\)"):
+        model.predict(raw_images(2, 20, 20, channels=3))
+    with pytest.raises(MlflowException, match="dtype of input float32 does not match expected dtype uint8"):
+        model.predict(raw_images(2, channels=1).astype(np.float32) / 255)
+    with pytest.raises(MlflowException, match=r"Shape of input \(2, 1, 16, 16\) does not match expected shape"):
+        model.predict(np.ascontiguousarray(raw_images(2, channels=1).transpose(0, 3, 1, 2)))
+
+
+def test_request_script_converts_files_to_the_models_channels(tmp_path) -> None:
+    """scripts/serving_request.py: a colour file becomes (1, H, W, 1) for a 1-channel model, (1, H, W, 3) for RGB."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from serving_request import request_body
+
+    colour = raw_images(1, 12, 10, seed=4)[0]
+    Image.fromarray(colour).save(tmp_path / "colour.png")
+    gray = np.asarray(request_body([str(tmp_path / "colour.png")], 1)["inputs"], dtype=np.uint8)
+    np.testing.assert_array_equal(gray[0, ..., 0], np.asarray(Image.fromarray(colour).convert("L")))
+    rgb = np.asarray(request_body([str(tmp_path / "colour.png")] * 2, 3)["inputs"], dtype=np.uint8)
+    assert gray.shape == (1, 12, 10, 1) and rgb.shape == (2, 12, 10, 3)
+    np.testing.assert_array_equal(rgb[1], colour)
+    Image.fromarray(raw_images(1, 5, 5)[0]).save(tmp_path / "small.png")
+    with pytest.raises(SystemExit, match="different sizes"):
+        request_body([str(tmp_path / "colour.png"), str(tmp_path / "small.png")], 3)
+
+
 def test_one_channel_model_takes_nhw_and_nhwc(tmp_path) -> None:
     checkpoint = student_checkpoint(tmp_path / "gray.safetensors", channels=1)
     folder = save_servable(checkpoint, tmp_path / "gray_mlflow")
@@ -195,10 +227,13 @@ def test_dataframe_of_images(rgb) -> None:
 
 
 @pytest.mark.slow
-def test_mlflow_models_serve_the_registered_champion(tmp_path, base_env) -> None:
-    """``mlflow models serve -m models:/<name>@champion --env-manager local``: /invocations answers as predict."""
+@pytest.mark.parametrize("channels", [3, 1])  # an RGB model, and one like the default (digits)
+def test_mlflow_models_serve_the_registered_champion(tmp_path, base_env, channels) -> None:
+    """``mlflow models serve -m models:/<name>@champion --env-manager local``: a request made as the README says
+    (``scripts/serving_request.py`` on an image file) answers as ``predict``; a wrong channel count is a 400 that
+    names the expected shape."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    checkpoint = student_checkpoint(tmp_path / "student.safetensors")
+    checkpoint = student_checkpoint(tmp_path / "student.safetensors", channels=channels)
     folder = save_servable(checkpoint, tmp_path / "student_mlflow")
     client = mlflow.MlflowClient(tracking_uri=uri)
     experiment = client.create_experiment("serve-test", artifact_location=(tmp_path / "artifacts").as_uri())
@@ -207,24 +242,34 @@ def test_mlflow_models_serve_the_registered_champion(tmp_path, base_env) -> None
                                           score=Score(0.9, "fp-test:test", baseline=0.8))
     assert registered["alias"] == "champion"
 
-    images = raw_images(4, 20, 24, seed=5)  # another size: the server resizes and crops
-    expected = mlflow.pyfunc.load_model(str(folder)).predict(images)
-    port = _free_port()
+    image = raw_images(1, 20, 24, seed=5)[0]  # a colour file of another size: the server resizes and crops
+    Image.fromarray(image).save(tmp_path / "my_image.png")
     env = {**base_env, "MLFLOW_TRACKING_URI": uri, "MLFLOW_DISABLE_TELEMETRY": "true"}
+    script = Path(__file__).resolve().parents[1] / "scripts" / "serving_request.py"
+    made = subprocess.run([sys.executable, str(script), str(tmp_path / "my_image.png"), "--model",
+                           "models:/served-student@champion"], env=env, capture_output=True, text=True, timeout=120,
+                          check=False)
+    assert made.returncode == 0, made.stderr[-3000:]
+    body = made.stdout.encode()
+    sent = np.asarray(json.loads(body)["inputs"], dtype=np.uint8)
+    assert sent.shape == (1, 20, 24, channels)
+    expected = mlflow.pyfunc.load_model(str(folder)).predict(sent)
+    port = _free_port()
     args = [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", "models:/served-student@champion",
             "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
     with background_server(args, f"http://127.0.0.1:{port}/ping", env=env, log=tmp_path / "serve.log", timeout=240):
-        body = json.dumps({"inputs": images.tolist()}).encode()
         request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
                                          headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=120) as resp:
             served = np.asarray(json.loads(resp.read())["predictions"], dtype=np.float32)
+        wrong = raw_images(1, 20, 24, channels=4 - channels, seed=5) if channels == 1 else sent[..., :1]
         bad = urllib.request.Request(f"http://127.0.0.1:{port}/invocations",
-                                     data=json.dumps({"inputs": images[..., :1].tolist()}).encode(),
+                                     data=json.dumps({"inputs": wrong.tolist()}).encode(),
                                      headers={"Content-Type": "application/json"})
         with pytest.raises(urllib.error.HTTPError) as err:
             urllib.request.urlopen(bad, timeout=120)
-        assert err.value.code == 400 and "does not match expected shape" in err.value.read().decode()
-    assert served.shape == (4, CLASSES)
+        message = err.value.read().decode()
+        assert err.value.code == 400 and f"does not match expected shape (-1, -1, -1, {channels})" in message, message
+    assert served.shape == (1, CLASSES)
     np.testing.assert_array_equal(served.argmax(1), expected.argmax(1))
     np.testing.assert_allclose(served, expected, rtol=0, atol=1e-6)
