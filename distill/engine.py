@@ -640,7 +640,9 @@ def _restore(accelerator: Any, state_dir: Path | None, scheduler: Any, *, key: s
     resumed = None if state_dir is None else resume_state(accelerator, state_dir, scheduler, key=key)
     if resumed is None:
         return None
-    logger.info("[%s] resuming from %s (epochs 1..%d of %d done)", desc, resumed.folder, resumed.epoch + 1, epochs)
+    if accelerator.is_main_process:  # a warning: the terminal shows it too, not only the stage's log
+        logger.warning("[%s] resuming from %s (epochs 1..%d of %d done)", desc, resumed.folder, resumed.epoch + 1,
+                       epochs)
     if accelerator.is_main_process and on_epoch_end is not None:
         for record in resumed.history:
             on_epoch_end(record)

@@ -181,6 +181,7 @@ def test_sigkill_mid_epoch_then_rerun_matches_uninterrupted(reference, copy, run
 
     rerun = run(STUDENT + ["--no-prefect"], project, DISTILL_TEST_STEPS_FILE=str(steps))
     assert first_steps(steps) == [1, n + 1], describe(rerun)  # the rerun resumed after epoch 1, not from scratch
+    assert "[student] resuming from" in rerun.stderr, describe(rerun)  # and says so on the terminal
     assert_same_result(project, reference)
     assert not list((project / ".state").glob("student/*")), "a finished stage drops its resume state"
 
@@ -212,7 +213,21 @@ def test_sigkill_at_random_moments_then_rerun_matches_uninterrupted(reference, c
     assert_same_result(project, reference)
 
 
-def test_dvc_repro_after_sigkill_resumes(copy, run):
+def flow_run_logs(api: str, name: str) -> list[str]:
+    """The log messages of the newest Prefect flow run called ``name`` on the server ``api``."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName, LogFilter, LogFilterFlowRunId
+    from prefect.client.schemas.sorting import FlowRunSort
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: api}), get_client(sync_client=True) as client:
+        (newest,) = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[name])),
+                                          sort=FlowRunSort.START_TIME_DESC, limit=1)
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[newest.id])))
+    return [log.message for log in logs]
+
+
+def test_dvc_repro_after_sigkill_resumes(copy, run, prefect_server):
     """``dvc repro`` deletes the student's outputs before it reruns it; the resume state outside them survives.
 
     ``student.alpha`` is changed first, so DVC has to run the stage (with unchanged inputs it would check
@@ -231,6 +246,9 @@ def test_dvc_repro_after_sigkill_resumes(copy, run):
     again = run(["dvc", "repro"], project, DISTILL_TEST_STEPS_FILE=str(steps))
     out = again.stdout + again.stderr
     assert "Running stage 'student'" in out and first_steps(steps) == [2 * n + 1], describe(again)
+    # The resume is said on the terminal and in the stage's flow-run log (it reached neither at INFO).
+    assert "[student] resuming from" in out, describe(again)
+    assert any("[student] resuming from" in m for m in flow_run_logs(prefect_server, "student"))
     assert_same_result(project, uninterrupted)
     assert "up to date" in run(["dvc", "status"], project).stdout
     # The new MLflow child run has the whole curve: restored epochs are logged again.
