@@ -59,10 +59,10 @@ def project(trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> P
     return root
 
 
-def tracked(stage: str, root: Path, params: Any) -> tuple[str, dict[str, Any]]:
+def tracked(stage: str, root: Path, params: Any, callbacks: tuple[Any, ...] = ()) -> tuple[str, dict[str, Any]]:
     """Run ``stage`` inside its MLflow run, as ``python -m flows stage`` does; returns the run id and the summary."""
     with stage_run(stage, project_root=root) as tracker:
-        result = run_stage(stage, params, Paths(root), tracker, dvc_yaml=REPO / "dvc.yaml")
+        result = run_stage(stage, params, Paths(root), tracker, dvc_yaml=REPO / "dvc.yaml", callbacks=callbacks)
     return tracker.run_id, result
 
 
@@ -103,6 +103,13 @@ def test_a_student_no_better_than_its_baseline_is_not_champion(project: Path,
     assert "no version is @champion" in printed
 
 
+class SlowSteps:
+    """A training callback that makes each of the tiny stage's steps last 0.5 s."""
+
+    def on_step_end(self, info: Any) -> None:
+        time.sleep(0.5)
+
+
 def test_system_metrics_are_off_by_default_and_on_with_mlflows_switch(project: Path,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     client = client_of(project)
@@ -110,7 +117,8 @@ def test_system_metrics_are_off_by_default_and_on_with_mlflows_switch(project: P
     off, _ = tracked("baseline", project, tiny_params())
     monkeypatch.setenv("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "true")
     monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.5")  # the tiny stage runs for seconds, not 10 s
-    on, _ = tracked("baseline", project, tiny_params())
+    shutil.rmtree(project / ".state", ignore_errors=True)  # train again, not resume the finished run's state
+    on, _ = tracked("baseline", project, tiny_params(), callbacks=(SlowSteps(),))  # 3 s: a few samples
     assert not [k for k in client.get_run(off).data.metrics if k.startswith("system/")]
     logged = client.get_run(on).data.metrics
     for key in ("system/cpu_utilization_percentage", "system/system_memory_usage_megabytes",
