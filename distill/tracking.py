@@ -494,7 +494,8 @@ def open_experiment(project_root: str | Path = ".") -> tuple[Any, str]:
         exp = _retry_locked(lambda: client.get_experiment_by_name(name))
         if exp is None:
             try:
-                return client, _retry_locked(lambda: client.create_experiment(name, tags=EXPERIMENT_KIND))
+                return client, _retry_locked(lambda: client.create_experiment(
+                    name, artifact_location=_artifact_location(uri, name), tags=EXPERIMENT_KIND))
             except Exception:  # noqa: BLE001 - another process (another store client) created it first
                 exp = client.get_experiment_by_name(name)
                 if exp is None:
@@ -503,6 +504,17 @@ def open_experiment(project_root: str | Path = ".") -> tuple[Any, str]:
             for key, value in EXPERIMENT_KIND.items():
                 _retry_locked(lambda key=key, value=value: client.set_experiment_tag(exp.experiment_id, key, value))
     return client, exp.experiment_id
+
+
+def _artifact_location(uri: str, name: str) -> Optional[str]:
+    """A new experiment's artifacts beside its SQLite store (``<store dir>/mlruns/<name>``), else the server's choice.
+
+    MLflow's default for a SQLite store is ``./mlruns`` of the process that creates the experiment: a stage
+    in a ``dvc exp run --temp`` copy, or any process started elsewhere, would put them where they get lost.
+    """
+    if not uri.startswith("sqlite:///"):
+        return None
+    return (Path(uri[len("sqlite:///"):]).resolve().parent / "mlruns" / name).as_uri()
 
 
 def _source_tags(project_root: Path) -> dict[str, str]:

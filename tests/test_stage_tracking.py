@@ -171,6 +171,22 @@ def test_a_locked_sqlite_store_is_one_short_error_naming_it(tmp_path: Path, monk
         tracker.log_metrics({"x": 1.0})
 
 
+def test_the_experiments_artifacts_go_beside_its_sqlite_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not in ``./mlruns`` of whichever process created the experiment (a temporary DVC copy, a test's folder)."""
+    store, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    store.mkdir()
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store / 'mlflow.db'}")
+    monkeypatch.delenv("DISTILL_PARENT_RUN_ID", raising=False)
+    with stage_run("data", project_root=store) as tracker:
+        tracker.log_dict({"a": 1}, "a.json")
+    run = client_of(store).get_run(tracker.run_id)
+    assert run.info.artifact_uri.startswith((store / "mlruns" / "distill").as_uri()), run.info.artifact_uri
+    assert (store / "mlruns" / "distill" / tracker.run_id / "artifacts" / "a.json").is_file()
+    assert not (elsewhere / "mlruns").exists()
+
+
 def test_a_dead_tracking_server_message_is_true_wherever_it_is_raised() -> None:
     with socket.socket() as s:  # a port that nothing listens on
         s.bind(("127.0.0.1", 0))
