@@ -35,6 +35,7 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_text",
+    "file_md5",
     "file_sha256",
     "fsync_dir",
     "fsync_tree",
@@ -184,7 +185,15 @@ def swap_in_dir(staging: str | Path, out: str | Path) -> None:
 
 def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
     """SHA-256 of a file's bytes (ties soft labels, metrics and resume state to exact inputs)."""
-    h = hashlib.sha256()
+    return _file_digest(path, hashlib.sha256(), chunk)
+
+
+def file_md5(path: str | Path, chunk: int = 1 << 20) -> str:
+    """MD5 of a file's bytes: the hash DVC 3 records for a file in ``dvc.lock`` (``hash: md5``)."""
+    return _file_digest(path, hashlib.md5(), chunk)
+
+
+def _file_digest(path: str | Path, h: Any, chunk: int) -> str:
     with open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
