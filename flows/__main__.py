@@ -106,9 +106,21 @@ def _stage(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def _orchestrate(args: argparse.Namespace) -> int:
-    from flows.prefect_api import PrivateServer, use_local_server
+    """``pipeline`` and ``seeds``: one at a time in a workspace (:mod:`flows.workspace`), before anything else."""
+    from flows.workspace import WorkspaceBusy, command_line, workspace_lock
 
     _exit_on_hangup_and_term()
+    try:
+        with workspace_lock(".", command_line()):
+            return _orchestrate_locked(args)
+    except WorkspaceBusy as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def _orchestrate_locked(args: argparse.Namespace) -> int:
+    from flows.prefect_api import PrivateServer, use_local_server
+
     server = None if use_local_server() else PrivateServer()  # starts now: it comes up while this imports
     try:
         from flows.pipeline import pipeline_flow

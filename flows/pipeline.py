@@ -23,13 +23,14 @@ from pathlib import Path
 from typing import Any, Optional
 
 from prefect import flow, get_run_logger
-from prefect.runtime import flow_run
+from prefect.runtime import deployment, flow_run
 
 from distill.config import apply_overrides, load_raw, parse_params
 from distill.tracking import MlflowTracker, create_pipeline_run, open_experiment, tracking_uri
 from flows.stage import PARENT_ENV, publish_report
+from flows.workspace import workspace_lock
 
-__all__ = ["pipeline_flow", "StageFailed", "run_dvc", "experiment_name"]
+__all__ = ["pipeline_flow", "StageFailed", "run_dvc", "experiment_name", "flow_run_holder"]
 
 
 class StageFailed(RuntimeError):
@@ -74,6 +75,12 @@ def _signal_group(proc: subprocess.Popen, sig: int) -> None:
         pass
 
 
+def flow_run_holder(what: str) -> str:
+    """How a flow run of ``what`` names itself as the workspace lock's holder (a deployment's run has no CLI)."""
+    name = f"Prefect flow run {flow_run.name or flow_run.id} of {what}"
+    return f"{name} (deployment {deployment.name})" if deployment.name else name
+
+
 def _api_url() -> Optional[str]:
     url = os.environ.get("PREFECT_API_URL")
     if url:
@@ -98,9 +105,14 @@ def pipeline_flow(overrides: Optional[list[str]] = None, project_root: str = "."
     Returns:
         ``{"experiment", "mlflow_parent_run_id"}`` and, in the workspace, ``"evaluate"``: the evaluate metrics.
     """
-    logger = get_run_logger()
     root = Path(project_root).resolve()
-    overrides = list(overrides or [])
+    with workspace_lock(root, flow_run_holder("distill-pipeline")):  # held already when the CLI started this
+        return _pipeline(root, list(overrides or []), exp_name=exp_name, force=force, temp=temp)
+
+
+def _pipeline(root: Path, overrides: list[str], *, exp_name: Optional[str], force: bool,
+              temp: bool) -> dict[str, Any]:
+    logger = get_run_logger()
     resolved = apply_overrides(load_raw(root / "params.yaml"), overrides)
     parse_params(resolved, source="params.yaml with the overrides")  # bad overrides fail before any work
     name = exp_name or experiment_name()

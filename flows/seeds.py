@@ -20,7 +20,8 @@ from typing import Any, Optional
 
 from prefect import flow, get_run_logger
 
-from flows.pipeline import StageFailed, pipeline_flow
+from flows.pipeline import StageFailed, flow_run_holder, pipeline_flow
+from flows.workspace import workspace_lock
 
 HEADLINE = ("distillation_gain", "gap_to_teacher", "teacher.top1", "baseline.top1", "student.top1",
             "student.top1_cls_head", "student.top1_dist_head", "student.agreement_with_teacher", "student.ece",
@@ -86,11 +87,13 @@ def seeds_flow(seeds: Optional[list[int]] = None, overrides: Optional[list[str]]
     seeds = list(seeds if seeds is not None else range(5))
     prefix = prefix or time.strftime("seeds-%Y%m%d-%H%M%S")
     names = {seed: f"{prefix}-s{seed}" for seed in seeds}
-    for seed, name in names.items():
-        logger.info("seed %s: experiment %s", seed, name)
-        pipeline_flow(overrides=[*(overrides or []), f"seed={seed}"], project_root=str(root), exp_name=name, temp=True)
-    found = experiment_metrics(root, list(names.values()))
-    summary = summarise({seed: found[name] for seed, name in names.items()}, root / "reports")
+    with workspace_lock(root, flow_run_holder("distill-seeds")):  # held already when the CLI started this
+        for seed, name in names.items():
+            logger.info("seed %s: experiment %s", seed, name)
+            pipeline_flow(overrides=[*(overrides or []), f"seed={seed}"], project_root=str(root), exp_name=name,
+                          temp=True)
+        found = experiment_metrics(root, list(names.values()))
+        summary = summarise({seed: found[name] for seed, name in names.items()}, root / "reports")
     text = (root / "reports" / "seeds.md").read_text()
     print(text)
     create_markdown_artifact(text, key="distill-seeds", description="Teacher, baseline and student over seeds")

@@ -302,3 +302,41 @@ def _test_process_mlflow_store(tmp_path_factory: pytest.TempPathFactory) -> Iter
         os.environ.pop("MLFLOW_TRACKING_URI", None)
     else:
         os.environ["MLFLOW_TRACKING_URI"] = previous
+
+
+@pytest.fixture(scope="session")
+def committed_project(tiny_project: Path, run_cmd: RunCmd, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A clone of ``tiny_project`` after one ``dvc repro`` (on the session's Prefect server), its results committed:
+    every stage is up to date and git has nothing to commit. A template: copy it (:func:`copy_project`) to use it."""
+    project = tmp_path_factory.mktemp("committed") / "project"
+    run_cmd(["git", "clone", "-q", str(tiny_project), str(project)], tiny_project.parent)
+    run_cmd(["dvc", "repro"], project, timeout=1500)
+    run_cmd(["git", "add", "-A"], project)
+    run_cmd(["git", "commit", "-qm", "results of dvc repro"], project)
+    return project
+
+
+def copy_project(template: Path, dst: Path) -> Path:
+    """A copy of a project folder (its git repository, DVC cache and MLflow store included)."""
+    shutil.copytree(template, dst, symlinks=True)
+    return dst
+
+
+def processes_with(marker: str, *, server: bool = False) -> list[int]:
+    """Pids of live processes whose environment holds ``marker`` (``NAME=value``; Linux /proc), zombies aside;
+    ``server``: ``prefect server`` processes only."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+            environ = (proc / "environ").read_bytes()
+            state = (proc / "stat").read_text().split(") ", 1)[-1][:1]
+        except OSError:
+            continue
+        if marker.encode() not in environ.split(b"\0") or state == "Z":
+            continue
+        if not server or (b"server" in cmdline and any(a.endswith(b"prefect") for a in cmdline)):
+            found.append(int(proc.name))
+    return found
