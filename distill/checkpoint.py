@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ from torch import nn
 from distill.io import atomic_replace
 from distill.models.build import build_model
 
-__all__ = ["CheckpointError", "load_model", "read_metadata", "save_model", "weights_sha256"]
+__all__ = ["CheckpointError", "checkpoint_writer", "load_model", "read_metadata", "save_model", "weights_sha256"]
 
 FORMAT_VERSION = "2"  # 2: the metadata records weights_sha256 (version 1 files load without the check)
 
@@ -50,6 +50,13 @@ def save_model(path: str | Path, model: nn.Module, *, kind: str, config: dict[st
         config: keyword config that :func:`build_model` rebuilds the model from.
         extra: JSON-serialisable extras (normalisation, params, data fingerprint, metrics ...).
     """
+    atomic_replace(path, checkpoint_writer(model, kind=kind, config=config, extra=extra))
+
+
+def checkpoint_writer(model: nn.Module, *, kind: str, config: dict[str, Any],
+                      extra: dict[str, Any] | None = None) -> Callable[[str], None]:
+    """:func:`save_model`'s file as a writer for :func:`distill.io.replace_together` (a stage's outputs as one
+    set): the weights are copied and serialised now, the returned function writes them to the path it is given."""
     from safetensors.torch import save
 
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
@@ -62,7 +69,7 @@ def save_model(path: str | Path, model: nn.Module, *, kind: str, config: dict[st
         "weights_sha256": weights_sha256(state),
     }
     data = save(state, metadata=meta)
-    atomic_replace(path, lambda tmp: _write_canonical(tmp, data))
+    return lambda tmp: _write_canonical(tmp, data)
 
 
 def _write_canonical(path: str, data: bytes) -> None:

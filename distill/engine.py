@@ -52,7 +52,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from distill.checkpoint import CheckpointError
 from distill.config import TrainParams
-from distill.io import atomic_write_text, make_staging_dir, progress, staging_dir, swap_in_dir
+from distill.io import atomic_write_text, discard_dir, make_staging_dir, progress, staging_dir, swap_in_dir
 from distill.losses import DistillationLoss
 from distill.views import StepContext, ViewSource, render
 
@@ -351,17 +351,9 @@ def _latest_state(state_dir: Path) -> tuple[Path | None, dict | None]:
     return best[1], best[2]
 
 
-def discard_state(path: Path) -> None:
-    """Delete a state folder so that a kill midway cannot leave a half-deleted ``epoch_*`` behind.
-
-    It is renamed to a hidden ``.trash_*`` sibling first (atomic), then removed; leftovers of earlier
-    kills next to it go too.
-    """
-    trash = path.with_name(f".trash_{path.name}_{os.getpid()}")
-    if path.exists():
-        os.replace(path, trash)
-    for old in path.parent.glob(f".trash_{path.name}_*"):
-        shutil.rmtree(old, ignore_errors=True)
+#: Delete a state folder so that a kill midway cannot leave a half-deleted ``epoch_*`` behind: renamed to a hidden
+#: ``.trash_*`` sibling first (atomic), then removed (:func:`distill.io.discard_dir`).
+discard_state = discard_dir
 
 
 def _bad_state(folder: Path, why: str) -> str:

@@ -4,6 +4,13 @@ Atomic writes: a file is written to a temporary sibling, flushed and ``fsync``-e
 with ``os.replace``, and the folder is ``fsync``-ed so the rename itself is durable. A reader therefore sees
 the old content or the new one, never half of either, after a killed process *and* after a power cut.
 
+Sets of files (a training stage's checkpoint, metrics and curves, in three folders): :func:`replace_together`
+writes every file to its temporary sibling first, and renames them only once all are written. A writer that
+fails (a full disk, typically at the largest file) leaves every old file as it was, not the old checkpoint
+beside a new curve. The renames themselves cannot be one atomic step across folders; a crash between them is
+the only moment a mix can exist, and the training stages repair it on rerun (their resume state is kept until
+DVC has recorded the outputs, :mod:`distill.stages.runner`).
+
 Folder swaps (prepared data, the soft-label store): the new folder is written complete under a staging
 name, every file in it is ``fsync``-ed, then two renames put it in place: ``out -> .<out>.old``,
 ``staging -> out``, and ``.old`` is deleted. A crash between the two renames leaves only ``.<out>.old``,
@@ -26,12 +33,15 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 __all__ = [
     "atomic_replace",
+    "discard_dir",
+    "json_text",
+    "replace_together",
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_text",
@@ -84,19 +94,38 @@ def atomic_replace(path: str | Path, write: Callable[[str], None]) -> None:
         path: the target file; its folder is created if needed.
         write: writes the complete content to the temporary path it is given.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    replace_together({Path(path): write})
+
+
+def replace_together(writes: Mapping[Path, Callable[[str], None]]) -> None:
+    """Replace several files as one set: all are written and ``fsync``-ed to temporary siblings, then renamed.
+
+    If any writer fails (or the process is interrupted while writing), every temporary file is removed and every
+    target keeps its old content. Then each temporary file is renamed over its target and each folder is
+    ``fsync``-ed.
+
+    Args:
+        writes: target file -> writer that writes the complete content to the temporary path it is given.
+    """
+    staged: list[tuple[str, Path]] = []
     try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the result the usual permissions
-        _fsync_file(tmp)
-        os.replace(tmp, path)
+        for path, write in writes.items():
+            path = Path(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            os.close(fd)
+            staged.append((tmp, path))
+            write(tmp)
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the result the usual permissions
+            _fsync_file(tmp)
+        for tmp, path in staged:
+            os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        for tmp, _ in staged:
+            Path(tmp).unlink(missing_ok=True)
         raise
-    fsync_dir(path.parent)
+    for folder in dict.fromkeys(path.parent for _, path in staged):
+        fsync_dir(folder)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -109,9 +138,28 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
+def json_text(data: Any) -> str:
+    """``data`` as indented, key-sorted JSON with a final newline: how metrics files are written."""
+    return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+
 def atomic_write_json(path: str | Path, data: Any) -> None:
     """Write ``data`` as indented, key-sorted JSON, atomically (metrics files that DVC compares)."""
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+    atomic_write_text(path, json_text(data))
+
+
+def discard_dir(path: str | Path) -> None:
+    """Delete a folder so that a kill midway cannot leave a half-deleted copy under its name.
+
+    It is renamed to a hidden ``.trash_<name>_<pid>`` sibling first (atomic), then removed; leftovers of earlier
+    kills next to it go too.
+    """
+    path = Path(path)
+    trash = path.with_name(f".trash_{path.name}_{os.getpid()}")
+    if path.exists():
+        os.replace(path, trash)
+    for old in path.parent.glob(f".trash_{path.name}_*"):
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def fsync_tree(folder: str | Path) -> None:

@@ -63,9 +63,10 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture()
 def project(built: Path, tmp_path: Path) -> Path:
-    """A private copy of the built project, to break."""
+    """A private copy of the built project, to break (without the finished resume states its stages kept, as once
+    DVC has recorded their outputs)."""
     dst = tmp_path / "project"
-    shutil.copytree(built, dst)
+    shutil.copytree(built, dst, ignore=shutil.ignore_patterns(".state"))
     return dst
 
 

@@ -32,6 +32,8 @@ from typing import Any, Callable, Iterator
 import pytest
 import yaml
 
+from distill.stages.runner import FINISHED
+
 from conftest import (
     ONE_THREAD,
     REPO,
@@ -183,7 +185,8 @@ def test_sigkill_mid_epoch_then_rerun_matches_uninterrupted(reference, copy, run
     assert first_steps(steps) == [1, n + 1], describe(rerun)  # the rerun resumed after epoch 1, not from scratch
     assert "[student] resuming from" in rerun.stderr, describe(rerun)  # and says so on the terminal
     assert_same_result(project, reference)
-    assert not list((project / ".state").glob("student/*")), "a finished stage drops its resume state"
+    # Outside DVC nothing records the outputs: the state stays, marked finished (a rerun writes them without training)
+    assert len(list((project / ".state").glob(f"student/*/{FINISHED}"))) == 1
 
 
 def test_sigkill_at_random_moments_then_rerun_matches_uninterrupted(reference, copy, run, env, background, tmp_path):
@@ -202,6 +205,8 @@ def test_sigkill_at_random_moments_then_rerun_matches_uninterrupted(reference, c
     time.sleep(moments[0])
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
+    if list(states.glob(f"*/{FINISHED}")):  # the kill came after the end: as if DVC had recorded it, start over
+        shutil.rmtree(states)
     killed = run(STUDENT + ["--no-prefect"], project, check=False, DISTILL_TEST_FAULT=f"student:kill@{moments[1]}")
     assert killed.returncode == -signal.SIGKILL, (moments, describe(killed))
     saved = sorted(states.glob("*/epoch_*"))
@@ -256,6 +261,38 @@ def test_dvc_repro_after_sigkill_resumes(copy, run, prefect_server):
     last = stage_runs(client, "student")[-1]
     history = client.get_metric_history(last.info.run_id, "val_acc")
     assert sorted(m.step for m in history) == [1, 2, 3] and last.info.status == "FINISHED"
+
+
+def test_a_stage_that_fails_after_its_outputs_keeps_its_work_and_the_rerun_does_not_train(copy, run, env,
+                                                                                           background, tmp_path):
+    """The student trains to its last step; ``data/prepared`` is deleted meanwhile, so DVC fails the stage after its
+    command ended well (it cannot hash that dependency) and records nothing. The rerun (DVC deletes the outputs and
+    runs the stage again) must write them from the finished resume state, not train again; the state goes once
+    ``dvc.lock`` has recorded the student (the evaluate stage's process sweeps it)."""
+    project, uninterrupted = copy("late-failure"), copy("late-failure-uninterrupted")
+    for p in (project, uninterrupted):
+        set_param(p, "student.alpha", 0.7)
+    run(STUDENT + ["--no-prefect"], uninterrupted)
+    n = steps_per_epoch(project)
+    release, log = tmp_path / "release", tmp_path / "late.log"
+    proc = background(["dvc", "repro"], project, {**env, "DISTILL_TEST_FAULT": f"student:wait@{3 * n}",
+                                                 "DISTILL_TEST_FAULT_FILE": str(release)}, log)
+    wait_for(lambda: Path(f"{release}.waiting").exists(), proc, log)  # the last optimizer step is done
+    shutil.rmtree(project / "data" / "prepared")
+    release.touch()
+    assert proc.wait(timeout=600) != 0, log.read_text()[-6000:]
+    assert "data/prepared" in log.read_text().split("Running stage 'student'")[-1], log.read_text()[-6000:]
+    assert (project / "models" / "student.safetensors").is_file()  # the stage wrote its outputs, then DVC failed
+    (marker,) = (project / ".state" / "student").glob(f"*/{FINISHED}")
+
+    steps = tmp_path / "steps"
+    again = run(["dvc", "repro"], project, DISTILL_TEST_STEPS_FILE=str(steps))
+    out = again.stdout + again.stderr
+    assert "Running stage 'student'" in out and "[student] resuming from" in out, describe(again)
+    assert first_steps(steps) == [], describe(again)  # not one optimizer step: the work was kept
+    assert_same_result(project, uninterrupted)
+    assert "up to date" in run(["dvc", "status"], project).stdout
+    assert not marker.parent.exists(), "the finished state stays after dvc.lock recorded its outputs"
 
 
 def test_prefect_retry_resumes_from_the_last_epoch(reference, copy, run):

@@ -9,6 +9,11 @@ Resume: the engine saves its full state after every epoch under ``.state/<stage>
 outputs). The key fingerprints everything the result depends on: the stage's declared parameters, its input
 files, the library's code, the number of processes and the precision. A rerun after any of them changed
 starts fresh instead of resuming state another configuration made.
+
+Outputs: the curves, the checkpoint and the metrics are replaced as one set (:func:`save_outputs`), so a failed
+write (a full disk) leaves all three as they were. The resume state is then marked finished and kept until DVC has
+recorded the outputs (:mod:`distill.stages.runner`): a rerun with the same key writes them again from the last
+epoch's state, without training.
 """
 
 from __future__ import annotations
@@ -23,20 +28,21 @@ from typing import Any, Callable, Optional, Sequence
 
 from torch import nn
 
-from distill.checkpoint import load_model, save_model
+from distill.checkpoint import checkpoint_writer, load_model
 from distill.config import ParamsView, Paths, TrainParams
 from distill.data import ArrayDataset, Augmenter, AugmentSpec, DatasetMeta, PreparedData, Split
-from distill.engine import SupervisedTask, discard_state, fit, make_accelerator
-from distill.io import atomic_write_json, atomic_write_text, file_sha256
+from distill.engine import SupervisedTask, fit, make_accelerator
+from distill.io import file_sha256, json_text, replace_together
 from distill.losses import DistillationLoss
 from distill.models.build import build_model
 from distill.models.deit import PRESETS, DeiTConfig, load_pretrained_deit
+from distill.stages.runner import mark_finished
 from distill.tracking import Tracker
 from distill.weights import pretrained_file
 
 __all__ = ["augmenter", "student_config", "build_student", "load_teacher", "resume_key", "train_and_save",
-           "write_curves", "code_fingerprint", "checkpoint_extra", "WALL_CLOCK", "without_wall_clock",
-           "log_runtime"]
+           "curves_text", "save_outputs", "code_fingerprint", "checkpoint_extra", "WALL_CLOCK",
+           "without_wall_clock", "log_runtime"]
 
 ViewsFactory = Callable[[Augmenter, Any], Any]
 
@@ -135,16 +141,32 @@ def without_wall_clock(record: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in record.items() if k not in WALL_CLOCK}
 
 
-def write_curves(path: Path, history: list[dict[str, float]]) -> None:
-    """The per-epoch curves (DVC plots), without wall-clock figures: the same training gives the same file."""
-    if not history:
-        return
+def curves_text(history: list[dict[str, float]]) -> str:
+    """The per-epoch curves (DVC plots) as CSV, without wall-clock figures: the same training gives the same file."""
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(without_wall_clock(history[0])))
+    writer = csv.DictWriter(buf, fieldnames=list(without_wall_clock(history[0])) if history else [])
     writer.writeheader()
     for rec in history:
         writer.writerow({k: (round(v, 6) if isinstance(v, float) else v) for k, v in without_wall_clock(rec).items()})
-    atomic_write_text(path, buf.getvalue())
+    return buf.getvalue()
+
+
+def save_outputs(paths: Paths, stage: str, *, history: list[dict[str, float]], model: nn.Module, kind: str,
+                 config: dict[str, Any], extra: dict[str, Any], summary: dict[str, Any]) -> list[Path]:
+    """A training stage's outputs, replaced as one set: ``plots/<stage>.csv``, the checkpoint, ``metrics/<stage>.json``.
+
+    Returns:
+        The three files.
+    """
+    writes = {paths.curves(stage): _text(curves_text(history)),
+              paths.model(stage): checkpoint_writer(model, kind=kind, config=config, extra=extra),
+              paths.metrics(stage): _text(json_text(summary))}
+    replace_together(writes)
+    return list(writes)
+
+
+def _text(text: str) -> Callable[[str], None]:
+    return lambda tmp: Path(tmp).write_text(text)
 
 
 def _summary(result: Any) -> dict[str, Any]:
@@ -202,13 +224,11 @@ def train_and_save(model: nn.Module, *, stage: str, kind: str, config: dict[str,
                  samples_per_epoch=samples_per_epoch, callbacks=callbacks)
     summary = _summary(result)
     if accelerator.is_main_process:
-        write_curves(paths.curves(stage), result.history)
-        save_model(paths.model(stage), result.model, kind=kind, config=config,
-                   extra=checkpoint_extra(params, data.meta, stage, summary, **(extra or {})))
-        atomic_write_json(paths.metrics(stage), summary)
+        outputs = save_outputs(paths, stage, history=result.history, model=result.model, kind=kind, config=config,
+                               extra=checkpoint_extra(params, data.meta, stage, summary, **(extra or {})),
+                               summary=summary)
+        mark_finished(state_dir, paths, outputs)  # kept until dvc.lock records these outputs
         tracker.log_artifact(paths.curves(stage), "curves")
         tracker.log_metrics({f"final_{k}": v for k, v in summary.items()})
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:  # the outputs are written: the resume state is no longer needed
-        discard_state(state_dir)
     return summary

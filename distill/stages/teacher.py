@@ -18,14 +18,12 @@ from typing import Any, Sequence
 
 from torch.utils.data import DataLoader
 
-from distill.checkpoint import save_model
 from distill.config import ParamsView, Paths
 from distill.data import ArrayDataset, DatasetMeta, load_prepared
 from distill.engine import evaluate, make_accelerator
-from distill.io import atomic_write_json
 from distill.losses import DistillationLoss
 from distill.models.build import build_model
-from distill.stages._common import augmenter, checkpoint_extra, log_runtime, train_and_save, write_curves
+from distill.stages._common import augmenter, checkpoint_extra, log_runtime, save_outputs, train_and_save
 from distill.teachers import load_teacher_weights
 from distill.tracking import NO_TRACKING, Tracker
 from distill.views import RandomViews
@@ -79,10 +77,9 @@ def _as_it_is(model: Any, cfg: dict[str, Any], params: ParamsView, data: Any, pa
     summary = {"val_acc": val["acc"], "val_loss": val["loss"], "epochs": 0, "steps": 0, "warmup_steps": 0,
                "train_time_s": 0.0}
     if accelerator.is_main_process:
-        write_curves(paths.curves("teacher"), [{"epoch": 0, "val_acc": val["acc"], "val_loss": val["loss"]}])
-        save_model(paths.model("teacher"), model.cpu(), kind="teacher", config=cfg,
-                   extra=checkpoint_extra(params, data.meta, "teacher", summary, used_as_is=True))
-        atomic_write_json(paths.metrics("teacher"), summary)
+        save_outputs(paths, "teacher", history=[{"epoch": 0, "val_acc": val["acc"], "val_loss": val["loss"]}],
+                     model=model.cpu(), kind="teacher", config=cfg, summary=summary,
+                     extra=checkpoint_extra(params, data.meta, "teacher", summary, used_as_is=True))
         tracker.log_metrics({f"final_{k}": v for k, v in summary.items()})
     accelerator.wait_for_everyone()
     return summary
