@@ -534,32 +534,3 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
                 raise ParamsError(f"override {item!r}: {part} is not a group of parameters")
         node[leaf] = yaml.safe_load(value)
     return out
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m distill.config [params.yaml] [--stamp FILE]``: validate, print the error and exit 2 if bad.
-
-    The pipeline's first DVC stage: DVC deletes a stage's outputs before running its command, so params must be
-    checked in a stage that runs before every other one, or a typo would cost the outputs of the stage it
-    reaches. ``--stamp`` writes a file whose content never changes, so a valid edit reruns nothing by itself.
-    """
-    import argparse
-    import sys
-
-    ap = argparse.ArgumentParser(prog="python -m distill.config", description="Validate params.yaml.")
-    ap.add_argument("params", nargs="?", default="params.yaml")
-    ap.add_argument("--stamp", default=None, help="write this file when the params are valid (a DVC output)")
-    args = ap.parse_args(argv)
-    try:
-        load_params(args.params)
-    except ParamsError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    if args.stamp:
-        Path(args.stamp).write_text("params valid\n")
-    print(f"{args.params}: valid")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

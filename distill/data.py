@@ -100,6 +100,7 @@ __all__ = [
     "Mix",
     "PreparedData",
     "Split",
+    "check_source",
     "decode_image",
     "IDX_FILES",
     "in_batch_mix",
@@ -981,6 +982,23 @@ def prepare_to(out_dir: str | Path, *, name: str, root: str | Path | None = None
         _write(staging, plan, name=name, image_size=image_size, seed=seed, skip_bad_images=skip_bad_images,
                workers=workers)
     return load_prepared(out)
+
+
+def check_source(name: str, *, root: str | Path | None, download: bool, **split: Any) -> None:
+    """Check, without decoding a pixel, what :func:`prepare_to` would check before it writes: the dataset's files
+    are there (an image folder's layout, torchvision's or the idx files) and every split it asks for can be
+    filled. With ``download`` nothing is checked: the files may come on the first run.
+
+    Args:
+        name / root / download: as :func:`prepare_to`.
+        **split: :func:`prepare_to`'s ``val_fraction``, ``test_fraction``, ``seed``, ``max_per_class``,
+            ``unlabeled`` and ``pool_per_class``.
+
+    Raises:
+        DatasetNotFoundError, ValueError: what :func:`prepare_to` would raise, with the same message.
+    """
+    if not download:
+        _plan(name, root=root, download=False, **split)
 
 
 def prepare_dataset(name: str, **kwargs: Any) -> PreparedData:

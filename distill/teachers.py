@@ -33,6 +33,7 @@ never flips its BatchNorm back to training mode.
 from __future__ import annotations
 
 import difflib
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -43,8 +44,8 @@ from torch import Tensor, nn
 
 from distill.weights import diff_state, format_keys, load_weights_file, strip_wrapper_prefixes
 
-__all__ = ["TEACHER_ARCHS", "TIMM_PREFIX", "InputAdapter", "ResNetSmall", "build_teacher", "freeze",
-           "load_pretrained", "load_teacher_weights", "load_weights_file"]
+__all__ = ["TEACHER_ARCHS", "TIMM_PREFIX", "InputAdapter", "ResNetSmall", "build_teacher", "check_arch",
+           "check_input_size", "freeze", "load_pretrained", "load_teacher_weights", "load_weights_file"]
 
 TEACHER_ARCHS = ("resnet_small",)  # plus every torchvision classification model name, plus "timm/<any timm model>"
 TIMM_PREFIX = "timm/"
@@ -173,30 +174,92 @@ class InputAdapter(nn.Module):
         return f"mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()}, size={self.size}"
 
 
-def _timm_model(name: str, *, num_classes: int) -> nn.Module:
+def _timm() -> Any:
     try:
         import timm
     except ImportError:
-        msg = f"teacher arch {TIMM_PREFIX}{name} needs timm, which is not installed: pip install timm"
-        raise ImportError(msg) from None
-    if not timm.is_model(name):
-        close = difflib.get_close_matches(name.split(".")[0], timm.list_models(), n=8)
-        raise ValueError(f"unknown timm model {name!r} in teacher arch {TIMM_PREFIX}{name}"
-                         + (f"; close names: {', '.join(close)}" if close else "; see timm.list_models()"))
-    try:
-        return timm.create_model(name, pretrained=False, num_classes=num_classes)
-    except (RuntimeError, ValueError) as err:  # e.g. an unknown pretrained tag
-        raise ValueError(f"cannot build timm model {name!r} (teacher arch {TIMM_PREFIX}{name}): {err}") from None
+        return None
+    return timm
 
 
-def _torchvision_model(name: str, *, num_classes: int) -> nn.Module:
+def check_arch(arch: str) -> None:
+    """Check that ``teacher.arch`` names an architecture, against the registry the name comes from.
+
+    ``resnet_small``; a torchvision classification model (``torchvision.models.list_models``); ``timm/<name>``, a
+    name timm knows (``timm.is_model``, pretrained tags included).
+
+    Raises:
+        ValueError: an unknown name, with the closest names (and ``timm/<name>`` when only timm has it).
+        ImportError: a ``timm/`` name without timm installed.
+    """
+    if arch in TEACHER_ARCHS:
+        return
+    timm = _timm()
+    if arch.startswith(TIMM_PREFIX):
+        name = arch[len(TIMM_PREFIX):]
+        if timm is None:
+            raise ImportError(f"teacher arch {arch} needs timm, which is not installed: pip install timm")
+        if not timm.is_model(name):
+            close = difflib.get_close_matches(name.split(".")[0], timm.list_models(), n=8)
+            raise ValueError(f"unknown timm model {name!r} in teacher arch {arch}"
+                             + (f"; close names: {', '.join(close)}" if close else "; see timm.list_models()"))
+        return
     import torchvision
 
     names = torchvision.models.list_models(module=torchvision.models)
-    if name not in names:
-        raise ValueError(f"unknown teacher arch {name!r}; use 'resnet_small', a torchvision classification model "
-                         f"({', '.join(sorted(names))}), or a timm model as '{TIMM_PREFIX}<name>'")
-    return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+    if arch not in names:
+        if timm is not None and timm.is_model(arch):
+            hint = f" (timm has a model of that name: teacher.arch: {TIMM_PREFIX}{arch})"
+        else:
+            close = difflib.get_close_matches(arch, [*TEACHER_ARCHS, *names], n=3)
+            hint = f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
+        raise ValueError(f"unknown teacher arch {arch!r}{hint}; use 'resnet_small', a torchvision classification "
+                         f"model ({', '.join(sorted(names))}), or a timm model as '{TIMM_PREFIX}<name>'")
+
+
+def check_input_size(arch: str, size: int) -> None:
+    """Check that a torchvision or timm teacher takes ``size``-px images: one forward pass on PyTorch's meta
+    device (shapes only: no memory, no arithmetic), so a ViT made for 224 px, or a convnet whose kernels outgrow
+    the image, is found before any stage runs. ``resnet_small`` takes any size; a model that cannot be built or
+    run on the meta device is not checked (the stage finds out).
+
+    Raises:
+        ValueError: the model rejects the size (its own message, and what to set).
+    """
+    if arch in TEACHER_ARCHS:
+        return
+    try:
+        with warnings.catch_warnings(), torch.device("meta"):
+            warnings.simplefilter("ignore")
+            model = _core_model(arch, num_classes=2).eval()
+    except Exception:  # noqa: BLE001 - some constructors compute on tensors, which the meta device cannot
+        return
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 3, size, size, device="meta"))
+    except NotImplementedError:
+        return
+    except Exception as err:  # noqa: BLE001 - any failure of the forward pass is the model refusing the shape
+        if "meta" in str(err).lower():  # the meta device, not the shape
+            return
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"teacher arch {arch!r} cannot take {size}-px images ({first}); set teacher.input_size to "
+                         "a size it takes (e.g. 224: the pipeline's images are resized for the teacher), or change "
+                         "data.image_size") from None
+
+
+def _core_model(arch: str, *, num_classes: int) -> nn.Module:
+    """The torchvision or timm model ``arch`` (checked by :func:`check_arch`), with fresh weights."""
+    check_arch(arch)
+    if arch.startswith(TIMM_PREFIX):
+        name = arch[len(TIMM_PREFIX):]
+        try:
+            return _timm().create_model(name, pretrained=False, num_classes=num_classes)
+        except (RuntimeError, ValueError) as err:  # e.g. an unknown pretrained tag
+            raise ValueError(f"cannot build timm model {name!r} (teacher arch {arch}): {err}") from None
+    import torchvision
+
+    return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
 
 
 def build_teacher(arch: str, *, num_classes: int, in_chans: int = 3, width: int = 32, blocks: int = 2,
@@ -224,10 +287,7 @@ def build_teacher(arch: str, *, num_classes: int, in_chans: int = 3, width: int 
     if arch == "resnet_small":
         model: nn.Module = ResNetSmall(num_classes=num_classes, in_chans=in_chans, width=width, blocks=blocks)
     else:
-        if arch.startswith(TIMM_PREFIX):
-            model = _timm_model(arch[len(TIMM_PREFIX):], num_classes=num_classes)
-        else:
-            model = _torchvision_model(arch, num_classes=num_classes)
+        model = _core_model(arch, num_classes=num_classes)
         if in_chans == 1:
             model = _GrayToRGB(model)
     if input is None:

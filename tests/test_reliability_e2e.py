@@ -310,6 +310,51 @@ def test_prefect_retry_resumes_from_the_last_epoch(reference, copy, run):
     assert [r.info.status for r in runs] == ["FAILED", "FINISHED"]
 
 
+# ------------------------------------------------------------------------------------ bad input, before DVC
+def every_output(project: Path) -> dict[str, tuple[int, int, int, str]]:
+    """Inode, mtime, size and sha256 of every file every stage wrote (a rewrite with equal bytes still shows)."""
+    import hashlib
+
+    out = {}
+    for folder in ("data/prepared", "soft_labels", "models", "metrics", "plots", "reports"):
+        for p in sorted((project / folder).rglob("*")):
+            if p.is_file() and "pretrained" not in p.parts:
+                out[str(p.relative_to(project))] = (*stat(p), hashlib.sha256(p.read_bytes()).hexdigest())
+    assert len(out) > 20  # every stage's outputs are there
+    return out
+
+
+@pytest.mark.parametrize("command", [["dvc", "repro"], [sys.executable, "-m", "flows", "pipeline"]])
+def test_a_bad_student_preset_after_a_successful_run_touches_no_output(copy, run, command):
+    """``deit_micr`` passed check_params and failed in the student stage, after DVC had deleted its outputs."""
+    project = copy("bad-preset")
+    before = every_output(project)
+    set_param(project, "student.model.preset", "deit_micr")
+    proc = run(command, project, check=False)
+    assert proc.returncode != 0, describe(proc)
+    message = proc.stdout + proc.stderr
+    assert "student.model.preset 'deit_micr' is unknown" in message and "'deit_micro'" in message, describe(proc)
+    assert "Running stage 'student'" not in message, describe(proc)
+    assert every_output(project) == before
+
+
+def test_a_missing_data_root_leaves_the_prepared_data_untouched(copy, run):
+    """DVC checks ``${data.root}`` itself: the data stage's outputs went, with DVC's bare ``[Errno 2]``."""
+    project = copy("no-raw-data")
+    before = every_output(project)
+    set_param(project, "data.root", "data/rw")  # a typo: the pipeline command names it, before DVC
+    proc = run([sys.executable, "-m", "flows", "pipeline"], project, check=False)
+    assert proc.returncode == 2, describe(proc)
+    assert "data.root = 'data/rw': no such folder" in proc.stderr and "Running stage" not in proc.stdout, describe(proc)
+    run(["git", "checkout", "params.yaml"], project)
+    (project / "data" / "raw").rename(project / "data" / "raw-moved")  # the folder vanished, params unchanged
+    proc = run(["dvc", "repro"], project, check=False)  # plain DVC: check_params depends on it and stops first
+    assert proc.returncode != 0 and "failed to reproduce 'check_params'" in proc.stdout + proc.stderr, describe(proc)
+    proc = run([sys.executable, "-m", "flows", "pipeline"], project, check=False)
+    assert proc.returncode == 2 and "data.root = 'data/raw': no such folder" in proc.stderr, describe(proc)
+    assert every_output(project) == before
+
+
 # ------------------------------------------------------------------------------------------ tracking
 def test_tracking_server_down_at_start_fails_fast_and_touches_nothing(copy, run):
     project = copy("no-server")

@@ -34,13 +34,13 @@ from distill.data import ArrayDataset, Augmenter, AugmentSpec, DatasetMeta, Prep
 from distill.engine import SupervisedTask, fit, make_accelerator
 from distill.io import file_sha256, json_text, replace_together
 from distill.losses import DistillationLoss
-from distill.models.build import build_model
-from distill.models.deit import PRESETS, DeiTConfig, load_pretrained_deit
+from distill.models.build import build_model, student_config
+from distill.models.deit import load_pretrained_deit
 from distill.stages.runner import mark_finished
 from distill.tracking import Tracker
 from distill.weights import pretrained_file
 
-__all__ = ["augmenter", "student_config", "build_student", "load_teacher", "resume_key", "train_and_save",
+__all__ = ["augmenter", "build_student", "load_teacher", "resume_key", "train_and_save",
            "curves_text", "save_outputs", "code_fingerprint", "checkpoint_extra", "WALL_CLOCK",
            "without_wall_clock", "log_runtime"]
 
@@ -54,23 +54,6 @@ def augmenter(params: ParamsView, meta: DatasetMeta) -> Augmenter:
     return Augmenter(spec=spec, out_size=meta.image_size, mean=meta.mean, std=meta.std)
 
 
-_OVERRIDES = ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio")
-
-
-def student_config(model: ParamsView, meta: DatasetMeta, *, distilled: bool) -> dict[str, Any]:
-    """The DeiT config of ``student.model`` (a preset, with overrides) for this dataset."""
-    if model.preset not in PRESETS:
-        raise ValueError(f"student.model.preset {model.preset!r} is unknown; choose one of {', '.join(PRESETS)}")
-    overrides = {k: getattr(model, k) for k in _OVERRIDES if getattr(model, k) is not None}
-    cfg = {**PRESETS[model.preset].to_dict(), **overrides, "drop_path_rate": model.drop_path_rate,
-           "drop_rate": model.drop_rate, "img_size": meta.image_size, "in_chans": meta.channels,
-           "num_classes": meta.num_classes, "distilled": distilled}
-    try:
-        return DeiTConfig.from_dict(cfg).to_dict()
-    except ValueError as err:
-        raise ValueError(f"student.model: {err} (data.image_size={meta.image_size})") from None
-
-
 def build_student(model: ParamsView, meta: DatasetMeta, paths: Paths, *, distilled: bool, seed: int,
                   tracker: Tracker) -> tuple[nn.Module, dict[str, Any], list[Path]]:
     """A DeiT for this dataset, started from ``student.model.pretrained_path`` when one is set.
@@ -78,7 +61,8 @@ def build_student(model: ParamsView, meta: DatasetMeta, paths: Paths, *, distill
     Returns:
         The model, its config, and the weights file it started from (a resume-key input), if any.
     """
-    cfg = student_config(model, meta, distilled=distilled)
+    cfg = student_config(model, image_size=meta.image_size, channels=meta.channels, num_classes=meta.num_classes,
+                         distilled=distilled)
     net = build_model("deit", cfg, seed=seed)
     if not model.pretrained_path:
         return net, cfg, []
