@@ -1,4 +1,4 @@
-"""Command line: ``python -m flows stage <name>``, ``python -m flows pipeline [-S key=value ...]``, ``seeds``.
+"""Command line: ``python -m flows stage <name>``, ``python -m flows pipeline [-S key=value ...] [--apply]``, ``seeds``.
 
 Thin by design: parameters come from ``params.yaml`` (validated before anything starts); runtime flags
 (precision, CPU, number of processes) come from accelerate's config file or the environment
@@ -72,9 +72,13 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("name", help="the stage (distill/stages/<name>.py)")
     st.add_argument("--no-prefect", action="store_true", help="run the stage without Prefect and MLflow")
     pl = sub.add_parser("pipeline", parents=[overridable],
-                        help="run the whole pipeline as a DVC experiment (`dvc exp run`), as one Prefect flow")
+                        help="run the whole pipeline as a DVC experiment (`dvc exp run`), as one Prefect flow; with "
+                             "-S, a variant in a temporary copy that leaves the workspace as it is")
     pl.add_argument("--name", default=None, help="the DVC experiment's name (default: a new one)")
     pl.add_argument("-f", "--force", action="store_true", help="rerun every stage")
+    pl.add_argument("--apply", action="store_true",
+                    help="write the -S values into params.yaml (its formatting kept) and run in the workspace; the "
+                         "file is put back as it was if the run fails")
     sd = sub.add_parser("seeds", parents=[overridable],
                         help="run the pipeline for several seeds (DVC experiments): mean, per-seed values, 95 %% CI")
     sd.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
@@ -129,7 +133,8 @@ def _orchestrate_locked(args: argparse.Namespace) -> int:
         if server is not None:
             server.wait()
         if args.cmd == "pipeline":
-            pipeline_flow(overrides=args.overrides, project_root=".", exp_name=args.name, force=args.force)
+            pipeline_flow(overrides=args.overrides, project_root=".", exp_name=args.name, force=args.force,
+                          apply=args.apply)
         else:
             seeds_flow(seeds=args.seeds, overrides=args.overrides, project_root=".")
     finally:
@@ -163,12 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         # Bad params or overrides fail here, before any work and before Prefect starts.
         params = load_params(args.params)
         if getattr(args, "overrides", None):
-            params = parse_params(apply_overrides(params.model_dump(mode="json"), args.overrides),
-                                  source="the -S overrides")
-        if args.cmd != "stage":  # what a stage would reject, before DVC deletes any stage's outputs
-            from distill.preflight import preflight
-
-            preflight(params, ".", source=args.params)
+            parse_params(apply_overrides(params.model_dump(mode="json"), args.overrides), source="the -S overrides")
         return _stage(args, argv) if args.cmd == "stage" else _orchestrate(args)
     except (ParamsError, LaunchError) as err:
         print(f"error: {err}", file=sys.stderr)

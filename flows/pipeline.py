@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from prefect import flow, get_run_logger
 from prefect.runtime import deployment, flow_run
@@ -28,9 +30,10 @@ from prefect.runtime import deployment, flow_run
 from distill.config import apply_overrides, load_raw, parse_params
 from distill.tracking import MlflowTracker, create_pipeline_run, open_experiment, tracking_uri
 from flows.stage import PARENT_ENV, publish_report
-from flows.workspace import workspace_lock
+from flows.workspace import apply_to_params_file, workspace_lock
 
-__all__ = ["pipeline_flow", "StageFailed", "run_dvc", "experiment_name", "flow_run_holder"]
+__all__ = ["pipeline_flow", "StageFailed", "run_dvc", "experiment_name", "flow_run_holder", "check_committed",
+           "applied", "experiment_metrics"]
 
 
 class StageFailed(RuntimeError):
@@ -92,33 +95,92 @@ def _api_url() -> Optional[str]:
 
 @flow(name="distill-pipeline", log_prints=True, persist_result=False)
 def pipeline_flow(overrides: Optional[list[str]] = None, project_root: str = ".", exp_name: Optional[str] = None,
-                  force: bool = False, temp: bool = False) -> dict[str, Any]:
+                  force: bool = False, temp: bool = False, apply: bool = False,
+                  committed: bool = False) -> dict[str, Any]:
     """Run the pipeline as a DVC experiment, with ``key=value`` overrides (DVC's ``-S``).
+
+    With overrides, the variant runs in a temporary copy (``dvc exp run --temp``): the workspace's ``params.yaml``,
+    ``dvc.lock`` and outputs stay as they are, and the experiment is saved by DVC. Without, the pipeline runs in
+    the workspace (``dvc exp run``, which a rerun after a kill resumes).
 
     Args:
         overrides: e.g. ``["student.alpha=0.7"]``; validated before anything runs.
         project_root: the DVC repository.
         exp_name: the DVC experiment's name, also the MLflow parent run's (default: a new ``run-<time>``).
         force: rerun every stage.
-        temp: run in a temporary copy of the workspace (``dvc exp run --temp``), leaving the workspace as it is.
+        temp: run in a temporary copy even without overrides.
+        apply: write the overrides into ``params.yaml`` (its formatting kept) and run in the workspace; the file is
+            put back as it was if the run fails.
+        committed: refuse to run unless ``params.yaml`` is the committed one (the ``default`` deployment).
 
     Returns:
-        ``{"experiment", "mlflow_parent_run_id"}`` and, in the workspace, ``"evaluate"``: the evaluate metrics.
+        ``{"experiment", "mlflow_parent_run_id", "evaluate"}``: ``evaluate`` holds the evaluate metrics.
     """
     root = Path(project_root).resolve()
     with workspace_lock(root, flow_run_holder("distill-pipeline")):  # held already when the CLI started this
-        return _pipeline(root, list(overrides or []), exp_name=exp_name, force=force, temp=temp)
+        if committed:
+            check_committed(root / "params.yaml")
+        overrides = list(overrides or [])
+        resolved = apply_overrides(load_raw(root / "params.yaml"), overrides)
+        parse_params(resolved, source="params.yaml with the overrides")  # bad overrides fail before any work
+        in_temp = temp or (bool(overrides) and not apply)
+        with applied(root / "params.yaml", [] if in_temp else overrides):
+            return _pipeline(root, overrides, resolved, exp_name=exp_name or experiment_name(), force=force,
+                             temp=in_temp)
 
 
-def _pipeline(root: Path, overrides: list[str], *, exp_name: Optional[str], force: bool,
+def check_committed(params_file: Path) -> None:
+    """Refuse a ``params.yaml`` that differs from the committed one (``git diff HEAD``), naming the changed keys."""
+    from distill.config import ParamsError
+
+    res = subprocess.run(["git", "show", f"HEAD:./{params_file.name}"], cwd=params_file.parent, capture_output=True,
+                         text=True, check=False)
+    if res.returncode != 0:
+        raise ParamsError(f"{params_file} is not committed in git ({res.stderr.strip()}); commit it first")
+    if res.stdout == params_file.read_text():
+        return
+    import yaml
+
+    from distill.config import flatten
+
+    head, now = flatten(yaml.safe_load(res.stdout) or {}), flatten(load_raw(params_file))
+    changed = sorted(k for k in set(head) | set(now) if head.get(k) != now.get(k)) or ["(formatting only)"]
+    raise ParamsError(f"{params_file} differs from the committed one ({', '.join(changed)}): this run takes the "
+                      "committed params only. Commit the change, or run it as a variant with overrides")
+
+
+@contextmanager
+def applied(params_file: Path, overrides: list[str]) -> Iterator[None]:
+    """``overrides`` written into ``params_file`` for the run (``--apply``), put back as it was if the run fails.
+
+    Only the file: the stages that finished keep their new outputs and ``dvc.lock`` entries (DVC deletes a stage's
+    outputs before it runs it, so one that failed on the new values has none), and the same command again takes up
+    what they did (a training stage resumes from its state in ``.state/``).
+    """
+    if not overrides:
+        yield
+        return
+    from distill.io import atomic_write_bytes
+
+    before = params_file.read_bytes()
+    apply_to_params_file(params_file, overrides)
+    written = params_file.read_bytes()
+    try:
+        yield
+    except BaseException:
+        if params_file.read_bytes() == written:
+            atomic_write_bytes(params_file, before)
+            print(f"{params_file.name} is back as it was: the run with {' '.join(overrides)} did not finish",
+                  file=sys.stderr, flush=True)
+        raise
+
+
+def _pipeline(root: Path, overrides: list[str], resolved: dict[str, Any], *, exp_name: str, force: bool,
               temp: bool) -> dict[str, Any]:
     logger = get_run_logger()
-    resolved = apply_overrides(load_raw(root / "params.yaml"), overrides)
-    parse_params(resolved, source="params.yaml with the overrides")  # bad overrides fail before any work
-    name = exp_name or experiment_name()
     client, experiment_id = open_experiment(root)
-    parent = create_pipeline_run(client, experiment_id, root, run_name=name, params=resolved,
-                                 tags={"dvc_exp_name": name, "overrides": " ".join(overrides),
+    parent = create_pipeline_run(client, experiment_id, root, run_name=exp_name, params=resolved,
+                                 tags={"dvc_exp_name": exp_name, "overrides": " ".join(overrides),
                                        "prefect_flow_run_id": str(flow_run.id or "")})
     env = {**os.environ, "DISTILL_PARENT_RUN_ID": parent,
            "MLFLOW_TRACKING_URI": tracking_uri(root)}  # the repository's store, also from a temporary copy
@@ -127,9 +189,10 @@ def _pipeline(root: Path, overrides: list[str], *, exp_name: Optional[str], forc
         env["PREFECT_API_URL"] = api
     if flow_run.id:
         env[PARENT_ENV] = str(flow_run.id)
-    cmd = (["dvc", "exp", "run", "--name", name] + (["--temp"] if temp else [])
-           + [a for o in overrides for a in ("-S", o)] + (["-f"] if force else []))
-    logger.info("DVC experiment %s: %s (MLflow parent run %s)", name, " ".join(cmd), parent)
+    # In the workspace the values are in params.yaml already (--apply): DVC's -S would rewrite the file its own way.
+    cmd = (["dvc", "exp", "run", "--name", exp_name] + (["--temp"] if temp else [])
+           + [a for o in (overrides if temp else []) for a in ("-S", o)] + (["-f"] if force else []))
+    logger.info("DVC experiment %s: %s (MLflow parent run %s)", exp_name, " ".join(cmd), parent)
     parent_run = MlflowTracker(parent, uri=tracking_uri(root))  # an outage must not fail finished stages
     status = "FAILED"
     try:
@@ -137,12 +200,49 @@ def _pipeline(root: Path, overrides: list[str], *, exp_name: Optional[str], forc
         status = "FINISHED"
     finally:
         parent_run.terminate(status)
-    result: dict[str, Any] = {"experiment": name, "mlflow_parent_run_id": parent}
+    result: dict[str, Any] = {"experiment": exp_name, "mlflow_parent_run_id": parent}
+    if temp:
+        result["evaluate"] = experiment_metrics(root, [exp_name])[exp_name]
+        print(_variant_summary(exp_name, result["evaluate"], overrides))
+        return result
     metrics_file = root / "metrics" / "evaluate.json"
-    if not temp and metrics_file.is_file():
+    if metrics_file.is_file():
         result["evaluate"] = json.loads(metrics_file.read_text())
         report = root / "reports" / "results.md"
         if report.is_file():
             print(report.read_text())
             publish_report(root)
     return result
+
+
+def _variant_summary(name: str, metrics: dict[str, Any], overrides: list[str]) -> str:
+    """The headline of a variant that ran in a temporary copy (its report went with the copy)."""
+    def top1(model: str) -> str:
+        value = (metrics.get(model) or {}).get("top1")
+        return f"{model} {100 * value:.2f} %" if isinstance(value, (int, float)) else f"{model} -"
+
+    gain = metrics.get("distillation_gain")
+    gain_text = f", distillation gain {100 * gain:+.2f} points" if isinstance(gain, (int, float)) else ""
+    keep = " ".join(f"-S {shlex.quote(o)}" for o in overrides)
+    return (f"DVC experiment {name} ({' '.join(overrides) or 'no overrides'}), test top-1: "
+            f"{', '.join(top1(m) for m in ('teacher', 'baseline', 'student'))}{gain_text}.\n"
+            f"It ran in a temporary copy: params.yaml, dvc.lock and the outputs here are as they were. Compare: "
+            f"`dvc exp show`; keep it: `python -m flows pipeline --apply {keep}`.")
+
+
+def experiment_metrics(root: Path, names: list[str]) -> dict[str, dict[str, Any]]:
+    """``metrics/evaluate.json`` of each named DVC experiment, read with ``dvc exp show --json``."""
+    res = subprocess.run(["dvc", "exp", "show", "--json"], cwd=root, capture_output=True, text=True, check=False)
+    if res.returncode != 0:
+        raise StageFailed(f"`dvc exp show --json` exited with status {res.returncode}: {res.stderr.strip()}")
+    found: dict[str, dict[str, Any]] = {}
+    for commit in json.loads(res.stdout):
+        for exp in commit.get("experiments") or []:
+            for rev in exp.get("revs") or []:
+                if rev.get("name") in names:
+                    metrics = ((rev.get("data") or {}).get("metrics") or {}).get("metrics/evaluate.json") or {}
+                    found[rev["name"]] = metrics.get("data") or {}
+    missing = [n for n in names if not found.get(n)]
+    if missing:
+        raise StageFailed(f"DVC has no evaluate metrics for experiment(s) {', '.join(missing)}")
+    return found

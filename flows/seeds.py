@@ -12,38 +12,18 @@ minus baseline top-1) and the gap to the teacher first, with their per-seed valu
 
 from __future__ import annotations
 
-import json
-import subprocess
 import time
 from pathlib import Path
 from typing import Any, Optional
 
 from prefect import flow, get_run_logger
 
-from flows.pipeline import StageFailed, flow_run_holder, pipeline_flow
+from flows.pipeline import experiment_metrics, flow_run_holder, pipeline_flow
 from flows.workspace import workspace_lock
 
 HEADLINE = ("distillation_gain", "gap_to_teacher", "teacher.top1", "baseline.top1", "student.top1",
             "student.top1_cls_head", "student.top1_dist_head", "student.agreement_with_teacher", "student.ece",
             "baseline.ece")
-
-
-def experiment_metrics(root: Path, names: list[str]) -> dict[str, dict[str, Any]]:
-    """``metrics/evaluate.json`` of each named DVC experiment, read with ``dvc exp show --json``."""
-    res = subprocess.run(["dvc", "exp", "show", "--json"], cwd=root, capture_output=True, text=True, check=False)
-    if res.returncode != 0:
-        raise StageFailed(f"`dvc exp show --json` exited with status {res.returncode}: {res.stderr.strip()}")
-    found: dict[str, dict[str, Any]] = {}
-    for commit in json.loads(res.stdout):
-        for exp in commit.get("experiments") or []:
-            for rev in exp.get("revs") or []:
-                if rev.get("name") in names:
-                    metrics = ((rev.get("data") or {}).get("metrics") or {}).get("metrics/evaluate.json") or {}
-                    found[rev["name"]] = metrics.get("data") or {}
-    missing = [n for n in names if not found.get(n)]
-    if missing:
-        raise StageFailed(f"DVC has no evaluate metrics for experiment(s) {', '.join(missing)}")
-    return found
 
 
 def summarise(per_seed: dict[int, dict[str, Any]], out_dir: Path) -> dict[str, Any]:

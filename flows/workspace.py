@@ -1,4 +1,4 @@
-"""One pipeline at a time in a workspace.
+"""One pipeline at a time in a workspace, and variants that leave it as it is.
 
 **The workspace lock.** ``python -m flows pipeline``, ``python -m flows seeds`` and the Prefect deployments' flow
 runs hold an exclusive lock on ``.dvc/tmp/distill-workspace.lock`` from before they read or touch ``params.yaml``
@@ -8,21 +8,28 @@ stashes the workspace, rewrites ``params.yaml`` for its ``-S`` values and touche
 that lock and refuses, so the first pipeline then records the second's params and fails at its end (issue 17).
 The lock is ``fcntl.flock`` on an open file: the kernel releases it however the holder ends, SIGKILL included,
 so there is never a stale lock to remove. The file itself stays, holding the last holder's description.
+
+**Formatting-preserving edits of params.yaml.** :func:`apply_to_params_file` writes ``key=value`` overrides into
+``params.yaml`` by replacing only each value's text on its own line: comments, ``null``, inline lists and the
+comment column stay as they are (DVC's own rewrite, ``dvc exp run -S`` in the workspace, loses them).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from distill.config import ParamsError
+import yaml
 
-__all__ = ["LOCK_FILE", "WorkspaceBusy", "workspace_lock", "held", "command_line"]
+from distill.config import ParamsError, apply_overrides, load_raw
+
+__all__ = ["LOCK_FILE", "WorkspaceBusy", "workspace_lock", "held", "command_line", "apply_to_params_file", "set_values"]
 
 LOCK_FILE = Path(".dvc") / "tmp" / "distill-workspace.lock"
 
@@ -109,3 +116,96 @@ def command_line() -> str:
     if main is not None and main.name == "__main__.py" and main.parent.name == "flows":
         return " ".join(["python -m flows", *args])
     return " ".join(sys.argv)
+
+
+# ------------------------------------------------------------------------- editing params.yaml in place
+_KEY_LINE = re.compile(r"^(?P<indent> *)(?P<key>[A-Za-z_][\w.-]*):(?P<gap> *)(?P<rest>.*)$")
+
+
+def _split_comment(rest: str) -> tuple[str, str]:
+    """``value   # comment`` -> (``value``, ``   # comment``): a ``#`` after whitespace, outside quotes and brackets."""
+    depth, quote = 0, ""
+    for i, ch in enumerate(rest):
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "[{":
+            depth += 1
+        elif ch in "]}":
+            depth -= 1
+        elif ch == "#" and depth == 0 and (i == 0 or rest[i - 1] in " \t"):
+            value = rest[:i].rstrip()
+            return value, rest[len(value):]
+    return rest.rstrip(), ""
+
+
+def _flow_text(value: Any) -> str:
+    """A value as one line of YAML: ``null``, ``0.5``, ``soft``, ``[0.2, 1.0]``."""
+    text = yaml.safe_dump(value, default_flow_style=True, width=1 << 30, sort_keys=False).strip()
+    return text[:-4].rstrip() if text.endswith("\n...") else text
+
+
+def set_values(text: str, changes: dict[str, Any]) -> str:
+    """``text`` (a YAML file of block mappings) with the dotted keys in ``changes`` set, nothing else changed.
+
+    Each value is replaced on its own line; its comment keeps its column where the new value leaves room.
+
+    Raises:
+        ParamsError: a key is not on a line of its own with a one-line value (a block list or mapping).
+    """
+    lines = text.splitlines(keepends=True)
+    stack: list[tuple[int, str]] = []
+    found: set[str] = set()
+    for i, line in enumerate(lines):
+        match = _KEY_LINE.match(line.rstrip("\r\n"))
+        if match is None:
+            continue
+        indent = len(match["indent"])
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        dotted = ".".join([k for _, k in stack] + [match["key"]])
+        stack.append((indent, match["key"]))
+        if dotted not in changes:
+            continue
+        value, comment = _split_comment(match["rest"])
+        if not value:
+            raise ParamsError(f"cannot set {dotted} in place: its value spans several lines in params.yaml; "
+                              "edit the file by hand")
+        new = _flow_text(changes[dotted])
+        if comment:  # keep the comment's column when the new value leaves room for it
+            pad = len(comment) - len(comment.lstrip())
+            comment = " " * max(1, pad + len(value) - len(new)) + comment.lstrip()
+        ending = line[len(line.rstrip("\r\n")):]
+        lines[i] = f"{match['indent']}{match['key']}:{match['gap'] or ' '}{new}{comment}{ending}"
+        found.add(dotted)
+    missing = sorted(set(changes) - found)
+    if missing:
+        raise ParamsError(f"cannot set {', '.join(missing)} in place: not a key on a line of its own in params.yaml")
+    return "".join(lines)
+
+
+def apply_to_params_file(path: str | Path, overrides: list[str]) -> bool:
+    """Write ``key=value`` overrides into ``path`` in place, keeping its formatting; True if the file changed.
+
+    The result is checked: read back, it must equal the file's values with the overrides applied.
+
+    Raises:
+        ParamsError: an override that cannot be written in place (the file is left as it was).
+    """
+    from distill.io import atomic_write_text
+
+    path = Path(path)
+    before = path.read_text()
+    expected = apply_overrides(load_raw(path), overrides)
+    changes = {}
+    for item in overrides:
+        key, _, value = item.partition("=")
+        changes[key] = yaml.safe_load(value)
+    after = set_values(before, changes)
+    if yaml.safe_load(after) != expected:
+        raise ParamsError(f"cannot write {' '.join(overrides)} into {path} in place; edit the file by hand")
+    if after == before:
+        return False
+    atomic_write_text(path, after)
+    return True

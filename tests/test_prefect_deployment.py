@@ -1,9 +1,11 @@
 """The README's Prefect section, for real: work pool, ``prefect deploy --all``, a process worker, deployment runs.
 
 It uses the session's ``prefect server start`` and reuses ``built_project`` (conftest.py), where the
-pipeline has already run: the ``default`` deployment's run is then a quick no-op ``dvc repro``, and
-the ``experiment`` deployment's run with ``overrides=["student.alpha=0.6"]`` reruns ``student`` and
-``evaluate`` as a DVC experiment, on the worker.
+pipeline has already run, committed as a user would before deploying: the ``default`` deployment's run is
+then a quick no-op, and the ``experiment`` deployment's run with ``overrides=["student.alpha=0.6"]`` reruns
+``student`` and ``evaluate`` as a DVC experiment in a temporary copy, on the worker. The workspace stays as
+committed, so a second ``default`` run has nothing to do either (before, the experiment's values stayed in
+``params.yaml`` and the ``default`` run recorded them).
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ def deployed(built_project: PipelineRun, run_cmd: Any) -> dict[str, str]:
     """The work pool and the deployments of prefect.yaml, registered on the session's server."""
     assert built_project.proc.returncode == 0, describe(built_project.proc)
     env = {"DISTILL_PROJECT_DIR": str(built_project.project)}
+    run_cmd(["git", "add", "-A"], built_project.project)
+    run_cmd(["git", "commit", "-qm", "the state to deploy", "--allow-empty"], built_project.project)
     run_cmd(["prefect", "work-pool", "create", POOL, "--type", "process"], built_project.project, env=env, timeout=120)
     run_cmd(["prefect", "deploy", "--all", "--no-prompt"], built_project.project, env=env, timeout=300)
     return env
@@ -66,20 +70,38 @@ def run_deployment(run_cmd: Any, project: Path, worker_log: Path, name: str, *pa
     return flow_run
 
 
-def stage_runs_of(project: Path, flow_run: dict[str, Any]) -> list[Any]:
-    """The MLflow child runs under the parent run the pipeline flow run opened (tagged with its id)."""
+def parent_runs_of(project: Path, flow_run: dict[str, Any]) -> list[Any]:
+    """The MLflow parent runs (not deleted) that the pipeline flow run opened (tagged with its id)."""
+    from mlflow.entities import ViewType
+
     client = mlflow_client(project)
-    parents = mlflow_runs(client, f"tags.prefect_flow_run_id = '{flow_run['id']}'")
+    experiment = client.get_experiment_by_name("distill")
+    return client.search_runs([experiment.experiment_id], f"tags.prefect_flow_run_id = '{flow_run['id']}'",
+                              run_view_type=ViewType.ACTIVE_ONLY)
+
+
+def stage_runs_of(project: Path, flow_run: dict[str, Any]) -> list[Any]:
+    """The MLflow child runs under the parent run the pipeline flow run opened."""
+    parents = parent_runs_of(project, flow_run)
     assert len(parents) == 1, parents
     assert parents[0].info.status == "FINISHED"
-    return mlflow_runs(client, f"tags.`mlflow.parentRunId` = '{parents[0].info.run_id}'")
+    return mlflow_runs(mlflow_client(project), f"tags.`mlflow.parentRunId` = '{parents[0].info.run_id}'")
+
+
+def student_alpha_in_lock(project: Path) -> Any:
+    import yaml
+
+    return yaml.safe_load((project / "dvc.lock").read_text())["stages"]["student"]["params"]["params.yaml"][
+        "student"]["alpha"]
 
 
 def test_deployments_run_on_a_worker(built_project: PipelineRun, run_cmd: Any, worker: Path) -> None:
     project = built_project.project
+    committed = (project / "params.yaml").read_bytes()
+    alpha = student_alpha_in_lock(project)
     default = run_deployment(run_cmd, project, worker, "distill-pipeline/default")
-    assert default["parameters"]["overrides"] == []
-    assert stage_runs_of(project, default) == []  # `dvc repro` of an up-to-date project runs no stage
+    assert default["parameters"]["overrides"] == [] and default["parameters"]["committed"] is True
+    assert stage_runs_of(project, default) == []  # an up-to-date project runs no stage
 
     experiments_before = dvc_experiments(project, run_cmd)
     experiment = run_deployment(run_cmd, project, worker, "distill-pipeline/experiment",
@@ -90,3 +112,8 @@ def test_deployments_run_on_a_worker(built_project: PipelineRun, run_cmd: Any, w
     children = stage_runs_of(project, experiment)
     assert sorted(r.data.tags["distill.stage"] for r in children) == ["evaluate", "student"]
     assert {r.data.tags["dvc_exp_name"] for r in children} == set(new)
+    assert (project / "params.yaml").read_bytes() == committed  # the variant left the workspace as it was
+
+    again = run_deployment(run_cmd, project, worker, "distill-pipeline/default")
+    assert stage_runs_of(project, again) == []  # the committed params, still up to date: nothing ran
+    assert student_alpha_in_lock(project) == alpha != 0.6
