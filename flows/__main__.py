@@ -168,7 +168,12 @@ def main(argv: list[str] | None = None) -> int:
         # Bad params or overrides fail here, before any work and before Prefect starts.
         params = load_params(args.params)
         if getattr(args, "overrides", None):
-            parse_params(apply_overrides(params.model_dump(mode="json"), args.overrides), source="the -S overrides")
+            params = parse_params(apply_overrides(params.model_dump(mode="json"), args.overrides),
+                                  source="the -S overrides")
+        if args.cmd != "stage":  # what a stage would reject, before DVC deletes any stage's outputs
+            from distill.preflight import preflight
+
+            preflight(params, ".", source=args.params)
         return _stage(args, argv) if args.cmd == "stage" else _orchestrate(args)
     except (ParamsError, LaunchError) as err:
         print(f"error: {err}", file=sys.stderr)
