@@ -24,7 +24,7 @@ import math
 import statistics
 import time
 from contextlib import contextmanager
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +34,8 @@ from distill.config import flatten
 from distill.models.deit import count_parameters
 
 __all__ = ["classification_metrics", "topk_accuracy", "agreement", "expected_calibration_error", "confusion_matrix",
-           "count_parameters", "flops_per_image", "measure_throughput", "interleaved_speed", "mean_std",
+           "count_parameters", "flops_per_image", "measure_calls", "measure_throughput", "interleaved_rounds",
+           "interleaved_speed", "mean_std",
            "t_interval", "wilson_interval", "paired_accuracy_interval", "aggregate_runs"]
 
 
@@ -215,15 +216,43 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timed_calls(model: nn.Module, x: Tensor, n: int) -> list[float]:
-    """Wall-clock seconds of ``n`` forward passes, each synchronised with the device."""
+def _timed_calls(call: Callable[[Any], Any], x: Any, n: int, device: torch.device | None = None) -> list[float]:
+    """Wall-clock seconds of ``n`` calls ``call(x)``, each synchronised with ``device`` (a GPU's queued kernels)."""
     times = []
     for _ in range(n):
         t0 = time.perf_counter()
-        model(x)
-        _sync(x.device)
+        call(x)
+        if device is not None:
+            _sync(device)
         times.append(time.perf_counter() - t0)
     return times
+
+
+def measure_calls(call: Callable[[Any], Any], batch: Any, single: Any, *, iters: int, warmup: int = 5,
+                  device: torch.device | None = None) -> dict[str, float]:
+    """Throughput and batch-1 latency of any callable (a model, an onnxruntime session's ``run``), one statistic.
+
+    Throughput is ``len(batch) * iters / total time`` of ``iters`` calls on ``batch``; latency the median of
+    ``iters`` calls on ``single`` (one image); each after ``warmup`` untimed calls.
+
+    Args:
+        call: takes ``batch`` or ``single`` (a tensor, an array: whatever it runs on).
+        batch: a batch of inputs (``len`` is its image count).
+        single: a batch of one input.
+        iters: timed calls for each of the two measurements.
+        warmup: untimed calls before each measurement.
+        device: synchronised after every call when it is a GPU.
+
+    Returns:
+        ``{"images_per_sec", "latency_ms_batch1"}``.
+    """
+    if iters < 1 or warmup < 0:
+        raise ValueError(f"need iters >= 1, warmup >= 0; got {iters}, {warmup}")
+    _timed_calls(call, batch, warmup, device)
+    images_per_sec = len(batch) * iters / sum(_timed_calls(call, batch, iters, device))
+    _timed_calls(call, single, warmup, device)
+    latency_ms = 1000 * statistics.median(_timed_calls(call, single, iters, device))
+    return {"images_per_sec": float(images_per_sec), "latency_ms_batch1": float(latency_ms)}
 
 
 def measure_throughput(model: nn.Module, input_shape: Sequence[int], *, batch_size: int, iters: int,
@@ -258,10 +287,7 @@ def measure_throughput(model: nn.Module, input_shape: Sequence[int], *, batch_si
     model.to(device)
     try:
         with _eval_mode(model), torch.inference_mode():
-            _timed_calls(model, batch, warmup)
-            images_per_sec = batch_size * iters / sum(_timed_calls(model, batch, iters))
-            _timed_calls(model, single, warmup)
-            latency_ms = 1000 * statistics.median(_timed_calls(model, single, iters))
+            speed = measure_calls(model, batch, single, iters=iters, warmup=warmup, device=device)
     finally:
         model.to(home)
     threads = f", {torch.get_num_threads()} CPU threads" if device.type == "cpu" else ""
@@ -269,11 +295,50 @@ def measure_throughput(model: nn.Module, input_shape: Sequence[int], *, batch_si
               f"latency over {iters} batch-1 calls; eval mode, torch.inference_mode, "
               f"{str(dtype).removeprefix('torch.')}, random inputs, device {device}{threads}"
               + (", CUDA synchronised per call" if device.type == "cuda" else ""))
-    return {"images_per_sec": float(images_per_sec), "latency_ms_batch1": float(latency_ms), "method": method}
+    return {**speed, "method": method}
 
 
 def _spread(values: Sequence[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def interleaved_rounds(measures: Mapping[str, Callable[[], Mapping[str, Any]]], *, rounds: int,
+                       keys: Sequence[str] = ("images_per_sec", "latency_ms_batch1"), reference: str | None = None,
+                       ratio_key: str = "images_per_sec") -> tuple[dict[str, dict[str, float]], list[dict[str, Any]]]:
+    """Run each measurement once per round, the order reversed every other round; median and spread over rounds.
+
+    A machine that slows down or speeds up hits every side alike; a ratio to ``reference`` is computed within each
+    round (same moment, same load) and summarised over rounds.
+
+    Args:
+        measures: name -> a function that measures once and returns at least ``keys``.
+        rounds: how many rounds.
+        keys: the figures summarised.
+        reference: the side the others' ``ratio_key`` is divided by (None: no ratios).
+        ratio_key: the figure of the ratios (higher is faster).
+
+    Returns:
+        ``(summary, per_round)``: ``summary[name]`` holds each key's median with ``<key>_min`` and ``<key>_max``, and
+        ``speedup_vs_<reference>`` (with ``_min``, ``_max``); ``per_round`` the raw results of each round.
+    """
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    per_round: list[dict[str, Any]] = []
+    for r in range(rounds):
+        order = list(measures) if r % 2 == 0 else list(reversed(list(measures)))
+        per_round.append({name: measures[name]() for name in order})
+    out: dict[str, dict[str, float]] = {}
+    for name in measures:
+        row: dict[str, float] = {}
+        for key in keys:
+            stats = _spread([rnd[name][key] for rnd in per_round])
+            row.update({key: stats["median"], f"{key}_min": stats["min"], f"{key}_max": stats["max"]})
+        if reference is not None and reference in measures:
+            stats = _spread([rnd[name][ratio_key] / rnd[reference][ratio_key] for rnd in per_round])
+            row.update({f"speedup_vs_{reference}": stats["median"], f"speedup_vs_{reference}_min": stats["min"],
+                        f"speedup_vs_{reference}_max": stats["max"]})
+        out[name] = row
+    return out, per_round
 
 
 def interleaved_speed(models: Mapping[str, nn.Module], input_shape: Sequence[int], *, batch_size: int, iters: int,
@@ -281,32 +346,20 @@ def interleaved_speed(models: Mapping[str, nn.Module], input_shape: Sequence[int
     """Throughput and latency of several models, measured in interleaved rounds (median and spread).
 
     One round times every model once (:func:`measure_throughput`), in order; ``rounds`` rounds alternate the
-    models, so a machine that slows down or speeds up hits them alike. A speed *ratio* to ``reference`` is
-    computed within each round (same moment, same load) and summarised over rounds.
+    models (:func:`interleaved_rounds`), so a machine that slows down or speeds up hits them alike. A speed
+    *ratio* to ``reference`` is computed within each round (same moment, same load) and summarised over rounds.
 
     Returns:
         ``{name: {"images_per_sec", "images_per_sec_min", "images_per_sec_max", "latency_ms_batch1",
         "latency_ms_batch1_min", "latency_ms_batch1_max", "speedup_vs_<reference>", "_min", "_max"}, ...,
         "method": str}``: medians over rounds, with the extremes.
     """
-    if rounds < 1:
-        raise ValueError(f"rounds must be >= 1, got {rounds}")
-    per_round: list[dict[str, dict[str, Any]]] = []
-    for r in range(rounds):
-        order = list(models) if r % 2 == 0 else list(reversed(list(models)))
-        per_round.append({name: measure_throughput(models[name], input_shape, batch_size=batch_size, iters=iters,
-                                                   device=device) for name in order})
-    out: dict[str, Any] = {}
-    for name in models:
-        row: dict[str, float] = {}
-        for key in ("images_per_sec", "latency_ms_batch1"):
-            stats = _spread([rnd[name][key] for rnd in per_round])
-            row.update({key: stats["median"], f"{key}_min": stats["min"], f"{key}_max": stats["max"]})
-        if reference in models:
-            stats = _spread([rnd[name]["images_per_sec"] / rnd[reference]["images_per_sec"] for rnd in per_round])
-            row.update({f"speedup_vs_{reference}": stats["median"], f"speedup_vs_{reference}_min": stats["min"],
-                        f"speedup_vs_{reference}_max": stats["max"]})
-        out[name] = row
+    def measure(name: str) -> Callable[[], dict[str, Any]]:
+        return lambda: measure_throughput(models[name], input_shape, batch_size=batch_size, iters=iters, device=device)
+
+    summary, per_round = interleaved_rounds({name: measure(name) for name in models}, rounds=rounds,
+                                            reference=reference)
+    out: dict[str, Any] = dict(summary)
     first = next(iter(per_round[0].values()))["method"]
     out["method"] = (f"{rounds} interleaved rounds (the models' order reversed every other round); median over rounds, "
                      f"with min and max; speed-ups computed within each round. Each measurement: {first}")
