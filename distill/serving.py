@@ -70,7 +70,8 @@ from distill.data import Augmenter, AugmentSpec
 from distill.io import make_staging_dir, swap_in_dir
 
 __all__ = ["CHECKPOINT_ARTIFACT", "MODEL_CODE", "MODEL_CONFIG", "REQUIRED_EXTRA", "REQUIREMENTS", "StudentClassifier",
-           "preprocess", "resize_center_crop", "save_servable", "servable_checkpoint", "servable_spec"]
+           "pinned_requirement", "preprocess", "probabilities", "resize_center_crop", "save_servable",
+           "servable_checkpoint", "servable_extra", "servable_spec", "served_metadata"]
 
 #: The name of the checkpoint among the model's artifacts (``context.artifacts[CHECKPOINT_ARTIFACT]``).
 CHECKPOINT_ARTIFACT = "checkpoint"
@@ -182,6 +183,30 @@ def _layout(batch: np.ndarray, channels: int) -> np.ndarray:
     return np.ascontiguousarray(batch)
 
 
+def probabilities(model: torch.nn.Module, images: Any, *, channels: int, num_classes: int, augmenter: Augmenter,
+                  batch_size: int = 256, device: str | torch.device = "cpu") -> np.ndarray:
+    """What the served model computes (module docstring, steps 1-3): raw images in, class probabilities out.
+
+    Args:
+        model: the student in eval mode, on ``device``.
+        images: see the module docstring (input contract).
+        channels: the channels the model takes.
+        num_classes: its classes (the width of an empty answer).
+        augmenter: the evaluation view and normalisation (its ``out_size`` is the model's side).
+        batch_size: images per forward pass.
+        device: where ``model`` runs.
+
+    Returns:
+        float32 ``(N, num_classes)`` softmax probabilities, rows in input order.
+    """
+    probs = [np.zeros((0, num_classes), dtype=np.float32)]
+    with torch.inference_mode():
+        for x in preprocess(images, channels=channels, augmenter=augmenter, batch_size=batch_size):
+            logits = model(x.to(device))  # eval mode: DeiT averages its two heads
+            probs.append(torch.softmax(logits.float(), dim=-1).cpu().numpy())
+    return np.concatenate(probs)
+
+
 class StudentClassifier(mlflow.pyfunc.PythonModel):
     """Raw uint8 images -> class probabilities with a distill checkpoint (module docstring for the contract)."""
 
@@ -192,7 +217,7 @@ class StudentClassifier(mlflow.pyfunc.PythonModel):
         self.batch_size = int(config["batch_size"])
         path = context.artifacts[CHECKPOINT_ARTIFACT]
         self.model, info = load_model(path, map_location=self.device)
-        extra = _servable_extra(path, info)
+        extra = servable_extra(path, info)
         self.channels = len(extra["mean"])
         self.augmenter = Augmenter(spec=AugmentSpec(), out_size=int(extra["image_size"]), mean=extra["mean"],
                                    std=extra["std"])
@@ -201,17 +226,16 @@ class StudentClassifier(mlflow.pyfunc.PythonModel):
     # np.ndarray: what MLflow hands over after enforcing the tensor signature, and a hint MLflow infers nothing from.
     def predict(self, context: Any, model_input: np.ndarray, params: dict[str, Any] | None = None) -> np.ndarray:
         """Class probabilities, float32 ``(N, num_classes)``, rows in input order (module docstring)."""
-        probs = [np.zeros((0, self.num_classes), dtype=np.float32)]
-        with torch.inference_mode():
-            for x in preprocess(model_input, channels=self.channels, augmenter=self.augmenter,
-                                batch_size=self.batch_size):
-                logits = self.model(x.to(self.device))  # eval mode: DeiT averages its two heads
-                probs.append(torch.softmax(logits.float(), dim=-1).cpu().numpy())
-        return np.concatenate(probs)
+        return probabilities(self.model, model_input, channels=self.channels, num_classes=self.num_classes,
+                             augmenter=self.augmenter, batch_size=self.batch_size, device=self.device)
 
 
-def _servable_extra(path: str | Path, info: dict[str, Any]) -> dict[str, Any]:
-    """The checkpoint's ``extra``, checked for what serving needs."""
+def servable_extra(path: str | Path, info: dict[str, Any]) -> dict[str, Any]:
+    """The checkpoint's ``extra`` (``info`` from :func:`distill.checkpoint.read_metadata`), checked for serving.
+
+    Raises:
+        CheckpointError: it lacks the image size, normalisation or class count (:data:`REQUIRED_EXTRA`).
+    """
     extra = info["extra"]
     missing = [k for k in REQUIRED_EXTRA if k not in extra]
     if missing:
@@ -222,7 +246,8 @@ def _servable_extra(path: str | Path, info: dict[str, Any]) -> dict[str, Any]:
     return extra
 
 
-def _requirement(dist: str) -> str:
+def pinned_requirement(dist: str) -> str:
+    """``dist==<installed version>`` without a local label (``torch==2.14.1``), or ``dist`` when not installed."""
     try:
         return f"{dist}=={version(dist).split('+')[0]}"
     except PackageNotFoundError:
@@ -250,20 +275,10 @@ def servable_spec(checkpoint: str | Path) -> Iterator[dict[str, Any]]:
         CheckpointError: a missing, foreign or corrupt checkpoint, or one without the metadata serving needs.
     """
     checkpoint = Path(checkpoint).resolve()
-    info = read_metadata(checkpoint)
-    extra = _servable_extra(checkpoint, info)
-    size, channels, classes = int(extra["image_size"]), len(extra["mean"]), int(extra["num_classes"])
+    metadata = served_metadata(checkpoint)
+    size, channels, classes = metadata["image_size"], metadata["channels"], metadata["num_classes"]
     signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, channels))]),
                                outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, classes))]))
-    metadata = {
-        "kind": info["kind"], "image_size": size, "channels": channels, "num_classes": classes,
-        "class_names": list(extra.get("class_names") or map(str, range(classes))),
-        "mean": list(extra["mean"]), "std": list(extra["std"]), "data_fingerprint": extra.get("data_fingerprint"),
-        "input": f"uint8 (N, H, W, {channels}) raw images, channels last, any H and W",
-        "output": f"float32 (N, {classes}) softmax probabilities in class_names order",
-        "preprocessing": (f"shorter side resized to {size} (torchvision resize, bilinear, antialias) and centre-"
-                          f"cropped to {size}x{size} (untouched if already {size}x{size}); x/255; (x - mean) / std"),
-    }
     with tempfile.TemporaryDirectory(prefix="distill-serving-") as tmp:
         code = Path(tmp) / "student_classifier.py"
         code.write_text(MODEL_CODE)
@@ -273,10 +288,30 @@ def servable_spec(checkpoint: str | Path) -> Iterator[dict[str, Any]]:
             "code_paths": [str(Path(distill.__file__).parent)],
             "signature": signature,
             "input_example": np.zeros((_INPUT_EXAMPLE_IMAGES, size, size, channels), dtype=np.uint8),
-            "pip_requirements": [_requirement(d) for d in REQUIREMENTS],
+            "pip_requirements": [pinned_requirement(d) for d in REQUIREMENTS],
             "metadata": metadata,
             "model_config": dict(MODEL_CONFIG),
         }
+
+
+def served_metadata(checkpoint: str | Path) -> dict[str, Any]:
+    """The served model's ``metadata`` (MLmodel): what it is, takes and answers, from the checkpoint alone.
+
+    Raises:
+        CheckpointError: see :func:`servable_spec`.
+    """
+    info = read_metadata(checkpoint)
+    extra = servable_extra(checkpoint, info)
+    size, channels, classes = int(extra["image_size"]), len(extra["mean"]), int(extra["num_classes"])
+    return {
+        "kind": info["kind"], "image_size": size, "channels": channels, "num_classes": classes,
+        "class_names": list(extra.get("class_names") or map(str, range(classes))),
+        "mean": list(extra["mean"]), "std": list(extra["std"]), "data_fingerprint": extra.get("data_fingerprint"),
+        "input": f"uint8 (N, H, W, {channels}) raw images, channels last, any H and W",
+        "output": f"float32 (N, {classes}) softmax probabilities in class_names order",
+        "preprocessing": (f"shorter side resized to {size} (torchvision resize, bilinear, antialias) and centre-"
+                          f"cropped to {size}x{size} (untouched if already {size}x{size}); x/255; (x - mean) / std"),
+    }
 
 
 def save_servable(checkpoint: str | Path, out_dir: str | Path) -> Path:
