@@ -53,7 +53,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -66,7 +66,7 @@ from distill.serving import servable_checkpoint, servable_spec
 from distill.tracking import Tracker
 
 __all__ = ["CANDIDATE", "CHAMPION", "RegistryError", "Score", "dataset_alias", "gate_verdict",
-           "log_and_register_student", "register_student"]
+           "log_and_register_model", "log_and_register_student", "promotion_note", "register_student"]
 
 CHAMPION = "champion"
 CANDIDATE = "candidate"
@@ -203,19 +203,46 @@ def log_and_register_student(tracker: Tracker, model_dir: str | Path, *, model_n
         CheckpointError: ``model_dir`` is not a servable model folder.
         RegistryError: the tracking store cannot be reached, read or written; names the tracking URI.
     """
-    run_id = getattr(tracker, "run_id", None)
-    if run_id is None or getattr(tracker, "offline", False):
+    if _logging_run(tracker) is None:
+        return {}
+    checkpoint = servable_checkpoint(model_dir)
+    return log_and_register_model(tracker, lambda: servable_spec(checkpoint), flavor=mlflow.pyfunc,
+                                  model_name=model_name, score=score, name=name)
+
+
+def log_and_register_model(tracker: Tracker, spec: Callable[[], AbstractContextManager[dict[str, Any]]], *,
+                           flavor: Any, model_name: str, score: Score, name: str) -> dict[str, Any]:
+    """Log a model of any MLflow flavor to the tracker's run, register it and set its alias (one policy for all).
+
+    :func:`log_and_register_student` logs the pyfunc student with it; the export stage the ONNX student
+    (``mlflow.onnx``), registered beside it under its own name with the same gate and alias policy.
+
+    Args:
+        tracker: as for :func:`log_and_register_student` (no run, or offline: nothing is logged).
+        spec: a context manager factory yielding the keyword arguments of ``flavor.save_model`` (through
+            :func:`mlflow.models.Model.log`): the model, signature, input example, metadata, requirements.
+        flavor: the MLflow flavor module (``mlflow.pyfunc``, ``mlflow.onnx``).
+        model_name: the registered model's name (created if missing).
+        score: its metric, test set and baseline (:class:`Score`).
+        name: the logged model's name.
+
+    Returns:
+        What :func:`register_student` returns, or ``{}`` when nothing was logged.
+
+    Raises:
+        RegistryError: the tracking store cannot be reached, read or written; names the tracking URI.
+    """
+    run_id = _logging_run(tracker)
+    if run_id is None:
         return {}
     uri = getattr(tracker, "uri", None) or mlflow.get_tracking_uri()
-    checkpoint = servable_checkpoint(model_dir)
     tracker.flush()  # the run's metrics are in the store: Model.log links those of step 0 to the logged model
 
     def log_and_register(client: Any) -> dict[str, Any]:
         # The global URI too: Model.log takes none, and MLflow's SQL registry resolves a models:/ source with it.
-        with servable_spec(checkpoint) as spec, _tracking_uri(uri):
+        with spec() as kwargs, _tracking_uri(uri):
             model_id = _new_logged_model(client, run_id, name)
-            info = Model.log(artifact_path=None, name=name, flavor=mlflow.pyfunc, run_id=run_id, model_id=model_id,
-                             **spec)
+            info = Model.log(artifact_path=None, name=name, flavor=flavor, run_id=run_id, model_id=model_id, **kwargs)
             return _register(client, source=info.model_uri, run_id=run_id, model_id=info.model_id,
                              model_name=model_name, score=score)
 
@@ -223,6 +250,22 @@ def log_and_register_student(tracker: Tracker, model_dir: str | Path, *, model_n
     tracker.set_tags({"registry.version": result["version"], "registry.alias": result["alias"],
                       "registry.reason": result["reason"]})
     return result
+
+
+def promotion_note(result: dict[str, Any]) -> str | None:
+    """The terminal's line on a version that was registered but not made champion (None: it was, or none was made)."""
+    if not result or result["alias"] == CHAMPION:
+        return None
+    held = (f"@champion stays on version {result['champion_version']}" if result["champion_version"]
+            else "no version is @champion")
+    return (f"{result['name']} version {result['version']} registered as @{result['alias']}, not promoted: "
+            f"{result['reason']}; {held}.")
+
+
+def _logging_run(tracker: Tracker) -> str | None:
+    """The run a model is logged to, or None: no MLflow run (a NullTracker), or a tracker gone offline."""
+    run_id = getattr(tracker, "run_id", None)
+    return None if run_id is None or getattr(tracker, "offline", False) else run_id
 
 
 def _new_logged_model(client: Any, run_id: str, name: str) -> str:

@@ -36,7 +36,7 @@ from distill.config import ParamsView, Paths, flatten
 from distill.data import ArrayDataset, Augmenter, AugmentSpec, DatasetMeta, load_prepared
 from distill.engine import make_accelerator, predict
 from distill.io import atomic_write_json, atomic_write_text
-from distill.registry import Score, gate_verdict, log_and_register_student
+from distill.registry import Score, gate_verdict, log_and_register_student, promotion_note
 from distill.serving import save_servable
 from distill.stages._common import load_teacher
 from distill.tracking import NO_TRACKING, Tracker
@@ -151,11 +151,9 @@ def _gate_note(passes: bool, reason: str) -> str:
 def _register(tracker: Tracker, paths: Paths, model_name: str, score: Score) -> dict[str, Any]:
     """Log and register the servable student; one line on the terminal when it is not made champion."""
     result = log_and_register_student(tracker, paths.served_model, model_name=model_name, score=score)
-    if result and result["alias"] != "champion":
-        held = (f"@champion stays on version {result['champion_version']}" if result["champion_version"]
-                else "no version is @champion")
-        print(f"[evaluate] {model_name} version {result['version']} registered as @{result['alias']}, not "
-              f"promoted: {result['reason']}; {held}.", file=sys.stderr, flush=True)
+    note = promotion_note(result)
+    if note:
+        print(f"[evaluate] {note}", file=sys.stderr, flush=True)
     return result
 
 
