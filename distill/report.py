@@ -43,6 +43,8 @@ COLUMNS: tuple[tuple[str, str, Callable[[float], str]], ...] = (
     ("top5", "top-5 (%)", _pct),
     ("ece", "ECE (%)", _pct),
     ("agreement_with_teacher", "agreement w/ teacher (%)", _pct),
+    ("agreement_with_fp32", "top-1 agreement w/ fp32 (%)", _pct),
+    ("file_bytes", "file (bytes)", format_count),
     ("params", "params", format_count),
     ("flops_per_image", "FLOPs/image", format_count),
     ("images_per_sec", "images/s", lambda v: _num(v, 0)),
