@@ -34,8 +34,16 @@ def _defaults() -> None:
     set_defaults()  # MLflow: no telemetry, short HTTP retries, quiet on the terminal
 
 
+_QUIET_CONSOLE = False
+
+
 def _quiet_stage_console() -> None:
-    """A stage shows a progress bar and one line when it ends; Prefect's INFO records go to its UI only."""
+    """A stage shows a progress bar and one line when it ends, or its error once; Prefect's records go to its UI.
+
+    Unless the user asked for Prefect's records on the terminal (``PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL``).
+    """
+    global _QUIET_CONSOLE
+    _QUIET_CONSOLE = "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL" not in os.environ
     os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
 
 
@@ -86,12 +94,48 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _stage(args: argparse.Namespace, argv: list[str]) -> int:
-    from flows.launch import LAUNCHED_STAGES, check_launched_group, launch, launch_request
+    from flows.launch import LAUNCHED_STAGES, check_launched_group, is_main_process, launch, launch_request
+    from flows.lifetime import command_pids, stop_with
 
-    request = launch_request() if args.name in LAUNCHED_STAGES else None
-    if request is not None:
-        return launch(argv, request, retries=0 if args.no_prefect else 1)
-    check_launched_group()
+    _exit_on_hangup_and_term()
+    stop_with(command_pids())  # the stage ends with the command it runs under (the pipeline, DVC), however that ends
+    server = None if args.no_prefect or not is_main_process() else _stage_server()
+    try:
+        request = launch_request() if args.name in LAUNCHED_STAGES else None
+        if request is not None:
+            if server is not None:
+                server.wait()  # the launched processes find it up (or, if it cannot start, no API: Prefect's own)
+            return launch(argv, request, retries=0 if args.no_prefect else 1)
+        check_launched_group()
+        try:
+            _run_stage(args, server)
+        except Exception as err:  # noqa: BLE001 - reported once, here
+            _report_failure(args.name, err)
+            return 1
+        except KeyboardInterrupt:
+            print(f"[{args.name}] interrupted; a training stage keeps the state of its last finished epoch",
+                  file=sys.stderr, flush=True)
+            return 130
+    finally:
+        if server is not None:
+            _drain_prefect()  # the stage's last logs and events reach the server before it stops
+            server.stop()
+    return 0
+
+
+def _stage_server() -> Any:
+    """The stage's own private Prefect server when no API is configured (under plain ``dvc repro``), else None.
+
+    Started at once, so that it comes up while the stage imports. It stops with the stage however the stage ends,
+    SIGKILL included (Prefect's own temporary server outlived a killed stage, and died with the stage on Ctrl-C,
+    which left the stage retrying it for minutes).
+    """
+    from flows.prefect_api import PrivateServer, use_local_server
+
+    return None if use_local_server() else PrivateServer()
+
+
+def _run_stage(args: argparse.Namespace, server: Any) -> None:
     callbacks = _callbacks(args.name)
     from flows.stage import CALLBACKS, is_main_process, run_stage_flow, run_tracked
 
@@ -99,14 +143,33 @@ def _stage(args: argparse.Namespace, argv: list[str]) -> int:
     if args.no_prefect or not is_main_process():
         run_tracked(args.name, params_path=args.params, track=not args.no_prefect, callbacks=callbacks)
     else:
-        from flows.prefect_api import use_local_server
-
-        use_local_server()
+        if server is not None:
+            server.wait()
+        if _QUIET_CONSOLE:
+            _run_records_to_the_ui_only()
         CALLBACKS[:] = callbacks
         run_stage_flow(args.name, params_path=args.params)
     if is_main_process():
         print(f"[{args.name}] done in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
-    return 0
+
+
+def _run_records_to_the_ui_only() -> None:
+    """Prefect's flow- and task-run records (a failure's traceback among them) go to the Prefect UI, not here."""
+    import logging
+
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logging.getLogger(name).propagate = False
+
+
+def _report_failure(stage: str, err: Exception) -> None:
+    """A failed stage's error, once: the message of a fault the product names, the traceback of anything else."""
+    if type(err).__module__.split(".")[0] in ("distill", "flows"):
+        print(f"[{stage}] error: {err}", file=sys.stderr, flush=True)
+    else:
+        import traceback
+
+        traceback.print_exception(err)
+        print(f"[{stage}] failed: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
 
 
 def _orchestrate(args: argparse.Namespace) -> int:

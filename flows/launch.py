@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 __all__ = ["LAUNCHED_STAGES", "LaunchError", "Launch", "config_file", "launch_request", "launch_command", "launch",
-           "check_launched_group", "world_size"]
+           "check_launched_group", "is_main_process", "world_size"]
 
 LAUNCHED_STAGES = ("teacher", "soft_labels", "student", "baseline")
 # Set in the processes of a launched group (torchrun / accelerate launch / MPI), or by our own launch.
@@ -159,6 +159,11 @@ def launch(argv: list[str], request: Launch, *, retries: int) -> int:
         print(f"[flows] `accelerate launch` exited with status {rc} (attempt {attempt + 1} of {retries + 1})",
               file=sys.stderr, flush=True)
     return rc
+
+
+def is_main_process(environ: Mapping[str, str] = os.environ) -> bool:
+    """True unless this is a non-zero rank started by ``accelerate launch`` / torchrun."""
+    return environ.get("RANK", "0") == "0"
 
 
 def world_size(environ: Mapping[str, str] = os.environ) -> int:

@@ -29,6 +29,7 @@ from prefect.runtime import deployment, flow_run
 
 from distill.config import apply_overrides, load_raw, parse_params
 from distill.tracking import MlflowTracker, create_pipeline_run, open_experiment, tracking_uri
+from flows.lifetime import PIPELINE_PID_ENV
 from flows.stage import PARENT_ENV, publish_report
 from flows.workspace import apply_to_params_file, workspace_lock
 
@@ -182,7 +183,7 @@ def _pipeline(root: Path, overrides: list[str], resolved: dict[str, Any], *, exp
     parent = create_pipeline_run(client, experiment_id, root, run_name=exp_name, params=resolved,
                                  tags={"dvc_exp_name": exp_name, "overrides": " ".join(overrides),
                                        "prefect_flow_run_id": str(flow_run.id or "")})
-    env = {**os.environ, "DISTILL_PARENT_RUN_ID": parent,
+    env = {**os.environ, "DISTILL_PARENT_RUN_ID": parent, PIPELINE_PID_ENV: str(os.getpid()),  # flows/lifetime.py
            "MLFLOW_TRACKING_URI": tracking_uri(root)}  # the repository's store, also from a temporary copy
     api = _api_url()
     if api:

@@ -1,11 +1,13 @@
 """Which Prefect API the flows of a ``python -m flows`` process talk to.
 
 In order: ``PREFECT_API_URL`` from the environment; else a local ``prefect server start`` on the default
-port; else, for the pipeline and seeds commands, a private ``prefect server start`` (no UI) on a free port
-for the length of the command, started the moment the command starts so that it comes up while this
-process imports. Prefect's own fallback, a temporary server that Prefect starts only when the flow is
-called, would make the pipeline wait for it; the private server keeps its history in the same database
-(``PREFECT_HOME``), so the runs are in the UI of any later ``prefect server start``.
+port; else a private ``prefect server start`` (no UI) on a free port for the length of the command (the
+pipeline and seeds commands, and a stage under plain ``dvc repro``), started the moment the command starts so
+that it comes up while this process imports. Prefect's own fallback, a temporary server that Prefect starts
+only when the flow is called, would make the command wait for it, and it outlives a killed process (it has no
+parent-death signal) and dies with it on Ctrl-C (it is in the terminal's process group). The private server
+keeps its history in the same database (``PREFECT_HOME``), so the runs are in the UI of any later
+``prefect server start``.
 
 Nothing here imports Prefect: the environment is set before Prefect reads its settings.
 """
@@ -15,7 +17,6 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -24,6 +25,8 @@ import time
 import urllib.request
 from pathlib import Path
 from typing import Optional
+
+from flows.lifetime import die_with_parent
 
 LOCAL_PREFECT = "http://127.0.0.1:4200/api"
 STARTUP_TIMEOUT = 120.0
@@ -53,19 +56,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _die_with_parent() -> None:
-    """In the server's process, before it runs: Linux sends it SIGTERM when the command that started it dies,
-    however it dies (SIGKILL included). Elsewhere a no-op: the command's own stop covers every other ending."""
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
-
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
-    except (OSError, AttributeError):
-        pass
-
-
 class PrivateServer:
     """A ``prefect server start`` for this command only; :meth:`wait` before the first flow.
 
@@ -89,7 +79,7 @@ class PrivateServer:
             self._proc = subprocess.Popen(
                 [prefect, "server", "start", "--host", "127.0.0.1", "--port", port, "--no-ui", "--analytics-off"],
                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-                preexec_fn=_die_with_parent)
+                preexec_fn=die_with_parent)
         os.environ["PREFECT_API_URL"] = self.api_url
         atexit.register(self.stop)
 
@@ -103,16 +93,16 @@ class PrivateServer:
         tail = self.log.read_text()[-2000:] if self.log.is_file() else ""
         print(f"[flows] the private Prefect server did not start; Prefect starts its own temporary one.\n{tail}",
               file=sys.stderr, flush=True)
-        self.stop()
-        if os.environ.get("PREFECT_API_URL") == self.api_url:
-            del os.environ["PREFECT_API_URL"]
-            if "prefect.context" in sys.modules:  # Prefect read the URL when it was imported
-                from prefect.context import refresh_global_settings_context
+        self.stop()  # unsets PREFECT_API_URL
+        if "prefect.context" in sys.modules:  # Prefect read the URL when it was imported
+            from prefect.context import refresh_global_settings_context
 
-                refresh_global_settings_context()
+            refresh_global_settings_context()
         return False
 
     def stop(self) -> None:
+        if os.environ.get("PREFECT_API_URL") == self.api_url:  # nothing started from here on may reach for it
+            del os.environ["PREFECT_API_URL"]
         if self._proc is not None and self._proc.poll() is None:
             try:
                 os.killpg(self._proc.pid, 15)

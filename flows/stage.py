@@ -1,8 +1,11 @@
 """One generic Prefect flow that runs any stage: ``python -m flows stage <name>`` is what ``dvc.yaml`` runs.
 
-The flow validates ``params.yaml``, opens the stage's child MLflow run under the pipeline's parent run, and
-calls :func:`distill.stages.runner.run_stage`. A failure fails the flow run (and the DVC stage). It retries
-once; the retry resumes training from the state saved at the last finished epoch.
+The flow runs one task, which validates ``params.yaml``, opens the stage's child MLflow run under the
+pipeline's parent run, and calls :func:`distill.stages.runner.run_stage`. A failure fails the flow run (and the
+DVC stage). Only a fault that can pass is retried, once, in the same process: the task's retry condition
+(:func:`retryable`) turns the retry down for bad input (params, images, files), the library's refusals and
+programming errors, which would fail the same way again. The retry resumes training from the state saved at the
+last finished epoch.
 
 Inside a pipeline (``python -m flows pipeline``), the pipeline's flow run id comes in the environment
 (``DISTILL_PREFECT_PARENT``): the stage's flow run is then created as a subflow of it, through a task run in
@@ -22,21 +25,36 @@ import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 
 from distill.config import Paths, load_params
+from distill.engine import NonFiniteLossError
 from distill.stages.runner import run_stage, stage_view
-from distill.tracking import NullTracker, log_headline, stage_run
-from flows.launch import world_size
+from distill.tracking import NullTracker, TrackingUnavailableError, log_headline, stage_run
+from flows.launch import is_main_process, world_size
 
-__all__ = ["stage_flow", "run_stage_flow", "is_main_process", "run_tracked"]
+__all__ = ["stage_flow", "run_stage_flow", "is_main_process", "run_tracked", "retryable"]
 
 PARENT_ENV = "DISTILL_PREFECT_PARENT"  # the pipeline's flow run id, set by flows/pipeline.py
 
+#: Faults that a retry in the same process cannot mend: bad input (ParamsError, BadImageError, CheckpointError,
+#: SoftLabelStoreError and LaunchError are ValueErrors; DatasetNotFoundError a FileNotFoundError), a loss that
+#: a resume would make NaN again, a tracking server that is down, and programming errors.
+DETERMINISTIC = (ValueError, LookupError, TypeError, AttributeError, NameError, AssertionError, NotImplementedError,
+                 ImportError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
+                 NonFiniteLossError, TrackingUnavailableError)
 
-def is_main_process() -> bool:
-    """True unless this is a non-zero rank started by ``accelerate launch`` / torchrun."""
-    return os.environ.get("RANK", "0") == "0"
+
+def retryable(err: BaseException) -> bool:
+    """True for a fault that can pass (an I/O or network error, a crashed collective, memory), false for the rest."""
+    return isinstance(err, Exception) and not isinstance(err, DETERMINISTIC)
+
+
+def _can_pass(_task: Any, _task_run: Any, state: Any) -> bool:
+    """Prefect's retry condition (``retry_condition_fn``): retry only a :func:`retryable` exception."""
+    err = state.result(raise_on_failure=False)
+    return isinstance(err, BaseException) and retryable(err)
 
 
 def run_tracked(stage: str, *, params_path: str = "params.yaml", project_root: str = ".", track: bool = True,
@@ -56,13 +74,21 @@ def run_tracked(stage: str, *, params_path: str = "params.yaml", project_root: s
     return result
 
 
-@flow(name="stage", flow_run_name="{stage}", retries=1, retry_delay_seconds=2, persist_result=False,
-      validate_parameters=True)
+@task(name="run stage", task_run_name="{stage}", retries=1, retry_delay_seconds=2, retry_condition_fn=_can_pass,
+      persist_result=False, cache_policy=NO_CACHE)
+def stage_task(stage: str, params_path: str, project_root: str) -> dict[str, Any]:
+    """The stage's work, retried once when the fault can pass (:func:`retryable`)."""
+    return run_tracked(stage, params_path=params_path, project_root=project_root, callbacks=CALLBACKS)
+
+
+@flow(name="stage", flow_run_name="{stage}", persist_result=False, validate_parameters=True)
 def stage_flow(stage: str, params_path: str = "params.yaml", project_root: str = ".") -> dict[str, Any]:
     """Run one pipeline stage (``distill/stages/<stage>.py``) as a Prefect flow run."""
     logger = get_run_logger()
     logger.info("stage %s (params %s, project %s)", stage, params_path, Path(project_root).resolve())
-    result = run_tracked(stage, params_path=params_path, project_root=project_root, callbacks=CALLBACKS)
+    # In a launched group one rank cannot retry alone: the launcher retries the whole group (flows/launch.py).
+    run = stage_task if world_size() == 1 else stage_task.with_options(retries=0)
+    result = run(stage, params_path, project_root)
     logger.info("stage %s done: %s", stage, {k: v for k, v in result.items() if isinstance(v, (int, float, str))})
     if stage == "evaluate" and is_main_process():
         publish_report(Path(project_root))
@@ -104,10 +130,9 @@ def run_stage_flow(stage: str, *, params_path: str = "params.yaml", project_root
     """Run the stage flow, linked to the pipeline's flow run when there is one."""
     from prefect.flow_engine import run_flow
 
-    flow_ = stage_flow if world_size() == 1 else stage_flow.with_options(retries=0)  # the launcher retries groups
     parameters = {"stage": stage, "params_path": params_path, "project_root": project_root}
     parent: Optional[str] = os.environ.get(PARENT_ENV)
     if parent:
-        run_flow(flow_, flow_run=_subflow_run(stage, parameters, parent), parameters=parameters)
+        run_flow(stage_flow, flow_run=_subflow_run(stage, parameters, parent), parameters=parameters)
     else:
-        flow_(**parameters)
+        stage_flow(**parameters)

@@ -14,6 +14,8 @@ import pytest
 from flows import prefect_api
 from flows.prefect_api import PrivateServer, healthy, use_local_server
 
+from conftest import processes_with
+
 
 def test_a_configured_api_is_kept(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:1/api")
@@ -52,25 +54,6 @@ def test_private_server_serves_then_stops(monkeypatch: pytest.MonkeyPatch, tmp_p
     assert not healthy(server.api_url)
 
 
-def _processes_with(marker: str, *, server: bool = False) -> list[int]:
-    """Pids of live processes whose environment holds ``marker`` (Linux /proc); ``server``: `prefect server` only."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
-            environ = (proc / "environ").read_bytes()
-            state = (proc / "stat").read_text().split(") ", 1)[-1][:1]
-        except OSError:
-            continue
-        if marker.encode() not in environ.split(b"\0") or state == "Z":
-            continue
-        if not server or (b"server" in cmdline and any(a.endswith(b"prefect") for a in cmdline)):
-            found.append(int(proc.name))
-    return found
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="reads the process table from /proc")
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP", "SIGKILL"])
@@ -94,17 +77,17 @@ def test_the_pipelines_private_server_stops_however_the_pipeline_ends(sig, tiny_
         while "Running stage" not in (tmp_path / "pipeline.log").read_text():  # the server is up, DVC is running
             assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "pipeline.log").read_text()
             time.sleep(0.2)
-        assert _processes_with(marker, server=True), "no private server found"
+        assert processes_with(marker, server=True), "no private server found"
         proc.send_signal(getattr(signal, sig))
         proc.wait(timeout=60)
         deadline = time.monotonic() + 30
-        while _processes_with(marker, server=True) and time.monotonic() < deadline:
+        while processes_with(marker, server=True) and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert not _processes_with(marker, server=True), f"the private Prefect server outlived the pipeline ({sig})"
+        assert not processes_with(marker, server=True), f"the private Prefect server outlived the pipeline ({sig})"
     finally:
         if proc.poll() is None:
             proc.kill()
-        for pid in _processes_with(marker):  # after SIGKILL, DVC and its stage run on: this test's processes only
+        for pid in processes_with(marker):  # after SIGKILL, DVC and its stage run on: this test's processes only
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -129,9 +112,9 @@ def test_a_stage_without_a_prefect_api_leaves_no_temporary_server(tiny_project, 
                           text=True, timeout=600, stdin=subprocess.DEVNULL, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     deadline = time.monotonic() + 20
-    while _processes_with(f"DISTILL_TEST_MARKER={marker}") and time.monotonic() < deadline:
+    while processes_with(f"DISTILL_TEST_MARKER={marker}") and time.monotonic() < deadline:
         time.sleep(0.2)
-    left = _processes_with(f"DISTILL_TEST_MARKER={marker}")
+    left = processes_with(f"DISTILL_TEST_MARKER={marker}")
     for pid in left:
         os.kill(pid, 9)
     assert not left, "the stage left processes behind (Prefect's temporary server)"
@@ -157,4 +140,4 @@ def test_the_pipeline_with_its_private_server_sends_every_log_before_stopping_it
     assert proc.returncode == 0, out[-4000:]
     assert "Finished in state Completed()" in out
     assert "Error logging to API" not in out and "Error sending" not in out, out[-3000:]
-    assert not _processes_with(f"DISTILL_TEST_MARKER={marker}", server=True), "the private server outlived the run"
+    assert not processes_with(f"DISTILL_TEST_MARKER={marker}", server=True), "the private server outlived the run"
