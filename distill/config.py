@@ -39,6 +39,7 @@ __all__ = [
     "StudentParams",
     "BaselineParams",
     "EvaluateParams",
+    "ExportParams",
     "Params",
     "ParamsView",
     "load_params",
@@ -257,6 +258,21 @@ class EvaluateParams(_Strict):
     model_name: str = Field(min_length=1)
 
 
+class ExportParams(_Strict):
+    """The student as ONNX and int8 ONNX (distill/export.py): opset, parity, timing, what the registry serves."""
+
+    opset: int = Field(ge=18, description="ONNX opset, pinned (torch.onnx's dynamo exporter writes 18 and above)")
+    max_prob_diff: float = Field(gt=0.0, le=0.01, description="parity: most |fp32 ONNX - PyTorch| of a probability")
+    batch_size: int = Field(ge=1, description="images per call on the test split (parity, accuracy)")
+    latency_batch_size: int = Field(ge=1, description="the throughput batch of the speed measurement")
+    latency_iters: int = Field(ge=1, description="timed calls per runtime and round")
+    latency_rounds: int = Field(ge=1, le=100, description="interleaved rounds (median, spread)")
+    threads: Optional[int] = Field(ge=1, description="CPU threads of every runtime; null: torch's default")
+    serve: Literal["fp32", "int8"] = Field(description="which ONNX model the registry serves")
+    register_model: bool
+    model_name: str = Field(min_length=1)
+
+
 class Params(_Strict):
     seed: int = Field(ge=0)
     data: DataParams
@@ -265,6 +281,7 @@ class Params(_Strict):
     student: StudentParams
     baseline: BaselineParams
     evaluate: EvaluateParams
+    export: ExportParams
 
 
 # --------------------------------------------------------------------------------------------------

@@ -60,7 +60,7 @@ PER_CLASS = {"train": 20, "val": 10, "test": 20, "unlabeled": 20}  # images of e
 SIZE = 16  # the PNG files' side and data.image_size (the student's input)
 TEACHER_SIZE = 32  # the teacher's own input size: resnet10t downsamples 32 times
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
-STAGES = ("data", "teacher", "soft_labels", "student", "baseline", "evaluate")
+STAGES = ("data", "teacher", "soft_labels", "student", "baseline", "evaluate", "export")
 
 
 @dataclass(frozen=True)

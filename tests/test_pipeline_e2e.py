@@ -31,7 +31,7 @@ from conftest import PipelineRun, describe, dvc_experiments, mlflow_client, mlfl
 
 pytestmark = pytest.mark.slow
 
-STAGES = ("data", "teacher", "soft_labels", "student", "baseline", "evaluate")
+STAGES = ("data", "teacher", "soft_labels", "student", "baseline", "evaluate", "export")
 TRAINING_STAGES = ("teacher", "student", "baseline")
 
 
@@ -196,12 +196,12 @@ def test_param_change_reruns_student_and_evaluate(project: Path, run_cmd: Any, c
     started = now_ms()
     proc = run_cmd(["dvc", "repro"], project, timeout=900)
     # check_params validates every params edit first (its output is unchanged, so it triggers nothing itself)
-    assert stages_run(proc.stdout + proc.stderr) == ["check_params", "student", "evaluate"], describe(proc)
+    assert stages_run(proc.stdout + proc.stderr) == ["check_params", "student", "evaluate", "export"], describe(proc)
 
     # Plain `dvc repro` (no pipeline flow): the stages of this execution share one parent run of their own.
     new = runs_since(client, started)
     stage_runs = [r for r in new if r.data.tags.get("distill.role") == "stage"]
-    assert sorted(r.data.tags["distill.stage"] for r in stage_runs) == ["evaluate", "student"]
+    assert sorted(r.data.tags["distill.stage"] for r in stage_runs) == ["evaluate", "export", "student"]
     parent_ids = {r.data.tags["mlflow.parentRunId"] for r in stage_runs}
     assert len(parent_ids) == 1, parent_ids
     parent = client.get_run(parent_ids.pop())

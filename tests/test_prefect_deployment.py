@@ -110,7 +110,7 @@ def test_deployments_run_on_a_worker(built_project: PipelineRun, run_cmd: Any, w
     new = {name: p for name, p in dvc_experiments(project, run_cmd).items() if name not in experiments_before}
     assert [p["student"]["alpha"] for p in new.values()] == [0.6], new  # the override ran as a DVC experiment
     children = stage_runs_of(project, experiment)
-    assert sorted(r.data.tags["distill.stage"] for r in children) == ["evaluate", "student"]
+    assert sorted(r.data.tags["distill.stage"] for r in children) == ["evaluate", "export", "student"]
     assert {r.data.tags["dvc_exp_name"] for r in children} == set(new)
     assert (project / "params.yaml").read_bytes() == committed  # the variant left the workspace as it was
 

@@ -477,7 +477,7 @@ def test_two_experiments_at_once_share_one_store_without_damage(copy, run, env, 
     for parent in parents:
         children = mlflow_runs(client, f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
         by_stage = {c.data.tags["distill.stage"]: c for c in children}
-        assert len(children) == 2 and set(by_stage) == {"student", "evaluate"}
+        assert len(children) == 3 and set(by_stage) == {"student", "evaluate", "export"}
         assert all(c.info.status == "FINISHED" for c in children)
         by_alpha[float(by_stage["student"].data.params["student.alpha"])] = by_stage["student"].data.metrics
     assert set(by_alpha) == set(alphas.values())
