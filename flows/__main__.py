@@ -110,6 +110,13 @@ def _stage(args: argparse.Namespace, argv: list[str]) -> int:
         try:
             _run_stage(args, server)
         except Exception as err:  # noqa: BLE001 - reported once, here
+            from flows.stage import COMPLETED
+
+            if args.name in COMPLETED:  # the outputs are complete: DVC must record the stage, not retrain it
+                print(f"[{args.name}] WARNING: the stage's outputs are complete, but recording the run afterwards "
+                      f"failed ({type(err).__name__}: {err}); its Prefect flow run may show the wrong state",
+                      file=sys.stderr, flush=True)
+                return 0
             _report_failure(args.name, err)
             return 1
         except KeyboardInterrupt:

@@ -34,7 +34,7 @@ from distill.stages.runner import run_stage, stage_view
 from distill.tracking import NullTracker, TrackingUnavailableError, log_headline, stage_run
 from flows.launch import is_main_process, world_size
 
-__all__ = ["stage_flow", "run_stage_flow", "is_main_process", "run_tracked", "retryable"]
+__all__ = ["stage_flow", "run_stage_flow", "is_main_process", "run_tracked", "retryable", "COMPLETED"]
 
 PARENT_ENV = "DISTILL_PREFECT_PARENT"  # the pipeline's flow run id, set by flows/pipeline.py
 
@@ -44,6 +44,11 @@ PARENT_ENV = "DISTILL_PREFECT_PARENT"  # the pipeline's flow run id, set by flow
 DETERMINISTIC = (ValueError, LookupError, TypeError, AttributeError, NameError, AssertionError, NotImplementedError,
                  ImportError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
                  NonFiniteLossError, TrackingUnavailableError)
+
+
+#: The stages whose work this process finished (outputs written, MLflow run closed), with their results: a
+#: bookkeeping failure after that (the Prefect API gone) must not fail them (flows/__main__.py).
+COMPLETED: dict[str, dict[str, Any]] = {}
 
 
 def retryable(err: BaseException) -> bool:
@@ -69,6 +74,7 @@ def run_tracked(stage: str, *, params_path: str = "params.yaml", project_root: s
     with stage_run(stage, project_root=root, params=view.declared()) as tracker:
         tracker.log_artifact(root / params_path, "params")
         result = run_stage(stage, view, paths, tracker, callbacks=callbacks)
+        COMPLETED[stage] = result
         if stage == "evaluate" and tracker.parent is not None:
             log_headline(tracker.parent, result)
     return result
@@ -91,7 +97,10 @@ def stage_flow(stage: str, params_path: str = "params.yaml", project_root: str =
     result = run(stage, params_path, project_root)
     logger.info("stage %s done: %s", stage, {k: v for k, v in result.items() if isinstance(v, (int, float, str))})
     if stage == "evaluate" and is_main_process():
-        publish_report(Path(project_root))
+        try:
+            publish_report(Path(project_root))
+        except Exception as err:  # noqa: BLE001 - the report is in reports/results.md; the UI's copy is extra
+            logger.warning("the result table was not attached to the flow run: %s", err)
     return result
 
 

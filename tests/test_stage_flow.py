@@ -1,18 +1,31 @@
-"""The stage flow (flows/stage.py, ``python -m flows stage <name>``): what it retries and what it prints.
+"""The stage flow (flows/stage.py, ``python -m flows stage <name>``): what it retries, what it prints, and a
+stage whose outputs are complete when the Prefect API dies.
 
-Real stage processes on a real ``prefect server start`` (the session's), real MLflow SQLite stores.
+Real stage processes on a real ``prefect server start`` (the session's, or one of the test's own that the test
+stops), a real DVC repository, real MLflow SQLite stores.
 """
 
 from __future__ import annotations
 
 import errno
+import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from conftest import describe, mlflow_client, mlflow_runs, set_param
+from conftest import (
+    _free_port,
+    background_server,
+    copy_project,
+    describe,
+    mlflow_client,
+    mlflow_runs,
+    set_param,
+    stop_process_group,
+)
 
 
 def test_only_faults_that_can_pass_are_retried() -> None:
@@ -76,3 +89,51 @@ def test_a_bad_image_is_reported_once_and_not_retried(data_project, run_cmd):
     assert "Traceback" not in out, out
     # one attempt: one MLflow run (a retry opens another)
     assert _data_runs(data_project) == runs_before + 1
+
+
+def _teacher_steps(project: Path) -> int:
+    import yaml
+
+    from distill import engine
+    from distill.data import load_prepared
+
+    batch = yaml.safe_load((project / "params.yaml").read_text())["teacher"]["train"]["batch_size"]
+    return engine.steps_per_epoch(len(load_prepared(project / "data" / "prepared").train), batch)
+
+
+@pytest.mark.slow
+def test_a_stage_whose_outputs_are_complete_survives_the_prefect_api_dying(committed_project, sub_env, fault_plugin,
+                                                                           run_cmd, tmp_path):
+    """The Prefect server stops while the teacher is at its last step: the stage writes its outputs, warns that
+    Prefect could not record the run, and exits 0, so DVC records it (before: a failure, and a rerun from scratch)."""
+    project = copy_project(committed_project, tmp_path / "project")
+    port = _free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    release, log = tmp_path / "release", tmp_path / "stage.log"
+    last = 2 * _teacher_steps(project)
+    server_env = {**sub_env, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_UI_ENABLED": "false"}
+    with background_server(["prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                           api + "/health", env=server_env, log=tmp_path / "server.log") as server:
+        env = {**sub_env, **fault_plugin, "PREFECT_API_URL": api, "DISTILL_TEST_FAULT": f"teacher:wait@{last}",
+               "DISTILL_TEST_FAULT_FILE": str(release)}
+        with open(log, "w") as out:
+            proc = subprocess.Popen(["dvc", "repro", "-s", "-f", "teacher"], cwd=project, env=env, stdout=out,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 600
+            while not Path(f"{release}.waiting").exists():
+                assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-6000:]
+                time.sleep(0.2)
+            stop_process_group(server)
+            release.touch()
+            t0 = time.monotonic()
+            assert proc.wait(timeout=600) == 0, log.read_text()[-6000:]
+            elapsed = time.monotonic() - t0
+        finally:
+            stop_process_group(proc)
+    print(f"\nthe stage's end after the Prefect server stopped: {elapsed:.0f} s")
+    assert elapsed < 120, f"a dead Prefect API held the finished stage {elapsed:.0f} s"
+    text = log.read_text()
+    assert "[teacher] WARNING: the stage's outputs are complete" in text, text[-4000:]
+    assert "Updating lock file 'dvc.lock'" in text, text[-4000:]
+    assert "up to date" in run_cmd(["dvc", "status", "teacher"], project).stdout  # DVC recorded the stage
