@@ -50,6 +50,7 @@ __all__ = [
     "leaf_keys",
     "flatten",
     "declared_params",
+    "dvc_stages",
     "declared_values",
     "Paths",
 ]
@@ -289,6 +290,26 @@ class Params(_Strict):
 # --------------------------------------------------------------------------------------------------
 
 
+def dvc_stages(dvc_yaml: str | Path) -> dict[str, dict[str, Any]]:
+    """The stages of ``dvc.yaml`` as written: name -> entry (``cmd``, ``deps``, ``params``, ``outs``...), in order.
+
+    The one reader of the stage graph: what each stage may read (:func:`declared_params`), which stages the pipeline
+    runs (:func:`distill.stages.runner.pipeline_stages`), each stage's deps (:func:`distill.tracking.dvc_input_hashes`,
+    ``scripts/rerun_matrix.py``).
+
+    Raises:
+        ParamsError: the file is missing, is not YAML, or has no ``stages`` mapping.
+    """
+    path = Path(dvc_yaml)
+    try:
+        stages = yaml.safe_load(path.read_text())["stages"]
+    except (OSError, yaml.YAMLError, KeyError, TypeError) as err:
+        raise ParamsError(f"{path}: cannot read the stage graph ({type(err).__name__}: {err})") from None
+    if not isinstance(stages, dict) or not all(isinstance(v, dict) for v in stages.values()):
+        raise ParamsError(f"{path}: cannot read the stage graph (`stages` is not a mapping of stage entries)")
+    return stages
+
+
 def declared_params(stage: str, dvc_yaml: str | Path) -> tuple[str, ...]:
     """The ``params.yaml`` keys ``dvc.yaml`` lists for ``stage`` (dotted; a group stands for all its keys).
 
@@ -296,11 +317,9 @@ def declared_params(stage: str, dvc_yaml: str | Path) -> tuple[str, ...]:
         ParamsError: ``dvc.yaml`` is missing or has no such stage.
     """
     path = Path(dvc_yaml)
-    try:
-        stages = yaml.safe_load(path.read_text())["stages"]
-        spec = stages[stage]
-    except (OSError, yaml.YAMLError, KeyError, TypeError) as err:
-        raise ParamsError(f"{path}: cannot read the params of stage {stage!r} ({type(err).__name__}: {err})") from None
+    spec = dvc_stages(path).get(stage)
+    if spec is None:
+        raise ParamsError(f"{path}: cannot read the params of stage {stage!r}: dvc.yaml has no such stage")
     keys: list[str] = []
     for entry in spec.get("params") or []:
         if isinstance(entry, str):

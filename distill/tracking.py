@@ -52,7 +52,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Protocol
 
-from distill.config import flatten
+from distill.config import ParamsError, dvc_stages, flatten
 from distill.io import file_md5
 
 __all__ = ["Tracker", "NullTracker", "NO_TRACKING", "MlflowTracker", "TrackingUnavailableError", "tracking_uri",
@@ -437,11 +437,10 @@ def dvc_input_hashes(stage: str, project_root: str | Path = ".") -> dict[str, st
 
     root = Path(project_root)
     try:
-        spec = yaml.safe_load((root / "dvc.yaml").read_text())
+        deps = dvc_stages(root / "dvc.yaml").get(stage, {}).get("deps") or []
         lock = yaml.safe_load((root / "dvc.lock").read_text()) if (root / "dvc.lock").is_file() else {}
-    except (OSError, yaml.YAMLError):
+    except (ParamsError, OSError, yaml.YAMLError):
         return {}
-    deps = spec.get("stages", {}).get(stage, {}).get("deps", [])
     recorded: dict[str, str] = {}
     outs: set[str] = set()
     for st in (lock or {}).get("stages", {}).values():

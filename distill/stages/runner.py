@@ -24,7 +24,7 @@ from typing import Any, Sequence
 
 import yaml
 
-from distill.config import Params, ParamsError, ParamsView, Paths, declared_params
+from distill.config import Params, ParamsError, ParamsView, Paths, declared_params, dvc_stages
 from distill.io import atomic_write_json, discard_dir, file_md5
 from distill.tracking import NO_TRACKING, Tracker
 
@@ -39,12 +39,8 @@ STAGE_COMMAND = re.compile(r"^python -m flows stage (\w+)$")
 
 def pipeline_stages(dvc_yaml: str | Path) -> list[str]:
     """The stages of ``dvc.yaml`` that run a library stage, in the order the file lists them."""
-    try:
-        stages = yaml.safe_load(Path(dvc_yaml).read_text())["stages"]
-    except (OSError, yaml.YAMLError, KeyError, TypeError) as err:
-        raise ParamsError(f"{dvc_yaml}: cannot read the stage graph ({type(err).__name__}: {err})") from None
     names = []
-    for name, spec in stages.items():
+    for name, spec in dvc_stages(dvc_yaml).items():
         match = STAGE_COMMAND.match(str(spec.get("cmd", "")).strip())
         if match:
             if match.group(1) != name:
