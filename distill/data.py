@@ -69,7 +69,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import struct
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -83,7 +82,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from distill.io import make_staging_dir, progress, recover_dir, swap_in_dir
+from distill.io import progress, recover_dir, staged_dir
 
 __all__ = [
     "AUGMENT_VERSION",
@@ -832,19 +831,6 @@ def _fingerprint(folder: Path, meta: dict[str, Any]) -> str:
     return h.hexdigest()
 
 
-@contextlib.contextmanager
-def _staged(out: Path) -> Iterator[Path]:
-    """A fresh staging folder beside ``out``: swapped in (atomically, durably) when the block succeeds, removed
-    when it fails, so ``out`` is the previous complete version or the new one, never a mix."""
-    staging = make_staging_dir(out, str(os.getpid()))
-    try:
-        yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    swap_in_dir(staging, out)
-
-
 class _SplitRows:
     """What is written of one split: its images (straight to disk), labels, ids, and the folders the ids index."""
 
@@ -978,7 +964,7 @@ def prepare_to(out_dir: str | Path, *, name: str, root: str | Path | None = None
     plan = _plan(name, root=root, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
                  download=download, max_per_class=max_per_class, unlabeled=unlabeled, pool_per_class=pool_per_class)
     out = Path(out_dir)
-    with _staged(out) as staging:
+    with staged_dir(out, str(os.getpid())) as staging:
         _write(staging, plan, name=name, image_size=image_size, seed=seed, skip_bad_images=skip_bad_images,
                workers=workers)
     return load_prepared(out)
@@ -1017,7 +1003,7 @@ def save_prepared(data: PreparedData, out_dir: str | Path) -> Path:
         ``out_dir``.
     """
     out = Path(out_dir)
-    with _staged(out) as staging:
+    with staged_dir(out, str(os.getpid())) as staging:
         for name in SPLITS:
             s = data.split(name)
             np.save(staging / f"{name}_images.npy", s.images)

@@ -22,7 +22,7 @@ split over a different number of threads round differently.
 
 Crash safety (docs/reliability.md): the state of every finished epoch is written by
 ``accelerator.save_state`` into a staging folder that is ``fsync``-ed and renamed into place
-(:func:`distill.io.swap_in_dir`), so a kill or a power cut leaves the previous epoch's state or the new
+(:func:`distill.io.staged_dir`), so a kill or a power cut leaves the previous epoch's state or the new
 one, never half of one. Everything in it is read back without unpickling code: weights from
 safetensors, optimizer and RNG states with ``torch.load(weights_only=True)``, the scheduler and the
 history from JSON. A state folder that is there but unreadable is an error that names it, never a
@@ -52,7 +52,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from distill.checkpoint import CheckpointError
 from distill.config import TrainParams
-from distill.io import atomic_write_text, discard_dir, make_staging_dir, progress, staging_dir, swap_in_dir
+from distill.io import atomic_write_text, discard_dir, progress, staged_dir
 from distill.losses import DistillationLoss
 from distill.views import StepContext, ViewSource, render
 
@@ -367,7 +367,7 @@ def save_state(accelerator: Any, state_dir: str | Path, *, epoch: int, history: 
 
     accelerate writes model (safetensors), optimizer and RNG states into a staging folder; the scheduler (a
     JSON-able dict), the history, the step count and ``key`` go into ``distill_state.json``, so nothing needs
-    unpickling on resume. The folder is then swapped in (:func:`distill.io.swap_in_dir`) and older states go.
+    unpickling on resume. The folder is then swapped in (:func:`distill.io.staged_dir`) and older states go.
 
     Args:
         accelerator: the accelerator of the run.
@@ -383,17 +383,15 @@ def save_state(accelerator: Any, state_dir: str | Path, *, epoch: int, history: 
     """
     state_dir = Path(state_dir)
     final = state_dir / f"epoch_{epoch:05d}"
-    staging = staging_dir(final, "save")  # one name every process agrees on (one run per state folder)
-    if accelerator.is_main_process:
-        make_staging_dir(final, "save")
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(staging), safe_serialization=True)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        meta = {"epoch": epoch, "global_step": global_step, "history": history, "scheduler": scheduler.state_dict(),
-                "key": key}
-        atomic_write_text(staging / STATE_META, json.dumps(meta))
-        swap_in_dir(staging, final)
+    main = accelerator.is_main_process
+    # "save": one staging name every process agrees on (one run per state folder)
+    with staged_dir(final, "save", main=main, wait=accelerator.wait_for_everyone) as staging:
+        accelerator.save_state(str(staging), safe_serialization=True)
+        if main:
+            meta = {"epoch": epoch, "global_step": global_step, "history": history,
+                    "scheduler": scheduler.state_dict(), "key": key}
+            atomic_write_text(staging / STATE_META, json.dumps(meta))
+    if main:
         _drop_other_states(state_dir, keep=final)
     accelerator.wait_for_everyone()
     return final

@@ -19,7 +19,10 @@ previous complete folder or the new complete one.
 
 Staging folders: a writer builds the new folder under ``.<name>.tmp-<token>`` beside ``<name>``
 (:func:`staging_dir`); :func:`make_staging_dir` first finishes an interrupted swap and clears what killed
-writers left behind (``.<name>.old``, ``.<name>.tmp-*``), so one writer at a time is assumed.
+writers left behind (``.<name>.old``, ``.<name>.tmp-*``), so one writer at a time is assumed. Every folder the
+library writes (prepared data, the soft-label store, the servable model, a training's resume state) is written
+through :func:`staged_dir`, the one staging-and-swap: the block writes the folder, the swap happens when it
+succeeds, and a failure removes the staging folder and leaves the old one as it was.
 
 Progress: one switch for every progress bar of the library, ``DISTILL_PROGRESS=0`` (tests, CI logs).
 """
@@ -33,7 +36,7 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +45,7 @@ __all__ = [
     "discard_dir",
     "json_text",
     "replace_together",
+    "staged_dir",
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_text",
@@ -214,6 +218,41 @@ def make_staging_dir(out: str | Path, token: str) -> Path:
     staging = staging_dir(out, token)
     staging.mkdir()
     return staging
+
+
+@contextlib.contextmanager
+def staged_dir(out: str | Path, token: str, *, main: bool = True,
+               wait: Callable[[], None] | None = None) -> Iterator[Path]:
+    """Write the next version of folder ``out`` in the block; it replaces ``out`` only when the block succeeds.
+
+    The main process clears what earlier writers left and creates the staging folder (:func:`make_staging_dir`);
+    the block writes into it; then the main process swaps it in (:func:`swap_in_dir`). If the block fails, the
+    main process removes the staging folder and ``out`` keeps its previous content.
+
+    Args:
+        out: the folder to replace.
+        token: names the staging folder (:func:`staging_dir`); every process of a group must pass the same one.
+        main: whether this process creates, swaps and removes the folder (the other processes of a group write
+            into it only).
+        wait: the group's barrier (e.g. ``accelerator.wait_for_everyone``): once after the staging folder exists,
+            and before and after the swap, so every process's writes are in before it and see the new folder after.
+
+    Yields:
+        The empty staging folder.
+    """
+    barrier = wait or (lambda: None)
+    staging = make_staging_dir(out, token) if main else staging_dir(out, token)
+    barrier()
+    try:
+        yield staging
+        barrier()
+        if main:
+            swap_in_dir(staging, out)
+    except BaseException:
+        if main:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
+    barrier()
 
 
 def swap_in_dir(staging: str | Path, out: str | Path) -> None:

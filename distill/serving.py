@@ -48,7 +48,6 @@ environment variable ``MLFLOW_PYFUNC_INFERENCE_CONFIG='{"device": "cuda"}'``.
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -67,7 +66,7 @@ from torchvision.transforms.v2 import functional as TF
 import distill
 from distill.checkpoint import CheckpointError, load_model, read_metadata
 from distill.data import Augmenter, AugmentSpec
-from distill.io import make_staging_dir, swap_in_dir
+from distill.io import staged_dir
 
 __all__ = ["CHECKPOINT_ARTIFACT", "MODEL_CODE", "MODEL_CONFIG", "REQUIRED_EXTRA", "REQUIREMENTS", "StudentClassifier",
            "pinned_requirement", "preprocess", "probabilities", "resize_center_crop", "save_servable",
@@ -318,7 +317,7 @@ def save_servable(checkpoint: str | Path, out_dir: str | Path) -> Path:
     """Write the checkpoint as an MLflow pyfunc model folder (module docstring), atomically.
 
     The folder is built under a staging name beside ``out_dir`` and swapped in complete
-    (:func:`distill.io.swap_in_dir`): a reader sees the previous model or the new one.
+    (:func:`distill.io.staged_dir`): a reader sees the previous model or the new one.
 
     Args:
         checkpoint: the student's ``.safetensors`` checkpoint (``models/student.safetensors``).
@@ -331,14 +330,8 @@ def save_servable(checkpoint: str | Path, out_dir: str | Path) -> Path:
         CheckpointError: see :func:`servable_spec`.
     """
     out_dir = Path(out_dir)
-    staging = make_staging_dir(out_dir, str(os.getpid()))
-    try:
-        with servable_spec(checkpoint) as spec:
-            mlflow.pyfunc.save_model(path=str(staging), **spec)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    swap_in_dir(staging, out_dir)
+    with staged_dir(out_dir, str(os.getpid())) as staging, servable_spec(checkpoint) as spec:
+        mlflow.pyfunc.save_model(path=str(staging), **spec)
     return out_dir
 
 

@@ -73,7 +73,6 @@ import contextlib
 import json
 import math
 import os
-import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -84,7 +83,7 @@ import torch
 from torch import Tensor, nn
 
 from distill.data import PARAM_DIM, Mix, Split, sample_lam
-from distill.io import atomic_write_text, file_sha256, make_staging_dir, progress, recover_dir, staging_dir, swap_in_dir
+from distill.io import atomic_write_text, file_sha256, progress, recover_dir, staged_dir
 from distill.teachers import freeze
 
 __all__ = [
@@ -459,15 +458,6 @@ def _check_args(*, views: int, topk: int | None, dtype: str, batch_size: int, nu
         raise ValueError("the training split is empty: nothing to store")
 
 
-def _open_staging(out: Path, accelerator: Any, procs: _Procs) -> Path:
-    """The staging folder every process writes its shard into; the main process clears leftovers and creates it."""
-    token = _staging_token(accelerator)
-    if procs.is_main:
-        make_staging_dir(out, token)  # also removes what killed generations left (one generation at a time)
-    procs.wait()
-    return staging_dir(out, token)
-
-
 def _write_shard(teacher: nn.Module, split: Split, augmenter: Any, staging: Path, procs: _Procs, *, views: int,
                  topk: int | None, dtype: str, batch_size: int, seed: int, mixup: float) -> None:
     """This process's shard: the view parameters and teacher logits of its images, and ``shard-<r>.json``."""
@@ -554,9 +544,9 @@ def generate_store(
     procs = _Procs.of(accelerator, teacher)
     teacher = _compiled(freeze(teacher).to(procs.device), accelerator)
     out = Path(out_dir)
-    staging = _open_staging(out, accelerator, procs)
     meta: StoreMeta | None = None
-    try:
+    # One staging folder for every process's shard; its creation also removes what killed generations left.
+    with staged_dir(out, _staging_token(accelerator), main=procs.is_main, wait=procs.wait) as staging:
         _write_shard(teacher, split, augmenter, staging, procs, views=views, topk=topk, dtype=dtype,
                      batch_size=batch_size, seed=seed, mixup=mixup)
         procs.wait()
@@ -569,12 +559,6 @@ def generate_store(
                 "data_fingerprint": data_fingerprint, "extra": json.loads(json.dumps(extra_meta or {}, default=str)),
                 "runtime": _runtime(accelerator)}
             meta = _gather_meta(staging, procs.world, fields)
-            swap_in_dir(staging, out)
-    except BaseException:
-        if procs.is_main:
-            shutil.rmtree(staging, ignore_errors=True)
-        raise
-    procs.wait()
     if meta is None:  # other processes read what the main process wrote
         meta = StoreMeta.from_dict(json.loads((out / "meta.json").read_text()))
     return meta

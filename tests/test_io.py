@@ -19,6 +19,7 @@ from distill.io import (
     old_dir,
     progress,
     recover_dir,
+    staged_dir,
     staging_dir,
     swap_in_dir,
 )
@@ -130,6 +131,32 @@ def test_make_staging_dir_finishes_a_swap_and_clears_killed_writers(tmp_path: Pa
     (staging / "data.txt").write_text("v2")
     swap_in_dir(staging, out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["store"] and (out / "data.txt").read_text() == "v2"
+
+
+def test_staged_dir_swaps_in_what_the_block_wrote_or_keeps_the_old_folder(tmp_path: Path) -> None:
+    out = tmp_path / "store"
+    with staged_dir(out, "1") as staging:
+        (staging / "data.txt").write_text("v1")
+        assert not out.exists()  # nothing is in place until the block ends
+    assert (out / "data.txt").read_text() == "v1"
+    with pytest.raises(RuntimeError, match="writer died"):
+        with staged_dir(out, "2") as staging:
+            (staging / "data.txt").write_text("v2, half")
+            raise RuntimeError("writer died")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["store"] and (out / "data.txt").read_text() == "v1"
+
+
+def test_staged_dir_of_a_process_group_swaps_once_all_wrote(tmp_path: Path) -> None:
+    """Every process writes into the main process's staging folder; only the main one creates and swaps it."""
+    out, events = tmp_path / "store", []
+    with staged_dir(out, "g", main=True, wait=lambda: events.append("wait")) as staging:
+        with staged_dir(out, "g", main=False) as other:  # another process of the group: the same folder
+            assert other == staging and staging.is_dir()
+            (other / "shard-1").write_text("1")
+        assert not out.exists()  # a process that is not the main one never swaps
+        (staging / "shard-0").write_text("0")
+    assert sorted(p.name for p in out.iterdir()) == ["shard-0", "shard-1"]
+    assert events == ["wait", "wait", "wait"]  # after creating it, before the swap and after it
 
 
 def test_file_sha256(tmp_path: Path) -> None:
