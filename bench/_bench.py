@@ -78,9 +78,10 @@ def score(workdir: Path, split: str, models: Sequence[str] = ("teacher", "baseli
     import torch
     from torch.utils.data import DataLoader
 
+    from distill.augment import eval_augmenter
     from distill.checkpoint import load_model
     from distill.config import Paths
-    from distill.data import ArrayDataset, Augmenter, AugmentSpec, load_prepared
+    from distill.data import ArrayDataset, load_prepared
     from distill.engine import make_accelerator, predict
     from distill.evaluation import classification_metrics
 
@@ -88,7 +89,7 @@ def score(workdir: Path, split: str, models: Sequence[str] = ("teacher", "baseli
     data = load_prepared(paths.data)
     meta = data.meta
     accelerator = make_accelerator()
-    aug = Augmenter(spec=AugmentSpec(), out_size=meta.image_size, mean=meta.mean, std=meta.std)
+    aug = eval_augmenter(meta.image_size, meta.mean, meta.std)
     loader = accelerator.prepare(DataLoader(ArrayDataset(data.split(split)), batch_size=512))
     out: dict[str, dict[str, float]] = {}
     for name in models:

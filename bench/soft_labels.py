@@ -39,9 +39,10 @@ from torch.utils.data import DataLoader
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
+from distill.augment import eval_augmenter  # noqa: E402
 from distill.checkpoint import load_model  # noqa: E402
 from distill.config import Paths, apply_overrides, parse_params  # noqa: E402
-from distill.data import ArrayDataset, Augmenter, AugmentSpec, load_prepared  # noqa: E402
+from distill.data import ArrayDataset, load_prepared  # noqa: E402
 from distill.engine import evaluate, make_accelerator  # noqa: E402
 from distill.evaluation import mean_std  # noqa: E402
 from distill.stages.runner import run_stage  # noqa: E402
@@ -62,7 +63,7 @@ def top1(paths: Paths, name: str, split: str = "val") -> float:
     model, _ = load_model(paths.model(name))
     meta = data.meta
     accelerator = make_accelerator()
-    aug = Augmenter(spec=AugmentSpec(), out_size=meta.image_size, mean=meta.mean, std=meta.std)
+    aug = eval_augmenter(meta.image_size, meta.mean, meta.std)
     loader = accelerator.prepare(DataLoader(ArrayDataset(data.split(split)), batch_size=512))
     return evaluate(model.to(accelerator.device), loader, accelerator, aug)["acc"]
 

@@ -135,7 +135,7 @@ class SupervisedTask:
 
     Args:
         model: the trainable model.
-        augmenter: a :class:`distill.data.Augmenter` (replayable crops + normalisation).
+        augmenter: a :class:`distill.augment.Augmenter` (replayable crops + normalisation).
         criterion: a :class:`~distill.losses.DistillationLoss`.
         views: a :class:`~distill.views.ViewSource`.
     """

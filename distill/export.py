@@ -5,7 +5,7 @@ already at the model's size:
 
     Input ``images``: uint8 ``(N, S, S, C)``, channels last, ``S`` the student's image size, ``N`` dynamic.
     Graph: ``x.permute(0, 3, 1, 2).float() / 255``, ``(x - mean) / std`` with the checkpoint's statistics
-    (:meth:`distill.data.Augmenter.normalize`), the student in eval mode (a distilled DeiT: the mean of its two
+    (:meth:`distill.augment.Augmenter.normalize`), the student in eval mode (a distilled DeiT: the mean of its two
     heads' logits, DeiT's late fusion), softmax in float32.
     Output ``probabilities``: float32 ``(N, num_classes)``, in the checkpoint's ``class_names`` order.
 
@@ -85,7 +85,7 @@ class DeployedStudent(nn.Module):
         self.train(False)  # exported and timed in eval mode only
 
     def forward(self, images: Tensor) -> Tensor:
-        x = images.permute(0, 3, 1, 2).float() / 255.0  # (N, C, S, S) in [0, 1], as distill.data.Augmenter renders
+        x = images.permute(0, 3, 1, 2).float() / 255.0  # (N, C, S, S) in [0, 1], as distill.augment.Augmenter renders
         x = (x - self.mean) / self.std  # Augmenter.normalize
         return torch.softmax(self.model(x).float(), dim=-1)  # eval mode: a distilled DeiT averages its two heads
 

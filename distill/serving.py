@@ -34,7 +34,7 @@ Preprocessing (exactly, per image)
        the data stage with a float ``interpolate``; where their native size differs from ``image_size``
        the two resizes can differ by one grey level.)
     2. Scale to [0, 1] (``x.float() / 255``) and normalise with the checkpoint's ``mean``/``std``:
-       the evaluation view of :class:`distill.data.Augmenter`, the very code the evaluate stage runs.
+       the evaluation view of :class:`distill.augment.Augmenter`, the very code the evaluate stage runs.
     3. Run the model in eval mode (DeiT: the average of the class-token and distillation-token heads'
        logits) in chunks of ``batch_size`` images, and take the softmax in float32.
 
@@ -64,8 +64,8 @@ from torch import Tensor
 from torchvision.transforms.v2 import functional as TF
 
 import distill
+from distill.augment import Augmenter, eval_augmenter
 from distill.checkpoint import CheckpointError, load_model, read_metadata
-from distill.data import Augmenter, AugmentSpec
 from distill.io import staged_dir
 
 __all__ = ["CHECKPOINT_ARTIFACT", "MODEL_CODE", "MODEL_CONFIG", "REQUIRED_EXTRA", "REQUIREMENTS", "StudentClassifier",
@@ -218,8 +218,7 @@ class StudentClassifier(mlflow.pyfunc.PythonModel):
         self.model, info = load_model(path, map_location=self.device)
         extra = servable_extra(path, info)
         self.channels = len(extra["mean"])
-        self.augmenter = Augmenter(spec=AugmentSpec(), out_size=int(extra["image_size"]), mean=extra["mean"],
-                                   std=extra["std"])
+        self.augmenter = eval_augmenter(int(extra["image_size"]), extra["mean"], extra["std"])
         self.num_classes = int(extra["num_classes"])
 
     # np.ndarray: what MLflow hands over after enforcing the tensor signature, and a hint MLflow infers nothing from.

@@ -6,7 +6,7 @@ pass per step; storing one fixed view per image instead makes the student overfi
 Knowledge Distillation Framework for Visual Recognition") stores, per image, many random views: the
 augmentation parameters with the teacher's output for exactly that view. The student
 (:class:`distill.views.StoredViews`) re-renders a stored view from its parameters (bit-identical on the same
-device: :class:`distill.data.Augmenter` renders each pixel independently of the rest of the batch) and uses
+device: :class:`distill.augment.Augmenter` renders each pixel independently of the rest of the batch) and uses
 the stored logits, so no teacher runs in the student's loop and teacher and student stay consistent.
 
 On-disk layout (a folder, tracked by DVC as one output)::
@@ -82,7 +82,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from distill.data import PARAM_DIM, Mix, Split, sample_lam
+from distill.augment import PARAM_DIM, Mix, sample_lam
+from distill.data import Split
 from distill.io import atomic_write_text, file_sha256, progress, recover_dir, staged_dir
 from distill.teachers import freeze
 
@@ -175,7 +176,7 @@ def view_params(augmenter: Any, start: int, stop: int, *, views: int, seed: int)
     """The stored view parameters of images ``[start, stop)``: a function of ``(seed, image, view)`` only.
 
     Args:
-        augmenter: a :class:`distill.data.Augmenter` (its ``sample`` draws the rows).
+        augmenter: a :class:`distill.augment.Augmenter` (its ``sample`` draws the rows).
         start: first image position.
         stop: one past the last image position.
         views: views per image (K).
@@ -402,7 +403,7 @@ def _run_teacher(teacher: nn.Module, split: Any, augmenter: Any, writer: _ShardW
 
 
 def stored_mix(split: Split, partner: np.ndarray, rows: np.ndarray, device: Any = None) -> Mix:
-    """The :class:`~distill.data.Mix` of stored views: partner images and labels from ``split`` by position.
+    """The :class:`~distill.augment.Mix` of stored views: partner images and labels from ``split`` by position.
 
     Used where the mixed views are made (generation) and where they are replayed
     (:class:`distill.views.StoredViews`), so both render the same mixed image.
@@ -519,7 +520,7 @@ def generate_store(
     Args:
         teacher: the trained teacher; frozen here (``eval()``, no gradients).
         split: a :class:`distill.data.Split` (uint8 images ``(N, C, H, W)``); the store is indexed by position.
-        augmenter: the :class:`distill.data.Augmenter` the student will replay the views with.
+        augmenter: the :class:`distill.augment.Augmenter` the student will replay the views with.
         out_dir: the store folder (replaced as a whole).
         views: K, views per image.
         topk: store only the k largest logits per view (plus the log of the remaining mass); ``None``: all.

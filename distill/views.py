@@ -27,7 +27,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from distill.data import Mix, Split, in_batch_mix
+from distill.augment import Mix, in_batch_mix
+from distill.data import Split
 from distill.soft_labels import SoftLabelStore, as_index, stored_mix
 from distill.teachers import freeze
 
@@ -87,7 +88,7 @@ class RandomViews:
     """Fresh random augmentation parameters per step; no teacher.
 
     Args:
-        augmenter: the :class:`distill.data.Augmenter`.
+        augmenter: the :class:`distill.augment.Augmenter`.
         mixup: Beta(mixup, mixup) mixup of every sample with the batch in reverse order; 0 turns it off.
     """
 
@@ -108,7 +109,7 @@ class OnlineTeacher:
 
     Args:
         teacher: the trained teacher; frozen here (``eval()``, no gradients).
-        augmenter: the :class:`distill.data.Augmenter`.
+        augmenter: the :class:`distill.augment.Augmenter`.
         autocast: a context factory (e.g. ``accelerator.autocast``) for the teacher's forward pass.
         mixup: as :class:`RandomViews`; the teacher labels the mixed image.
     """
@@ -186,7 +187,7 @@ class StoredViews:
 
     def __call__(self, batch: dict[str, Tensor], ctx: StepContext) -> Views:
         """The batch's views: ``params (B, 5)``, ``teacher_logits (B, C)`` float32 and, for a mixed store, the
-        :class:`~distill.data.Mix`; on the batch's device."""
+        :class:`~distill.augment.Mix`; on the batch's device."""
         device = batch["image"].device
         idx = as_index(batch["index"])
         views = self.view_ids(idx, ctx.epoch)

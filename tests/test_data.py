@@ -10,19 +10,15 @@ import numpy as np
 import pytest
 import torch
 
+from distill.augment import Augmenter, AugmentSpec, Mix, in_batch_mix, sample_lam
 from distill.data import (
     UNLABELED,
     ArrayDataset,
-    Augmenter,
-    AugmentSpec,
     BadImageError,
     DatasetNotFoundError,
-    Mix,
-    in_batch_mix,
     load_prepared,
     prepare_dataset,
     prepare_to,
-    sample_lam,
     save_prepared,
     stratified_split,
 )

@@ -169,7 +169,7 @@ def test_warmup_cosine_schedule():
 
 
 def test_online_teacher_with_mixup_labels_the_mixed_image():
-    from distill.data import Augmenter, AugmentSpec
+    from distill.augment import Augmenter, AugmentSpec
 
     aug = Augmenter(spec=AugmentSpec(), out_size=16, mean=[0.5], std=[0.25])
     teacher = _teacher().eval()

@@ -16,8 +16,8 @@ import torch
 from onnx import numpy_helper
 
 from distill import export as X
+from distill.augment import Augmenter, AugmentSpec
 from distill.checkpoint import save_model
-from distill.data import Augmenter, AugmentSpec
 from distill.models.deit import build_deit
 from distill.serving import probabilities
 

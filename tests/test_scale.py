@@ -374,7 +374,8 @@ def fresh_accelerate(monkeypatch):
 
 
 def test_bf16_mixed_precision_trains_teacher_and_student_and_generates_soft_labels(fresh_accelerate, tmp_path):
-    from distill.data import Augmenter, AugmentSpec, Split
+    from distill.augment import Augmenter, AugmentSpec
+    from distill.data import Split
     from distill.engine import SupervisedTask, fit, make_accelerator
     from distill.losses import DistillationLoss
     from distill.soft_labels import SoftLabelStore, generate_store
@@ -418,8 +419,9 @@ def test_torch_compile_through_accelerate_keeps_checkpoints_and_soft_labels_plai
 
     The ``eager`` backend runs dynamo's capture without a C++ compiler (inductor, the GPU choice, needs one).
     """
+    from distill.augment import Augmenter, AugmentSpec
     from distill.checkpoint import load_model, save_model
-    from distill.data import Augmenter, AugmentSpec, Split
+    from distill.data import Split
     from distill.engine import SupervisedTask, fit, make_accelerator
     from distill.losses import DistillationLoss
     from distill.soft_labels import SoftLabelStore, generate_store

@@ -20,8 +20,9 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import Model
 from PIL import Image
 
+from distill.augment import Augmenter, AugmentSpec
 from distill.checkpoint import CheckpointError, load_model, save_model
-from distill.data import Augmenter, AugmentSpec, decode_image
+from distill.data import decode_image
 from distill.models.build import build_model
 from distill.models.deit import DeiT
 from distill.registry import Score, log_and_register_student

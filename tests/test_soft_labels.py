@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from distill.data import Augmenter, AugmentSpec, Split
+from distill.augment import Augmenter, AugmentSpec
+from distill.data import Split
 from distill.io import file_sha256
 from distill.soft_labels import (
     SoftLabelStore,
@@ -297,7 +298,8 @@ def test_kill_mid_write_keeps_the_previous_store(tmp_path, split, aug):
     marker = tmp_path / "second_batch"
     script = textwrap.dedent(f"""
         import time, numpy as np, torch
-        from distill.data import AugmentSpec, Augmenter, Split
+        from distill.augment import AugmentSpec, Augmenter
+        from distill.data import Split
         from distill.soft_labels import generate_store
         from distill.teachers import build_teacher
         images = np.load({str(tmp_path / 'images.npy')!r})

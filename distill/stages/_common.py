@@ -28,9 +28,10 @@ from typing import Any, Callable, Optional, Sequence
 
 from torch import nn
 
+from distill.augment import Augmenter, AugmentSpec
 from distill.checkpoint import checkpoint_writer, load_model
 from distill.config import ParamsView, Paths, TrainParams
-from distill.data import ArrayDataset, Augmenter, AugmentSpec, DatasetMeta, PreparedData, Split
+from distill.data import ArrayDataset, DatasetMeta, PreparedData, Split
 from distill.engine import SupervisedTask, fit, make_accelerator
 from distill.io import file_sha256, json_text, replace_together
 from distill.losses import DistillationLoss

@@ -31,9 +31,10 @@ from torch.utils.data import DataLoader
 from distill import evaluation as E
 from distill import plots as P
 from distill import report as R
+from distill.augment import eval_augmenter
 from distill.checkpoint import load_model, read_metadata
 from distill.config import ParamsView, Paths, flatten
-from distill.data import ArrayDataset, Augmenter, AugmentSpec, DatasetMeta, load_prepared
+from distill.data import ArrayDataset, DatasetMeta, load_prepared
 from distill.engine import make_accelerator, predict
 from distill.io import atomic_write_json, atomic_write_text
 from distill.registry import Score, gate_verdict, log_and_register_student, promotion_note
@@ -164,7 +165,7 @@ def run(params: ParamsView, paths: Paths, tracker: Tracker = NO_TRACKING, *,
     data = load_prepared(paths.data)
     meta = data.meta
     accelerator = make_accelerator()
-    augmenter = Augmenter(spec=AugmentSpec(), out_size=meta.image_size, mean=meta.mean, std=meta.std)
+    augmenter = eval_augmenter(meta.image_size, meta.mean, meta.std)
     loader = accelerator.prepare(DataLoader(ArrayDataset(data.test), batch_size=ep.batch_size, shuffle=False))
     models, infos = _load_models(paths, meta)
     outputs: dict[str, tuple[Tensor, ...]] = {}

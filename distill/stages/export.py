@@ -34,8 +34,9 @@ import torch
 
 from distill import evaluation as E
 from distill import export as X
+from distill.augment import eval_augmenter
 from distill.config import ParamsView, Paths, flatten
-from distill.data import Augmenter, AugmentSpec, load_prepared
+from distill.data import load_prepared
 from distill.io import json_text, replace_together
 from distill.registry import Score, gate_verdict, log_and_register_model, promotion_note
 from distill.serving import probabilities
@@ -81,7 +82,7 @@ def _build(xp: ParamsView, checkpoint: Path, images: np.ndarray, labels: np.ndar
     files = {p: tmp / f"student.{p}.onnx" for p in PRECISIONS}
     X.export_onnx(student, files["fp32"], image_size=meta["image_size"], channels=meta["channels"], opset=xp.opset)
     X.quantize_int8(files["fp32"], files["int8"])
-    augmenter = Augmenter(spec=AugmentSpec(), out_size=meta["image_size"], mean=meta["mean"], std=meta["std"])
+    augmenter = eval_augmenter(meta["image_size"], meta["mean"], meta["std"])
     ref = probabilities(student.model, images, channels=meta["channels"], num_classes=meta["num_classes"],
                         augmenter=augmenter, batch_size=xp.batch_size)
     out = {p: X.onnx_probabilities(X.session(f), images, batch_size=xp.batch_size) for p, f in files.items()}
