@@ -5,7 +5,7 @@ sklearn's handwritten digits upscaled to ``--src`` pixels, tinted per class, wit
 differs. Then, on the same files, with the same number of worker processes and the same resize (shorter side to
 ``--size``, bilinear, antialiased) and centre crop:
 
-* **ours**: ``distill.data.prepare_to`` with ``unlabeled=True``: decoding in workers, the arrays written to
+* **ours**: ``distill.prepare.prepare_to`` with ``unlabeled=True``: decoding in workers, the arrays written to
   disk batch by batch, statistics and fingerprint, fsync and the atomic swap of the folder;
 * **torchvision**: ``ImageFolder`` over ``train/``, ``val/`` and ``unlabeled/`` (``ConcatDataset``) with
   ``v2.Compose([PILToTensor(), Resize(size, antialias=True), CenterCrop(size)])``, one pass of a ``DataLoader``
@@ -115,13 +115,14 @@ def child(side: str, root: Path, out: Path, workers: int, size: int) -> dict[str
     from torchvision.datasets import ImageFolder
     from torchvision.transforms import v2
 
-    from distill.data import prepare_to
+    from distill.prepare import SplitSpec, prepare_to
 
     torch.set_num_threads(1)  # what the data stage's main process gets to do is orchestration
     before = _rss_now_mib()
     t0 = time.perf_counter()
     if side == "ours":
-        data = prepare_to(out, name="imagefolder", root=root, image_size=size, unlabeled=True, workers=workers)
+        data = prepare_to(out, name="imagefolder", root=root, image_size=size, split=SplitSpec(unlabeled=True),
+                          workers=workers)
         n = sum(data.meta.sizes.values())
     else:
         transform = v2.Compose([v2.PILToTensor(), v2.Resize(size, antialias=True), v2.CenterCrop(size)])

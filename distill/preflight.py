@@ -30,8 +30,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from distill.config import Params, ParamsError, Paths, load_params
-from distill.data import check_source
 from distill.models.build import student_config
+from distill.prepare import SplitSpec, check_source
 from distill.teachers import check_arch, check_input_size
 from distill.tracking import TrackingUnavailableError, check_tracking_server, tracking_uri
 from distill.weights import pretrained_file
@@ -93,10 +93,8 @@ def _data(params: Params, paths: Paths) -> list[str]:
                 f"dependency of the data stage, so DVC needs it to exist{unused}; create it, or set data.root to "
                 "your data's folder"]
     try:
-        with _quiet("distill.data"):  # the data stage itself warns about small classes, once
-            check_source(d.name, root=root, download=d.download, val_fraction=d.val_fraction,
-                         test_fraction=d.test_fraction, seed=params.seed, max_per_class=d.max_per_class,
-                         unlabeled=d.unlabeled, pool_per_class=d.pool_per_class)
+        with _quiet("distill.prepare"):  # the data stage itself warns about small classes, once
+            check_source(d.name, root=root, download=d.download, split=SplitSpec.of(d, params.seed))
     except (OSError, ValueError) as err:  # DatasetNotFoundError is a FileNotFoundError
         return [f"data ({d.name} at {d.root}): {err}"]
     return []

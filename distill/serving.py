@@ -28,7 +28,7 @@ Preprocessing (exactly, per image)
        bilinear, antialiased (which only acts when shrinking), the longer side
        ``int(image_size * long / short)``; then centre-crop to ``image_size x image_size``
        (torchvision's ``center_crop``). These are the calls with which the data stage brings the files of
-       an image folder to ``image_size`` (:func:`distill.data.decode_image`), so a raw image file decoded
+       an image folder to ``image_size`` (:func:`distill.prepare.decode_image`), so a raw image file decoded
        to RGB ``uint8`` is preprocessed as the pipeline stored it. An image already ``image_size`` square
        is not touched (bit-exact). (In-memory sources, digits and the torchvision sets, were resized by
        the data stage with a float ``interpolate``; where their native size differs from ``image_size``

@@ -11,28 +11,19 @@ import pytest
 import torch
 
 from distill.augment import Augmenter, AugmentSpec, Mix, in_batch_mix, sample_lam
-from distill.data import (
-    UNLABELED,
-    ArrayDataset,
-    BadImageError,
-    DatasetNotFoundError,
-    load_prepared,
-    prepare_dataset,
-    prepare_to,
-    save_prepared,
-    stratified_split,
-)
+from distill.data import UNLABELED, ArrayDataset, DatasetNotFoundError, load_prepared
+from distill.prepare import BadImageError, SplitSpec, prepare_dataset, prepare_to, stratified_split
 
 # params.yaml's data section (seed 0) and the fingerprint metrics/data.json records for it: the streaming writer
 # must reproduce the arrays, and so the fingerprint, of the in-memory code it replaced.
-DIGITS_DEFAULT = {"image_size": 16, "val_fraction": 0.15, "test_fraction": 0.2, "seed": 0, "max_per_class": 50,
-                  "unlabeled": True}
+DIGITS_DEFAULT = {"image_size": 16, "split": SplitSpec(val_fraction=0.15, test_fraction=0.2, seed=0, max_per_class=50,
+                                                     unlabeled=True)}
 DIGITS_FINGERPRINT = "2cea0074af0ef6c1a1fab7122aefc0af5f8f8d81de87c0d4b6b4b9bec663569e"
 
 
 @pytest.fixture(scope="module")
 def digits():
-    return prepare_dataset("digits", image_size=16, val_fraction=0.15, test_fraction=0.2, seed=0)
+    return prepare_dataset("digits", image_size=16, split=SplitSpec(val_fraction=0.15, test_fraction=0.2, seed=0))
 
 
 def test_digits_split_is_disjoint_stratified_and_complete(digits):
@@ -65,8 +56,8 @@ def test_digits_default_fingerprint_and_files_are_unchanged(tmp_path):
 
 
 def test_split_is_seeded_and_ids_are_stable(digits):
-    again = prepare_dataset("digits", image_size=16, seed=0)
-    other = prepare_dataset("digits", image_size=16, seed=1)
+    again = prepare_dataset("digits", image_size=16, split=SplitSpec(seed=0))
+    other = prepare_dataset("digits", image_size=16, split=SplitSpec(seed=1))
     assert np.array_equal(again.test.ids, digits.test.ids) and again.meta.fingerprint == digits.meta.fingerprint
     assert not np.array_equal(other.test.ids, digits.test.ids) and other.meta.fingerprint != digits.meta.fingerprint
     # a sample keeps its id (and content) whatever the split: id -> image is the same mapping
@@ -78,13 +69,13 @@ def test_split_is_seeded_and_ids_are_stable(digits):
 
 
 def test_max_per_class_caps_training_only(digits):
-    small = prepare_dataset("digits", image_size=16, seed=0, max_per_class=5)
+    small = prepare_dataset("digits", image_size=16, split=SplitSpec(seed=0, max_per_class=5))
     assert np.bincount(small.train.labels).tolist() == [5] * 10
     assert np.array_equal(small.test.ids, digits.test.ids)
 
 
 def test_unlabeled_keeps_the_rest_of_the_training_images_without_labels(digits, tmp_path):
-    data = prepare_dataset("digits", image_size=16, seed=0, max_per_class=20, unlabeled=True)
+    data = prepare_dataset("digits", image_size=16, split=SplitSpec(seed=0, max_per_class=20, unlabeled=True))
     assert np.bincount(data.train.labels).tolist() == [20] * 10
     # the unlabeled split is exactly the uncapped training split minus the kept images, and has no labels
     assert set(data.train.ids.tolist()) | set(data.unlabeled.ids.tolist()) == set(digits.train.ids.tolist())
@@ -94,15 +85,12 @@ def test_unlabeled_keeps_the_rest_of_the_training_images_without_labels(digits, 
     transfer = data.transfer()  # labeled first, so store positions 0..199 are the training split's
     assert np.array_equal(transfer.ids, np.concatenate([data.train.ids, data.unlabeled.ids]))
     assert np.array_equal(transfer.labels[:200], data.train.labels) and (transfer.labels[200:] == UNLABELED).all()
-    loaded = load_prepared(save_prepared(data, tmp_path / "p"))
-    assert np.array_equal(loaded.unlabeled.images, data.unlabeled.images) and loaded.meta == data.meta
     # off (the default): no unlabeled images, the transfer split is the training split, and it still loads
     assert len(digits.unlabeled) == 0 and digits.transfer() is digits.train
-    assert len(load_prepared(save_prepared(digits, tmp_path / "q")).unlabeled) == 0
     with pytest.raises(ValueError, match="set data.max_per_class"):
-        prepare_dataset("digits", image_size=16, seed=0, unlabeled=True)
+        prepare_dataset("digits", image_size=16, split=SplitSpec(seed=0, unlabeled=True))
     with pytest.raises(ValueError, match="lower data.max_per_class"):  # a cap no class reaches: nothing to keep
-        prepare_dataset("digits", image_size=16, seed=0, max_per_class=1000, unlabeled=True)
+        prepare_dataset("digits", image_size=16, split=SplitSpec(seed=0, max_per_class=1000, unlabeled=True))
 
 
 def test_stratified_split_fractions():
@@ -112,26 +100,27 @@ def test_stratified_split_fractions():
     assert len(np.unique(np.concatenate([rest, a, b]))) == 300
 
 
-def test_save_load_round_trip_and_dataset_items(digits, tmp_path):
-    out = save_prepared(digits, tmp_path / "prepared")
-    loaded = load_prepared(out)
-    assert loaded.meta == digits.meta
-    for s in ("train", "val", "test"):
-        assert np.array_equal(loaded.split(s).images, digits.split(s).images)
-        assert np.array_equal(loaded.split(s).labels, digits.split(s).labels)
+def test_prepared_data_loads_as_written_and_as_dataset_items(digits, tmp_path):
+    out = tmp_path / "prepared"
+    loaded = prepare_to(out, name="digits", image_size=16, split=SplitSpec(val_fraction=0.15, test_fraction=0.2))
+    assert loaded.meta == digits.meta and isinstance(loaded.train.images, np.memmap)  # memory-mapped by default
+    for s in ("train", "val", "test", "unlabeled"):
+        assert np.array_equal(load_prepared(out).split(s).images, digits.split(s).images)
+        assert np.array_equal(load_prepared(out).split(s).labels, digits.split(s).labels)
     item = ArrayDataset(loaded.train)[3]
     assert item["image"].dtype == torch.uint8 and item["image"].shape == (1, 16, 16)
     assert int(item["index"]) == 3 and int(item["label"]) == int(digits.train.labels[3])
-    # saving again replaces the folder as a whole (no leftovers from the previous write)
+    # preparing again replaces the folder as a whole (no leftovers from the previous write)
     (out / "stray.txt").write_text("x")
-    save_prepared(digits, out)
+    prepare_to(out, name="digits", image_size=16)
     assert not (out / "stray.txt").exists()
 
 
 def test_missing_and_corrupt_prepared_data_name_the_folder(digits, tmp_path):
     with pytest.raises(DatasetNotFoundError, match=r"nowhere.*dvc repro data"):
         load_prepared(tmp_path / "nowhere")
-    out = save_prepared(digits, tmp_path / "prepared")
+    out = tmp_path / "prepared"
+    prepare_to(out, name="digits", image_size=16)
     labels = out / "train_labels.npy"
     labels.write_bytes(labels.read_bytes()[:40])
     with pytest.raises(DatasetNotFoundError, match=r"corrupt.*dvc repro -f data"):
@@ -185,7 +174,7 @@ def test_cifar10_from_a_local_root(tmp_path, monkeypatch):
     monkeypatch.setattr(cls, "train_list", [[n, md5(n)] for n, _ in cls.train_list])
     monkeypatch.setattr(cls, "test_list", [[n, md5(n)] for n, _ in cls.test_list])
     monkeypatch.setattr(cls, "meta", {**cls.meta, "md5": md5(cls.meta["filename"])})
-    data = prepare_dataset("cifar10", root=str(tmp_path), image_size=32, val_fraction=0.2, seed=0)
+    data = prepare_dataset("cifar10", root=str(tmp_path), image_size=32, split=SplitSpec(val_fraction=0.2, seed=0))
     assert data.train.images.shape[1:] == (3, 32, 32) and len(data.test) == 10
     assert len(data.train) + len(data.val) == 150
     assert data.meta.mean == pytest.approx([0.4914, 0.4822, 0.4465])
@@ -226,9 +215,11 @@ def _make_folder(root: Path, layout: dict[str, dict[str, int]], unlabeled: int =
     return root
 
 
-def _prepare(root: Path, out: Path, **kw):
-    kw = {"image_size": 16, "val_fraction": 0.2, "test_fraction": 0.2, "seed": 0, "workers": 0, **kw}
-    return prepare_to(out, name="imagefolder", root=root, **kw)
+def _prepare(root: Path, out: Path, *, image_size: int = 16, workers: int = 0, skip_bad_images: bool = False, **split):
+    """An image folder prepared with fractions 0.2 and seed 0 unless ``split`` (:class:`SplitSpec`'s fields) says."""
+    spec = SplitSpec(**{"val_fraction": 0.2, "test_fraction": 0.2, "seed": 0, **split})
+    return prepare_to(out, name="imagefolder", root=root, image_size=image_size, split=spec, workers=workers,
+                      skip_bad_images=skip_bad_images)
 
 
 def _reference(folder: Path, size: int = 16):
@@ -322,7 +313,7 @@ def test_16_bit_pngs_read_as_their_high_byte_not_as_white(tmp_path):
 def test_a_class_too_small_to_split_is_named_in_a_warning(tmp_path, caplog):
     """A class with one image gets no validation or test image (round(0.2 x 1) = 0): say so, naming it."""
     root = _make_folder(tmp_path / "raw", {".": {"common": 10, "rare": 1}})
-    with caplog.at_level("WARNING", logger="distill.data"):
+    with caplog.at_level("WARNING", logger="distill.prepare"):
         data = _prepare(root, tmp_path / "p")
     assert data.meta.sizes["train"] == 7  # it still trains: long-tailed data has such classes
     for split in ("val", "test"):
@@ -330,7 +321,7 @@ def test_a_class_too_small_to_split_is_named_in_a_warning(tmp_path, caplog):
         assert f"raise data.{split}_fraction" in caplog.text
     assert "'common'" not in caplog.text and "in the train split" not in caplog.text
     caplog.clear()
-    with caplog.at_level("WARNING", logger="distill.data"):
+    with caplog.at_level("WARNING", logger="distill.prepare"):
         _prepare(_make_folder(tmp_path / "raw2", {".": {"a": 10, "b": 10}}), tmp_path / "p2")
     assert caplog.text == ""  # every class in every split: no warning
 
@@ -469,7 +460,7 @@ def test_failed_preparation_leaves_the_previous_folder_untouched(tmp_path):
 
 
 def test_npy_header_keeps_its_room_when_rows_were_skipped(tmp_path):
-    from distill.data import _npy_header
+    from distill.prepare import _npy_header
 
     rows = np.arange(2 * 3 * 4 * 4, dtype=np.uint8).reshape(2, 3, 4, 4)
     np.save(tmp_path / "ref.npy", rows)
@@ -564,10 +555,11 @@ def test_sample_lam_follows_beta():
 
 def test_a_swap_interrupted_between_its_renames_is_finished_by_the_reader(tmp_path):
     """A crash between ``out -> .out.old`` and ``staging -> out`` leaves only ``.out.old``: loading restores it."""
-    from distill.data import load_prepared, prepare_to
+    from distill.data import load_prepared
+    from distill.prepare import prepare_to
 
     out = tmp_path / "prepared"
-    prepared = prepare_to(out, name="digits", image_size=8, seed=0, max_per_class=5, workers=0)
+    prepared = prepare_to(out, name="digits", image_size=8, workers=0, split=SplitSpec(seed=0, max_per_class=5))
     out.rename(tmp_path / ".prepared.old")
     again = load_prepared(out)
     assert again.meta.fingerprint == prepared.meta.fingerprint and not (tmp_path / ".prepared.old").exists()

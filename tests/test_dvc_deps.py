@@ -73,12 +73,13 @@ def test_no_import_cycles_and_the_layers_read_top_down():
     """flows -> stages -> engine, store, evaluation -> models, data, losses: no module imports a higher layer."""
     import ast
 
-    layer = {"flows": 0, "distill.stages": 1, "distill.engine": 2, "distill.views": 3, "distill.soft_labels": 4,
-             "distill.evaluation": 2, "distill.registry": 2, "distill.serving": 2, "distill.report": 2,
-             "distill.export": 2,
-             "distill.plots": 2, "distill.tracking": 2, "distill.preflight": 2, "distill.checkpoint": 5,
-             "distill.models": 6, "distill.teachers": 6, "distill.weights": 7, "distill.data": 7, "distill.augment": 7,
-             "distill.losses": 7,
+    layer = {"flows": 0, "distill.stages": 1,
+             "distill.engine": 2, "distill.evaluation": 2, "distill.registry": 2, "distill.serving": 2,
+             "distill.report": 2, "distill.export": 2, "distill.plots": 2, "distill.tracking": 2,
+             "distill.preflight": 2,
+             "distill.views": 3, "distill.soft_labels": 4, "distill.checkpoint": 5,
+             "distill.models": 6, "distill.teachers": 6, "distill.prepare": 6,
+             "distill.weights": 7, "distill.data": 7, "distill.augment": 7, "distill.losses": 7,
              "distill.io": 8, "distill.config": 8}
 
     def level(module: str) -> int:

@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from distill.data import IDX_FILES, DatasetNotFoundError, prepare_dataset, read_idx
+from distill.data import DatasetNotFoundError
+from distill.prepare import IDX_FILES, SplitSpec, prepare_dataset, read_idx
 
 DEBIAN = Path("/usr/share/datasets/fashion-mnist")
 
@@ -47,7 +48,8 @@ def write_idx_set(folder: Path, *, n_train: int = 200, n_test: int = 50, gz: boo
 def test_the_official_files_are_read_in_both_layouts_plain_or_gzipped(tmp_path, layout, gz):
     folder = tmp_path if layout == "debian" else tmp_path / "FashionMNIST" / "raw"
     arrays = write_idx_set(folder, gz=gz)
-    data = prepare_dataset("fashion_mnist", root=str(tmp_path), image_size=28, val_fraction=0.1, seed=3)
+    data = prepare_dataset("fashion_mnist", root=str(tmp_path), image_size=28,
+                           split=SplitSpec(val_fraction=0.1, seed=3))
     images, labels = arrays["test"]
     # the official test set is the test split, whole and in order
     assert np.array_equal(data.test.labels, labels) and np.array_equal(data.test.ids, np.arange(len(labels)))
@@ -91,15 +93,16 @@ def test_the_training_pool_is_fixed_and_the_labeled_images_nest(tmp_path):
     """pool_per_class: the labeled images and the unlabeled split both come from one seeded pool, and the labeled
     images of a smaller label count are among those of a larger one (a label-count curve compares like with like)."""
     write_idx_set(tmp_path, n_train=400)
-    kw = {"root": str(tmp_path), "image_size": 28, "val_fraction": 0.1, "seed": 5, "pool_per_class": 20,
-          "unlabeled": True}
-    by_labels = {n: prepare_dataset("fashion_mnist", max_per_class=n, **kw) for n in (2, 6, 19)}
+    kw = {"val_fraction": 0.1, "seed": 5, "pool_per_class": 20, "unlabeled": True}
+    by_labels = {n: prepare_dataset("fashion_mnist", root=str(tmp_path), image_size=28,
+                                    split=SplitSpec(**kw, max_per_class=n)) for n in (2, 6, 19)}
     pools = {n: set(d.train.ids) | set(d.unlabeled.ids) for n, d in by_labels.items()}
     assert all(len(p) == 200 for p in pools.values()) and pools[2] == pools[6] == pools[19]
     assert set(by_labels[2].train.ids) < set(by_labels[6].train.ids) < set(by_labels[19].train.ids)
     assert np.bincount(by_labels[6].train.labels).tolist() == [6] * 10
     assert all(np.array_equal(d.val.ids, by_labels[2].val.ids) for d in by_labels.values())  # val is untouched
-    other_seed = prepare_dataset("fashion_mnist", max_per_class=6, **{**kw, "seed": 6})
+    other_seed = prepare_dataset("fashion_mnist", root=str(tmp_path), image_size=28,
+                                 split=SplitSpec(**{**kw, "seed": 6}, max_per_class=6))
     assert set(other_seed.train.ids) != set(by_labels[6].train.ids)
 
 
@@ -114,7 +117,7 @@ def test_pool_and_labels_must_agree():
 
 @pytest.mark.skipif(not DEBIAN.is_dir(), reason="Debian's dataset-fashion-mnist is not installed")
 def test_the_debian_package_gives_the_official_sets():
-    from distill.data import _idx_pools
+    from distill.prepare import _idx_pools
 
     pools, classes = _idx_pools("fashion_mnist", DEBIAN, download=False)
     assert len(pools["train"].labels) == 60_000 and len(pools["test"].labels) == 10_000

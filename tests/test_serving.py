@@ -22,9 +22,9 @@ from PIL import Image
 
 from distill.augment import Augmenter, AugmentSpec
 from distill.checkpoint import CheckpointError, load_model, save_model
-from distill.data import decode_image
 from distill.models.build import build_model
 from distill.models.deit import DeiT
+from distill.prepare import decode_image
 from distill.registry import Score, log_and_register_student
 from distill.serving import StudentClassifier, save_servable, servable_checkpoint
 from distill.tracking import MlflowTracker

@@ -31,8 +31,9 @@ from conftest import (
 def test_only_faults_that_can_pass_are_retried() -> None:
     from distill.checkpoint import CheckpointError
     from distill.config import ParamsError
-    from distill.data import BadImageError, DatasetNotFoundError
+    from distill.data import DatasetNotFoundError
     from distill.engine import NonFiniteLossError
+    from distill.prepare import BadImageError
     from distill.tracking import TrackingUnavailableError
     from flows.stage import retryable
 

@@ -2,7 +2,7 @@
 
 Reads the raw data (``data.root``: an image folder or torchvision's files; nothing for the embedded
 ``digits``), writes ``data/prepared/`` (uint8 arrays, stable sample ids, normalisation statistics, a content
-fingerprint; :mod:`distill.data`) and ``metrics/data.json``. With ``data.unlabeled`` it also builds the
+fingerprint; :mod:`distill.prepare`) and ``metrics/data.json``. With ``data.unlabeled`` it also builds the
 unlabeled transfer split, whose labels are dropped before anything is saved.
 """
 
@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from distill.config import ParamsView, Paths
-from distill.data import prepare_to
 from distill.io import atomic_write_json
+from distill.prepare import SplitSpec, prepare_to
 from distill.tracking import NO_TRACKING, Tracker
 
 __all__ = ["run"]
@@ -27,9 +27,8 @@ def run(params: ParamsView, paths: Paths, tracker: Tracker = NO_TRACKING, *,
     root = Path(d.root)
     t0 = time.perf_counter()
     data = prepare_to(paths.data, name=d.name, root=root if root.is_absolute() else paths.root / root,
-                      image_size=d.image_size, val_fraction=d.val_fraction, test_fraction=d.test_fraction,
-                      seed=params.seed, download=d.download, max_per_class=d.max_per_class, unlabeled=d.unlabeled,
-                      skip_bad_images=d.skip_bad_images, pool_per_class=d.pool_per_class)
+                      image_size=d.image_size, split=SplitSpec.of(d, params.seed), download=d.download,
+                      skip_bad_images=d.skip_bad_images)
     meta = data.meta
     metrics: dict[str, Any] = {
         "num_train": len(data.train), "num_unlabeled": len(data.unlabeled), "num_val": len(data.val),
