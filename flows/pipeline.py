@@ -28,13 +28,13 @@ from prefect import flow, get_run_logger
 from prefect.runtime import deployment, flow_run
 
 from distill.config import apply_overrides, load_raw, parse_params
-from distill.tracking import MlflowTracker, create_pipeline_run, open_experiment, tracking_uri
+from distill.tracking import MlflowTracker, create_pipeline_run, open_experiment, runs_url, tracking_uri
 from flows.lifetime import PIPELINE_PID_ENV
 from flows.stage import PARENT_ENV, publish_report
 from flows.workspace import apply_to_params_file, workspace_lock
 
 __all__ = ["pipeline_flow", "StageFailed", "run_dvc", "experiment_name", "flow_run_holder", "check_committed",
-           "applied", "experiment_metrics"]
+           "applied", "experiment_metrics", "where_to_look"]
 
 
 class StageFailed(RuntimeError):
@@ -201,19 +201,54 @@ def _pipeline(root: Path, overrides: list[str], resolved: dict[str, Any], *, exp
         status = "FINISHED"
     finally:
         parent_run.terminate(status)
+        _drop_if_empty(client, experiment_id, parent)
     result: dict[str, Any] = {"experiment": exp_name, "mlflow_parent_run_id": parent}
     if temp:
         result["evaluate"] = experiment_metrics(root, [exp_name])[exp_name]
         print(_variant_summary(exp_name, result["evaluate"], overrides))
-        return result
-    metrics_file = root / "metrics" / "evaluate.json"
-    if metrics_file.is_file():
-        result["evaluate"] = json.loads(metrics_file.read_text())
-        report = root / "reports" / "results.md"
-        if report.is_file():
-            print(report.read_text())
-            publish_report(root)
+    else:
+        metrics_file = root / "metrics" / "evaluate.json"
+        if metrics_file.is_file():
+            result["evaluate"] = json.loads(metrics_file.read_text())
+            report = root / "reports" / "results.md"
+            if report.is_file():
+                print(report.read_text())
+                publish_report(root)
+    print(where_to_look(root, experiment_id, exp_name, temp=temp))
     return result
+
+
+def _drop_if_empty(client: Any, experiment_id: str, run_id: str) -> None:
+    """Delete the parent run if no stage ran under it (nothing was out of date): an empty run says nothing.
+
+    MLflow records, it never decides: an error here is a warning.
+    """
+    from mlflow.entities import ViewType
+
+    try:
+        children = client.search_runs([experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{run_id}'",
+                                      run_view_type=ViewType.ALL, max_results=1)
+        if not children:
+            client.delete_run(run_id)
+            print("No stage ran (everything was up to date): no MLflow run kept for this execution.", flush=True)
+    except Exception as err:  # noqa: BLE001
+        print(f"WARNING: could not check MLflow parent run {run_id} for stage runs: {err}", file=sys.stderr,
+              flush=True)
+
+
+def where_to_look(root: Path, experiment_id: str, exp_name: str, *, temp: bool) -> str:
+    """The closing lines: where the results are, and the address that opens MLflow's UI on the runs."""
+    uri = tracking_uri(root)
+    lines = ["", "Where to look:"]
+    if temp:
+        lines.append(f"  DVC                 dvc exp show   (experiment {exp_name})")
+    else:
+        lines += ["  results table       reports/results.md   (figures in reports/figures/)",
+                  "  DVC                 dvc metrics show ; dvc plots show ; dvc exp show"]
+    lines.append(f"  MLflow runs         {runs_url(experiment_id, uri)}")
+    if not uri.startswith(("http://", "https://")):  # a local store: the UI is `mlflow ui`, started by the user
+        lines.append(f"                      (start the UI first: mlflow ui --backend-store-uri {uri})")
+    return "\n".join(lines)
 
 
 def _variant_summary(name: str, metrics: dict[str, Any], overrides: list[str]) -> str:
