@@ -10,8 +10,8 @@ last finished epoch.
 Inside a pipeline (``python -m flows pipeline``), the pipeline's flow run id comes in the environment
 (``DISTILL_PREFECT_PARENT``): the stage's flow run is then created as a subflow of it, through a task run in
 the pipeline's run that stands for the stage (what Prefect itself does for a subflow called in-process), so
-the Prefect UI shows the stage under its pipeline run. Each stage flow run is tagged with its stage and
-pipeline.
+the Prefect UI shows the stage under its pipeline run. Each stage flow run is tagged with its stage and what
+identifies its pipeline run (:func:`stage_tags`), under DVC alone too.
 
 Logs: the per-epoch lines of the engine go to the flow run's log in the Prefect UI (logger ``distill``,
 registered with Prefect as an extra logger), not to the terminal, which shows the stage's progress bar and a
@@ -34,7 +34,7 @@ from distill.stages.runner import run_stage, stage_view
 from distill.tracking import NullTracker, TrackingUnavailableError, log_headline, stage_run
 from flows.launch import is_main_process, world_size
 
-__all__ = ["stage_flow", "run_stage_flow", "is_main_process", "run_tracked", "retryable", "COMPLETED"]
+__all__ = ["stage_flow", "run_stage_flow", "is_main_process", "run_tracked", "retryable", "COMPLETED", "stage_tags"]
 
 PARENT_ENV = "DISTILL_PREFECT_PARENT"  # the pipeline's flow run id, set by flows/pipeline.py
 
@@ -118,6 +118,23 @@ def publish_report(project_root: Path) -> None:
                                  description="Teacher vs baseline vs distilled student")
 
 
+def stage_tags(stage: str, project_root: str | Path = ".", environ: Optional[dict[str, str]] = None) -> list[str]:
+    """The Prefect tags of a stage's flow run: ``distill``, ``stage:<name>``, and what identifies its pipeline run.
+
+    ``pipeline:<id>``: the pipeline's flow run (its first 8 characters) under ``python -m flows pipeline``, else
+    the key that the stages of one plain ``dvc repro`` share (its MLflow parent's ``distill.pipeline_key``);
+    ``dvc_exp:<name>`` under ``dvc exp run``.
+    """
+    from distill.tracking import pipeline_key
+
+    environ = os.environ if environ is None else environ
+    parent = environ.get(PARENT_ENV)
+    tags = ["distill", f"stage:{stage}", f"pipeline:{parent[:8] if parent else pipeline_key(Path(project_root))[:8]}"]
+    if environ.get("DVC_EXP_NAME"):
+        tags.append(f"dvc_exp:{environ['DVC_EXP_NAME']}")
+    return tags
+
+
 def _subflow_run(stage: str, parameters: dict[str, Any], parent: str) -> Any:
     """A flow run of ``stage_flow`` created as a subflow of the pipeline's flow run ``parent``."""
     from uuid import UUID
@@ -125,7 +142,7 @@ def _subflow_run(stage: str, parameters: dict[str, Any], parent: str) -> Any:
     from prefect import Task
     from prefect.client.orchestration import get_client
 
-    tags = ["distill", f"stage:{stage}", f"pipeline:{parent[:8]}"]
+    tags = stage_tags(stage, parameters["project_root"])
     with get_client(sync_client=True) as client:
         stand_in = Task(name=f"stage {stage}", fn=lambda: None)
         task_run = client.create_task_run(stand_in, flow_run_id=UUID(parent),
@@ -144,4 +161,7 @@ def run_stage_flow(stage: str, *, params_path: str = "params.yaml", project_root
     if parent:
         run_flow(stage_flow, flow_run=_subflow_run(stage, parameters, parent), parameters=parameters)
     else:
-        stage_flow(**parameters)
+        from prefect import tags
+
+        with tags(*stage_tags(stage, project_root)):
+            stage_flow(**parameters)

@@ -1,5 +1,5 @@
-"""The stage flow (flows/stage.py, ``python -m flows stage <name>``): what it retries, what it prints, and a
-stage whose outputs are complete when the Prefect API dies.
+"""The stage flow (flows/stage.py, ``python -m flows stage <name>``): what it retries, what it prints, its tags,
+and a stage whose outputs are complete when the Prefect API dies.
 
 Real stage processes on a real ``prefect server start`` (the session's, or one of the test's own that the test
 stops), a real DVC repository, real MLflow SQLite stores.
@@ -46,6 +46,16 @@ def test_only_faults_that_can_pass_are_retried() -> None:
         assert retryable(err), err
 
 
+def _flow_runs_named(api: str, name: str, since: float) -> list[Any]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: api}), get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[name])))
+    return [r for r in runs if r.created and r.created.timestamp() >= since]
+
+
 def _write_digits(root: Path, classes: int = 3, per_class: int = 8) -> None:
     import numpy as np
     from PIL import Image
@@ -64,6 +74,16 @@ def data_project(tiny_project: Path, run_cmd: Any, tmp_path_factory: pytest.Temp
     project = tmp_path_factory.mktemp("stage-flow") / "project"
     run_cmd(["git", "clone", "-q", str(tiny_project), str(project)], project.parent)
     return project
+
+
+@pytest.mark.slow
+def test_a_stage_run_outside_the_pipeline_is_tagged(data_project, run_cmd, sub_env):
+    since = time.time() - 1
+    run_cmd([sys.executable, "-m", "flows", "stage", "data"], data_project, timeout=300,
+            env={"DVC_EXP_NAME": "tagged"})
+    (run,) = _flow_runs_named(sub_env["PREFECT_API_URL"], "data", since)
+    assert {"distill", "stage:data", "dvc_exp:tagged"} <= set(run.tags), run.tags
+    assert any(t.startswith("pipeline:") for t in run.tags), run.tags
 
 
 def _data_runs(project: Path) -> int:
