@@ -273,7 +273,7 @@ def _torch_threads(threads: int) -> Iterator[None]:
 
 
 def latency(student: DeployedStudent, onnx_files: Mapping[str, str | Path], *, batch_size: int, iters: int,
-            rounds: int, threads: int | None = None) -> dict[str, Any]:
+            rounds: int, threads: int | None = None, warmup: int = 5) -> dict[str, Any]:
     """Batch-1 latency and batch-``batch_size`` throughput of PyTorch fp32 and each ONNX file, interleaved rounds.
 
     Every side runs on the CPU with the same thread count (torch's intra-op threads, onnxruntime's
@@ -287,6 +287,7 @@ def latency(student: DeployedStudent, onnx_files: Mapping[str, str | Path], *, b
         iters: timed calls per measurement.
         rounds: interleaved rounds.
         threads: CPU threads of every side (None: torch's current count).
+        warmup: untimed calls before each measurement.
 
     Returns:
         ``{side: {...}, "threads", "batch_size", "method"}``; each side's ``images_per_sec`` and
@@ -302,7 +303,8 @@ def latency(student: DeployedStudent, onnx_files: Mapping[str, str | Path], *, b
     sessions = {name: session(path, threads=threads) for name, path in onnx_files.items()}
     calls = {"pytorch_fp32": lambda x: student(torch.from_numpy(x)),
              **{name: (lambda x, s=s: s.run([OUTPUT_NAME], {INPUT_NAME: x})) for name, s in sessions.items()}}
-    measures = {name: (lambda c=c: E.measure_calls(c, batch, single, iters=iters)) for name, c in calls.items()}
+    measures = {name: (lambda c=c: E.measure_calls(c, batch, single, iters=iters, warmup=warmup))
+                for name, c in calls.items()}
     with _torch_threads(threads), torch.inference_mode():
         summary, per_round = E.interleaved_rounds(measures, rounds=rounds)
     out: dict[str, Any] = {}
@@ -312,9 +314,9 @@ def latency(student: DeployedStudent, onnx_files: Mapping[str, str | Path], *, b
             out[name].update(_within_rounds(per_round, name, ref, "images_per_sec", f"speedup_vs_{ref}"))
             out[name].update(_within_rounds(per_round, ref, name, "latency_ms_batch1", f"batch1_speedup_vs_{ref}"))
     out.update(threads=threads, batch_size=batch_size, method=(
-        f"{rounds} interleaved rounds (order reversed every other round), median with min and max; per round and "
-        f"side: 5 warm-up calls, then mean images/s over {iters} batches of {batch_size} and median latency over "
-        f"{iters} batch-1 calls; uint8 images in, probabilities out; CPU, {threads} threads on every side "
+        f"{rounds} interleaved rounds (order reversed every other round), median with min and max; per round "
+        f"and side: {warmup} warm-up calls, then mean images/s over {iters} batches of {batch_size} and median "
+        f"latency over {iters} batch-1 calls; uint8 images in, probabilities out; CPU, {threads} threads on every side "
         "(torch intra-op, onnxruntime intra_op_num_threads); speed-ups computed within each round"))
     return out
 

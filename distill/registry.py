@@ -1,6 +1,6 @@
 """Register the distilled student in the MLflow model registry and keep a champion per dataset.
 
-MLflow records, it never decides what the pipeline computes; here it only labels versions. Two ways in,
+MLflow records, it never decides what the pipeline computes; here it only labels versions. Three ways in,
 one alias policy (below):
 
 * :func:`log_and_register_student` (what the evaluate stage calls): logs the servable student
@@ -16,6 +16,8 @@ one alias policy (below):
   the run's params. The version's source is ``models:/<model_id>``, as ``mlflow.register_model`` makes it,
   linked to the run. (``Model.log`` also links the run's step-0 metrics to the logged model, and logs its
   ``model_config`` defaults, ``device`` and ``batch_size``, as two params of the run.)
+* :func:`log_and_register_model`: the same for a model of any MLflow flavor; the export stage registers the
+  ONNX student with it (``mlflow.onnx``, as ``deit-student-onnx``), under the same gate and alias policy.
 * :func:`register_student`: registers a file artifact a run already logged (source
   ``runs:/<run_id>/<artifact_path>``); such a version cannot be loaded with ``mlflow.pyfunc``.
 
