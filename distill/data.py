@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from distill.io import recover_dir
+from distill.io import swapped_meta
 
 __all__ = ["SPLITS", "UNLABELED", "ArrayDataset", "DatasetMeta", "DatasetNotFoundError", "PreparedData", "Split",
            "load_prepared"]
@@ -147,18 +147,17 @@ class ArrayDataset(Dataset):
 
 
 def load_prepared(path: str | Path, *, mmap: bool = True) -> PreparedData:
-    """Open prepared data written by :func:`prepare_to` (images memory-mapped by default).
+    """Open prepared data written by :func:`distill.prepare.prepare_to` (images memory-mapped by default).
 
     A swap that a crash interrupted (only ``.<name>.old`` left) is finished first, as every reader of a swapped
-    folder does (:func:`distill.io.recover_dir`).
+    folder does (:func:`distill.io.swapped_meta`).
 
     Raises:
         DatasetNotFoundError: the folder or one of its files is missing or unreadable.
     """
     path = Path(path)
-    recover_dir(path)
-    meta_file = path / "meta.json"
-    if not meta_file.is_file():
+    meta_file = swapped_meta(path)
+    if meta_file is None:
         raise DatasetNotFoundError(f"prepared data not found at {path.resolve()} (no meta.json); run the data stage "
                                    "first: `dvc repro data` (or `python -m flows stage data`)")
     try:

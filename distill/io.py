@@ -60,6 +60,7 @@ __all__ = [
     "recover_dir",
     "staging_dir",
     "swap_in_dir",
+    "swapped_meta",
 ]
 
 
@@ -187,6 +188,14 @@ def recover_dir(out: str | Path) -> None:
     if old.is_dir() and not out.exists():
         with contextlib.suppress(FileNotFoundError):  # another process may have restored it first
             os.replace(old, out)
+
+
+def swapped_meta(folder: str | Path, name: str = "meta.json") -> Path | None:
+    """The metadata file of a folder written by :func:`staged_dir`, once a swap a crash interrupted is finished
+    (:func:`recover_dir`, what every reader does first); None when there is no such file."""
+    recover_dir(folder)
+    meta = Path(folder) / name
+    return meta if meta.is_file() else None
 
 
 def staging_dir(out: str | Path, token: str) -> Path:

@@ -25,8 +25,8 @@ pipeline's input (normalised with the dataset's mean/std at ``data.image_size``)
 repeated), so the model keeps its 3-channel stem and 3-channel pretrained weights load unchanged. timm's
 ``in_chans=1`` is not used: it would change the stem's shape and no RGB checkpoint would load strictly.
 
-A teacher used for distillation is frozen with :func:`freeze`: ``eval()`` and no gradients. It is
-never part of what ``accelerate.prepare`` wraps, so DDP never syncs it and ``student.train()``
+A teacher used for distillation is frozen where it labels views (:func:`distill.views.freeze`: ``eval()`` and no
+gradients). It is never part of what ``accelerate.prepare`` wraps, so DDP never syncs it and ``student.train()``
 never flips its BatchNorm back to training mode.
 """
 
@@ -45,7 +45,7 @@ from torch import Tensor, nn
 from distill.weights import diff_state, format_keys, load_weights_file, strip_wrapper_prefixes
 
 __all__ = ["TEACHER_ARCHS", "TIMM_PREFIX", "InputAdapter", "ResNetSmall", "build_teacher", "check_arch",
-           "check_input_size", "freeze", "load_pretrained", "load_teacher_weights", "load_weights_file"]
+           "check_input_size", "load_teacher_weights", "load_weights_file"]
 
 TEACHER_ARCHS = ("resnet_small",)  # plus every torchvision classification model name, plus "timm/<any timm model>"
 TIMM_PREFIX = "timm/"
@@ -368,15 +368,3 @@ def load_teacher_weights(model: nn.Module, path: str | Path, *, strict: bool) ->
     return {"path": str(path), "mode": "as_is" if strict else "fine_tune", "loaded": len(kept),
             "prefixes_removed": removed, "skipped": sorted(set(state) - set(kept)), "missing": not_loaded,
             "reinitialised": [k for k in head if k in not_loaded]}
-
-
-def load_pretrained(model: nn.Module, path: str | Path) -> dict[str, Any]:
-    """Fine-tuning load, the former name of ``load_teacher_weights(model, path, strict=False)``."""
-    return load_teacher_weights(model, path, strict=False)
-
-
-def freeze(model: nn.Module) -> nn.Module:
-    """Put a teacher in inference mode for good: ``eval()`` and ``requires_grad_(False)``."""
-    model.eval()
-    model.requires_grad_(False)
-    return model

@@ -5,34 +5,29 @@ Three sources, one protocol (:class:`ViewSource`), so the engine's loop never br
 
 * :class:`RandomViews`: fresh random crops per step, no teacher (the teacher's own training, the baseline).
 * :class:`OnlineTeacher`: DeiT's way, the frozen teacher runs on the student's own augmented batch every step.
-* :class:`StoredViews`: FKD's way (Shen & Xing 2022), the views and logits replayed from the soft-label store
-  (:mod:`distill.soft_labels`), so no teacher runs in the loop.
+* :class:`distill.store.StoredViews`: FKD's way (Shen & Xing 2022), the views and logits replayed from the
+  soft-label store, so no teacher runs in the loop. The store owns its replay: it lives beside the store.
 
 Every draw is a function of ``(seed, epoch, step, process)`` (:class:`StepContext`) or, for stored views, of
 ``(seed, epoch, image)``: a resumed or multi-process run sees the same views as an uninterrupted one.
 
-Layering: the engine imports this module; this module imports the store, the augmentation and the teachers;
-none of those imports the engine or this module.
+Layering: the engine and the store import this module (the protocol); this module imports the augmentation only,
+so neither a store edit nor a teacher edit reruns a stage that only draws fresh views.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from distill.augment import Mix, in_batch_mix
-from distill.data import Split
-from distill.soft_labels import SoftLabelStore, as_index, stored_mix
-from distill.teachers import freeze
 
-__all__ = ["OnlineTeacher", "RandomViews", "StepContext", "StoredViews", "ViewSource", "Views", "render"]
+__all__ = ["OnlineTeacher", "RandomViews", "StepContext", "ViewSource", "Views", "freeze", "render"]
 
 
 @dataclass(frozen=True)
@@ -132,69 +127,10 @@ class OnlineTeacher:
         return Views(params, logits, mix)
 
 
-_MASK64 = (1 << 64) - 1
-
-
-def _splitmix64(x: np.ndarray) -> np.ndarray:
-    """A counter-based 64-bit mix (Steele et al. 2014): stateless per-sample randomness, vectorised."""
-    with np.errstate(over="ignore"):
-        z = x.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return z ^ (z >> np.uint64(31))
-
-
-class StoredViews:
-    """Replays the soft-label store: no teacher in the loop.
-
-    Each epoch, image ``i`` replays view ``(a_i * (epoch mod K) + b_i) mod K``, where ``b_i`` is uniform in
-    ``[0, K)`` and ``a_i`` is a unit modulo K, both drawn statelessly from ``(seed, epoch // K, i)``. So in any
-    epoch each image's view is uniform over its K views, and every block of K consecutive epochs
-    (``0..K-1``, ``K..2K-1``, ...) shows each image every one of its K views exactly once, in a fresh order
-    per block. Stateless: resume and multi-process training see the same views.
-
-    A store made with mixup also gives each view's partner: its image and label (from ``split``, by position),
-    its crop and the mixing weight, so the student renders exactly the mixed image the teacher saw.
-
-    Args:
-        store: an opened :class:`~distill.soft_labels.SoftLabelStore`.
-        seed: the run's seed.
-        split: the training :class:`~distill.data.Split` the store was made from (needed for mixed views).
-
-    Raises:
-        ValueError: a store with mixed views and no ``split``.
-    """
-
-    def __init__(self, store: SoftLabelStore, *, seed: int = 0, split: Split | None = None) -> None:
-        if store.meta.mixup > 0 and split is None:
-            raise ValueError("this soft-label store has mixed views: StoredViews needs the training split "
-                             "for the partners")
-        self.store = store
-        self.seed = int(seed)
-        self.split = split
-        k = store.views
-        self._units = np.array([a for a in range(1, k + 1) if math.gcd(a, k) == 1], dtype=np.uint64)
-
-    def view_ids(self, indices: Any, epoch: int) -> np.ndarray:
-        """The view each image in ``indices`` replays in ``epoch`` (int64 ``(B,)``)."""
-        k = self.store.views
-        cycle, pos = divmod(int(epoch), k)
-        base = int(_splitmix64(np.array([(self.seed * 0x2545F4914F6CDD1D + cycle) & _MASK64], dtype=np.uint64))[0])
-        h = _splitmix64(as_index(indices).astype(np.uint64) ^ np.uint64(base))
-        b = h % np.uint64(k)
-        a = self._units[(h >> np.uint64(32)) % np.uint64(len(self._units))]
-        return ((a * np.uint64(pos) + b) % np.uint64(k)).astype(np.int64)
-
-    def __call__(self, batch: dict[str, Tensor], ctx: StepContext) -> Views:
-        """The batch's views: ``params (B, 5)``, ``teacher_logits (B, C)`` float32 and, for a mixed store, the
-        :class:`~distill.augment.Mix`; on the batch's device."""
-        device = batch["image"].device
-        idx = as_index(batch["index"])
-        views = self.view_ids(idx, ctx.epoch)
-        params = self.store.params(idx, views)
-        logits = self.store.logits(idx, views)
-        mix = None
-        if self.store.meta.mixup > 0:
-            partner, rows = self.store.mix(idx, views)
-            mix = stored_mix(self.split, partner, rows, device)
-        return Views(params.to(device, non_blocking=True), logits.to(device, non_blocking=True), mix)
+def freeze(model: nn.Module) -> nn.Module:
+    """Put a teacher in inference mode for good: ``eval()`` and ``requires_grad_(False)``. A teacher that labels
+    views (:class:`OnlineTeacher`, the soft-label store's generation) is frozen so, and is never part of what
+    ``accelerate.prepare`` wraps: DDP never syncs it and ``student.train()`` never flips its BatchNorm layers."""
+    model.eval()
+    model.requires_grad_(False)
+    return model

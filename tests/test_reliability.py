@@ -26,8 +26,8 @@ from distill.config import Paths
 from distill.data import DatasetNotFoundError
 from distill.engine import NonFiniteLossError
 from distill.models.build import build_model
-from distill.soft_labels import SoftLabelStoreError
 from distill.stages.runner import run_stage
+from distill.store import SoftLabelStoreError
 from distill.teachers import load_weights_file
 from distill.tracking import MlflowTracker, TrackingUnavailableError, _retry_locked, check_tracking_server, tracking_uri
 

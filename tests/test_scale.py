@@ -191,7 +191,7 @@ def test_two_processes_train_the_student_like_one_process_accumulating_two_batch
 
 @pytest.mark.slow
 def test_two_processes_write_one_sharded_store_equal_to_the_one_process_store(scale_project, run_cmd, tmp_path):
-    from distill.soft_labels import SoftLabelStore
+    from distill.store import SoftLabelStore
 
     project = scale_project
     single = tmp_path / "store-1proc"
@@ -330,7 +330,7 @@ def test_a_launched_group_smaller_than_asked_for_is_an_error():
 def test_an_accelerate_config_file_with_two_processes_runs_a_stage_on_two_cpu_processes(scale_project, run_cmd,
                                                                                         tmp_path):
     """`accelerate config` on a CPU machine: 2 processes, bf16. The stage follows it; the environment overrides it."""
-    from distill.soft_labels import SoftLabelStore
+    from distill.store import SoftLabelStore
 
     project = scale_project
     hf_home = tmp_path / "hf"
@@ -378,8 +378,8 @@ def test_bf16_mixed_precision_trains_teacher_and_student_and_generates_soft_labe
     from distill.data import Split
     from distill.engine import SupervisedTask, fit, make_accelerator
     from distill.losses import DistillationLoss
-    from distill.soft_labels import SoftLabelStore, generate_store
-    from distill.views import RandomViews, StoredViews
+    from distill.store import SoftLabelStore, StoredViews, generate_store
+    from distill.views import RandomViews
 
     from test_engine import PARAMS, Blobs, _deit, _teacher
 
@@ -424,7 +424,7 @@ def test_torch_compile_through_accelerate_keeps_checkpoints_and_soft_labels_plai
     from distill.data import Split
     from distill.engine import SupervisedTask, fit, make_accelerator
     from distill.losses import DistillationLoss
-    from distill.soft_labels import SoftLabelStore, generate_store
+    from distill.store import SoftLabelStore, generate_store
     from distill.views import RandomViews
 
     from test_engine import PARAMS, Blobs, _teacher
@@ -537,7 +537,7 @@ def test_checkpoints_and_soft_labels_round_trip_a_dvc_remote_byte_identical(scal
     assert len(original) > 5 and _sha256_tree(clone, *outs) == original
 
     from distill.checkpoint import load_model
-    from distill.soft_labels import SoftLabelStore
+    from distill.store import SoftLabelStore
 
     SoftLabelStore.open(clone / "soft_labels", verify_hashes=True)
     load_model(clone / "models" / "teacher.safetensors")

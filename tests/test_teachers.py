@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from distill.checkpoint import CheckpointError, load_model, read_metadata, save_model
-from distill.teachers import InputAdapter, build_teacher, freeze, load_teacher_weights, load_weights_file
+from distill.teachers import InputAdapter, build_teacher, load_teacher_weights, load_weights_file
+from distill.views import freeze
 
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 

@@ -14,8 +14,8 @@ import torch
 from distill.config import ParamsView, Paths, declared_params
 from distill.data import UNLABELED, load_prepared
 from distill.engine import steps_per_epoch
-from distill.soft_labels import SoftLabelStore, SoftLabelStoreError
 from distill.stages.runner import run_stage
+from distill.store import SoftLabelStore, SoftLabelStoreError
 
 from conftest import REPO, tiny_params
 

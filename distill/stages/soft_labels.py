@@ -2,7 +2,7 @@
 
 The transfer set is the labeled training images, then the unlabeled ones (if any). For each image the store
 keeps K views: their augmentation parameters (and, with mixup, the partner image, its crop and the weight)
-and the teacher's logits for exactly that view (FKD, Shen & Xing 2022; :mod:`distill.soft_labels`). The
+and the teacher's logits for exactly that view (FKD, Shen & Xing 2022; :mod:`distill.store`). The
 student replays them, so no teacher runs in its loop. The store is tied to the teacher checkpoint and the
 prepared data by their hashes. Writes ``soft_labels/`` and ``metrics/soft_labels.json``.
 """
@@ -16,8 +16,8 @@ from distill.config import ParamsView, Paths
 from distill.data import load_prepared
 from distill.engine import make_accelerator
 from distill.io import atomic_write_json, file_sha256
-from distill.soft_labels import describe_store, generate_store
 from distill.stages._common import augmenter, load_teacher, log_runtime
+from distill.store import describe_store, generate_store
 from distill.tracking import NO_TRACKING, Tracker
 
 __all__ = ["run"]

@@ -16,10 +16,10 @@ from distill.config import ParamsView, Paths
 from distill.data import PreparedData, load_prepared
 from distill.io import file_sha256
 from distill.losses import DistillationLoss
-from distill.soft_labels import SoftLabelStore
 from distill.stages._common import augmenter, build_student, load_teacher, train_and_save
+from distill.store import SoftLabelStore, StoredViews
 from distill.tracking import NO_TRACKING, Tracker
-from distill.views import OnlineTeacher, RandomViews, StoredViews
+from distill.views import OnlineTeacher, RandomViews
 
 __all__ = ["run"]
 

@@ -5,7 +5,7 @@ pass per step; storing one fixed view per image instead makes the student overfi
 "Knowledge distillation: A good teacher is patient and consistent"). FKD (Shen & Xing 2022, "A Fast
 Knowledge Distillation Framework for Visual Recognition") stores, per image, many random views: the
 augmentation parameters with the teacher's output for exactly that view. The student
-(:class:`distill.views.StoredViews`) re-renders a stored view from its parameters (bit-identical on the same
+(:class:`StoredViews`, the store's replay) re-renders a stored view from its parameters (bit-identical on the same
 device: :class:`distill.augment.Augmenter` renders each pixel independently of the rest of the batch) and uses
 the stored logits, so no teacher runs in the student's loop and teacher and student stay consistent.
 
@@ -84,8 +84,8 @@ from torch import Tensor, nn
 
 from distill.augment import PARAM_DIM, Mix, sample_lam
 from distill.data import Split
-from distill.io import atomic_write_text, file_sha256, progress, recover_dir, staged_dir
-from distill.teachers import freeze
+from distill.io import atomic_write_text, file_sha256, progress, staged_dir, swapped_meta
+from distill.views import StepContext, Views, freeze
 
 __all__ = [
     "FORMAT",
@@ -94,6 +94,7 @@ __all__ = [
     "SoftLabelStore",
     "SoftLabelStoreError",
     "StoreMeta",
+    "StoredViews",
     "as_index",
     "describe_store",
     "generate_store",
@@ -406,7 +407,7 @@ def stored_mix(split: Split, partner: np.ndarray, rows: np.ndarray, device: Any 
     """The :class:`~distill.augment.Mix` of stored views: partner images and labels from ``split`` by position.
 
     Used where the mixed views are made (generation) and where they are replayed
-    (:class:`distill.views.StoredViews`), so both render the same mixed image.
+    (:class:`StoredViews`), so both render the same mixed image.
 
     Args:
         split: the training split the store was made from.
@@ -617,22 +618,7 @@ class SoftLabelStore:
                 the message names the store, the field or file, and how to regenerate it.
         """
         path = Path(path)
-        recover_dir(path)
-        meta_file = path / "meta.json"
-        if not meta_file.is_file():
-            raise SoftLabelStoreError(f"no soft-label store at {path.resolve()} (no meta.json); run the soft_labels "
-                                      "stage first: `dvc repro soft_labels` (or `python -m flows stage soft_labels`)")
-        try:
-            raw = json.loads(meta_file.read_text())
-            if raw.get("format") != FORMAT:
-                raise ValueError(f"format {raw.get('format')!r}, expected {FORMAT!r}")
-            if raw.get("format_version") != FORMAT_VERSION:
-                raise ValueError(f"format_version {raw.get('format_version')!r}, this code reads {FORMAT_VERSION}")
-            meta = StoreMeta.from_dict(raw)
-        except (OSError, ValueError, TypeError, AttributeError) as err:
-            raise SoftLabelStoreError(f"soft-label store {path.resolve()}: meta.json is unreadable or foreign ({err}); "
-                                      f"{_REGENERATE}") from None
-
+        meta = _read_meta(path)
         problems: list[str] = []
         stored = meta.to_dict()
         for key, want in (expect or {}).items():
@@ -734,6 +720,24 @@ class SoftLabelStore:
         return torch.from_numpy(out)
 
 
+def _read_meta(path: Path) -> StoreMeta:
+    """A store's ``meta.json``, checked to be this format and version."""
+    meta_file = swapped_meta(path)
+    if meta_file is None:
+        raise SoftLabelStoreError(f"no soft-label store at {path.resolve()} (no meta.json); run the soft_labels "
+                                  "stage first: `dvc repro soft_labels` (or `python -m flows stage soft_labels`)")
+    try:
+        raw = json.loads(meta_file.read_text())
+        if raw.get("format") != FORMAT:
+            raise ValueError(f"format {raw.get('format')!r}, expected {FORMAT!r}")
+        if raw.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"format_version {raw.get('format_version')!r}, this code reads {FORMAT_VERSION}")
+        return StoreMeta.from_dict(raw)
+    except (OSError, ValueError, TypeError, AttributeError) as err:
+        raise SoftLabelStoreError(f"soft-label store {path.resolve()}: meta.json is unreadable or foreign ({err}); "
+                                  f"{_REGENERATE}") from None
+
+
 def _open_array(folder: Path, rec: dict[str, Any], shape: tuple[int, ...], dtype: str, verify_hash: bool) -> np.ndarray:
     """Check one data file against its ``meta.json`` record and the expected shape; return it memory-mapped."""
     name = rec["file"]
@@ -790,3 +794,76 @@ def describe_store(path: str | Path) -> dict[str, Any]:
         "dtype": m.dtype,
         "topk": "all" if m.topk is None else str(m.topk),
     }
+
+
+# --------------------------------------------------------------------------------------------------
+# Replay: the student's view source
+# --------------------------------------------------------------------------------------------------
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """A counter-based 64-bit mix (Steele et al. 2014): stateless per-sample randomness, vectorised."""
+    with np.errstate(over="ignore"):
+        z = x.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+class StoredViews:
+    """Replays the soft-label store: no teacher in the loop.
+
+    Each epoch, image ``i`` replays view ``(a_i * (epoch mod K) + b_i) mod K``, where ``b_i`` is uniform in
+    ``[0, K)`` and ``a_i`` is a unit modulo K, both drawn statelessly from ``(seed, epoch // K, i)``. So in any
+    epoch each image's view is uniform over its K views, and every block of K consecutive epochs
+    (``0..K-1``, ``K..2K-1``, ...) shows each image every one of its K views exactly once, in a fresh order
+    per block. Stateless: resume and multi-process training see the same views.
+
+    A store made with mixup also gives each view's partner: its image and label (from ``split``, by position),
+    its crop and the mixing weight, so the student renders exactly the mixed image the teacher saw.
+
+    Args:
+        store: an opened :class:`SoftLabelStore`.
+        seed: the run's seed.
+        split: the training :class:`~distill.data.Split` the store was made from (needed for mixed views).
+
+    Raises:
+        ValueError: a store with mixed views and no ``split``.
+    """
+
+    def __init__(self, store: SoftLabelStore, *, seed: int = 0, split: Split | None = None) -> None:
+        if store.meta.mixup > 0 and split is None:
+            raise ValueError("this soft-label store has mixed views: StoredViews needs the training split "
+                             "for the partners")
+        self.store = store
+        self.seed = int(seed)
+        self.split = split
+        k = store.views
+        self._units = np.array([a for a in range(1, k + 1) if math.gcd(a, k) == 1], dtype=np.uint64)
+
+    def view_ids(self, indices: Any, epoch: int) -> np.ndarray:
+        """The view each image in ``indices`` replays in ``epoch`` (int64 ``(B,)``)."""
+        k = self.store.views
+        cycle, pos = divmod(int(epoch), k)
+        base = int(_splitmix64(np.array([(self.seed * 0x2545F4914F6CDD1D + cycle) & _MASK64], dtype=np.uint64))[0])
+        h = _splitmix64(as_index(indices).astype(np.uint64) ^ np.uint64(base))
+        b = h % np.uint64(k)
+        a = self._units[(h >> np.uint64(32)) % np.uint64(len(self._units))]
+        return ((a * np.uint64(pos) + b) % np.uint64(k)).astype(np.int64)
+
+    def __call__(self, batch: dict[str, Tensor], ctx: StepContext) -> Views:
+        """The batch's views: ``params (B, 5)``, ``teacher_logits (B, C)`` float32 and, for a mixed store, the
+        :class:`~distill.augment.Mix`; on the batch's device."""
+        device = batch["image"].device
+        idx = as_index(batch["index"])
+        views = self.view_ids(idx, ctx.epoch)
+        params = self.store.params(idx, views)
+        logits = self.store.logits(idx, views)
+        mix = None
+        if self.store.meta.mixup > 0:
+            partner, rows = self.store.mix(idx, views)
+            mix = stored_mix(self.split, partner, rows, device)
+        return Views(params.to(device, non_blocking=True), logits.to(device, non_blocking=True), mix)
