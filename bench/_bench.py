@@ -79,11 +79,12 @@ def score(workdir: Path, split: str, models: Sequence[str] = ("teacher", "baseli
     from torch.utils.data import DataLoader
 
     from distill.augment import eval_augmenter
-    from distill.checkpoint import load_model
     from distill.config import Paths
     from distill.data import ArrayDataset, load_prepared
     from distill.engine import make_accelerator, predict
     from distill.evaluation import classification_metrics
+    from distill.models.deit import load_deit
+    from distill.teachers import load_teacher
 
     paths = Paths(workdir)
     data = load_prepared(paths.data)
@@ -93,7 +94,7 @@ def score(workdir: Path, split: str, models: Sequence[str] = ("teacher", "baseli
     loader = accelerator.prepare(DataLoader(ArrayDataset(data.split(split)), batch_size=512))
     out: dict[str, dict[str, float]] = {}
     for name in models:
-        model, _ = load_model(paths.model(name))
+        model, _ = (load_teacher if name == "teacher" else load_deit)(paths.model(name))
         model = model.to(accelerator.device).eval()
         with torch.no_grad():
             res = predict(_heads(model), loader, accelerator, aug)

@@ -29,7 +29,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from distill.models.deit import PRESETS, build_deit, count_parameters  # noqa: E402
+from distill.models.deit import build_deit, count_parameters  # noqa: E402
+from distill.models.deit_config import PRESETS  # noqa: E402
 
 
 def build_timm(preset: str, *, img_size: int, num_classes: int, drop_path_rate: float) -> nn.Module:

@@ -40,11 +40,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from distill.augment import eval_augmenter  # noqa: E402
-from distill.checkpoint import load_model  # noqa: E402
 from distill.config import Paths, apply_overrides, parse_params  # noqa: E402
 from distill.data import ArrayDataset, load_prepared  # noqa: E402
 from distill.engine import evaluate, make_accelerator  # noqa: E402
 from distill.evaluation import mean_std  # noqa: E402
+from distill.models.deit import load_deit  # noqa: E402
 from distill.stages.runner import run_stage  # noqa: E402
 
 MODES = {"none": ["student.distillation=none"], "stored": ["student.teacher_mode=stored"],
@@ -58,9 +58,9 @@ def run(stage: str, params: Any, paths: Paths) -> dict[str, Any]:
 
 
 def top1(paths: Paths, name: str, split: str = "val") -> float:
-    """Top-1 of a trained model on a split (the engine's evaluation: eval mode, DeiT's two heads averaged)."""
+    """Top-1 of a trained student on a split (the engine's evaluation: eval mode, its two heads averaged)."""
     data = load_prepared(paths.data)
-    model, _ = load_model(paths.model(name))
+    model, _ = load_deit(paths.model(name))  # a student
     meta = data.meta
     accelerator = make_accelerator()
     aug = eval_augmenter(meta.image_size, meta.mean, meta.std)

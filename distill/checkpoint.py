@@ -1,11 +1,13 @@
 """Self-describing model checkpoints.
 
 A checkpoint is one ``.safetensors`` file: the weights plus string metadata holding the model kind,
-the config that rebuilds it (:func:`distill.models.build.build_model`), the normalisation its inputs
-expect and the resolved parameters of the stage that trained it (nanoGPT's habit: a checkpoint rebuilds
-its model alone, no ``params.yaml`` needed). safetensors never unpickles, so loading a checkpoint cannot
+the config that rebuilds it, the normalisation its inputs expect and the resolved parameters of the stage that
+trained it (nanoGPT's habit: a checkpoint rebuilds its model alone, no ``params.yaml`` needed). This module is the
+format only: each kind of model has its own loader, which passes its builder to :func:`load_checkpoint`
+(:func:`distill.teachers.load_teacher`, :func:`distill.models.deit.load_deit`), so loading a teacher does not
+import the student's code, nor the other way round. safetensors never unpickles, so loading a checkpoint cannot
 run code. safetensors has no checksum of its own: a flipped bit inside a tensor loads silently. So the metadata
-records the sha256 of the weights (:func:`weights_sha256`), and :func:`load_model` refuses a checkpoint whose
+records the sha256 of the weights (:func:`weights_sha256`), and :func:`load_checkpoint` refuses a checkpoint whose
 weights no longer match it, naming the file and the stage that rebuilds it: a stage run outside DVC (which
 checks the file's md5) then cannot build on a damaged teacher.
 
@@ -28,9 +30,8 @@ import torch
 from torch import nn
 
 from distill.io import atomic_replace
-from distill.models.build import build_model
 
-__all__ = ["CheckpointError", "checkpoint_writer", "load_model", "read_metadata", "save_model", "weights_sha256"]
+__all__ = ["CheckpointError", "checkpoint_writer", "load_checkpoint", "read_metadata", "save_model", "weights_sha256"]
 
 FORMAT_VERSION = "2"  # 2: the metadata records weights_sha256 (version 1 files load without the check)
 
@@ -46,8 +47,8 @@ def save_model(path: str | Path, model: nn.Module, *, kind: str, config: dict[st
     Args:
         path: target ``.safetensors`` file.
         model: the (unwrapped) model.
-        kind: ``'deit'`` or ``'teacher'``.
-        config: keyword config that :func:`build_model` rebuilds the model from.
+        kind: ``'deit'`` or ``'teacher'`` (the loader that may rebuild it).
+        config: keyword config that the kind's builder rebuilds the model from.
         extra: JSON-serialisable extras (normalisation, params, data fingerprint, metrics ...).
     """
     atomic_replace(path, checkpoint_writer(model, kind=kind, config=config, extra=extra))
@@ -131,19 +132,30 @@ def _check_weights(path: str | Path, state: Mapping[str, torch.Tensor], info: di
                           f"(`dvc repro -f {stage}`, or `dvc checkout {path}` if DVC's cache holds a good copy).")
 
 
-def load_model(path: str | Path, *, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild a model from a checkpoint alone.
+def load_checkpoint(path: str | Path, build: Callable[[dict[str, Any]], nn.Module], *, kind: str,
+                    map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild a model of ``kind`` from a checkpoint alone: ``build(config)``, then the checked weights.
+
+    Args:
+        path: the ``.safetensors`` checkpoint.
+        build: the kind's builder, from the saved config to an untrained model.
+        kind: what the checkpoint must hold (``'deit'``, ``'teacher'``).
+        map_location: where the weights are read to.
 
     Returns:
-        ``(model, info)`` with ``info = {"kind", "config", "extra"}``; the model is in eval mode.
+        ``(model, info)`` with ``info = {"kind", "config", "extra", "format_version", "weights_sha256"}``; the model
+        is in eval mode.
 
     Raises:
-        CheckpointError: the file is missing, corrupt (its weights differ from the recorded sha256), or its weights
-            do not fit its config.
+        CheckpointError: the file is missing, corrupt (its weights differ from the recorded sha256), holds another
+            kind of model, or its weights do not fit its config.
     """
     from safetensors.torch import load_file
 
     info = read_metadata(path)
+    if info["kind"] != kind:
+        raise CheckpointError(f"checkpoint {path} holds a {info['kind']!r} model, not a {kind!r} one; load it with "
+                              f"the loader of its kind")
     try:
         state = load_file(str(path), device=str(map_location))
     except Exception as err:  # noqa: BLE001
@@ -151,8 +163,8 @@ def load_model(path: str | Path, *, map_location: str | torch.device = "cpu") ->
                               "Rerun the stage that produces it.") from None
     _check_weights(path, state, info)
     try:
-        model = build_model(info["kind"], info["config"])
-    except (ValueError, TypeError) as err:  # an unknown kind, or a config this code cannot build
+        model = build(info["config"])
+    except (ValueError, TypeError) as err:  # a config this code cannot build
         raise CheckpointError(f"checkpoint {path}: cannot rebuild its model ({err})") from None
     try:
         model.load_state_dict(state, strict=True)

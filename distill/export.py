@@ -48,7 +48,7 @@ from torch import Tensor, nn
 
 from distill import evaluation as E
 from distill import report as R
-from distill.checkpoint import load_model
+from distill.models.deit import load_deit
 from distill.serving import pinned_requirement, served_metadata
 
 __all__ = ["FLAVOR", "INPUT_NAME", "OUTPUT_NAME", "QUANTIZED_OPS", "DeployedStudent", "ExportError", "ParityError",
@@ -99,7 +99,7 @@ def deployable(checkpoint: str | Path) -> tuple[DeployedStudent, dict[str, Any]]
             pretrained size that was not adapted): the message names both.
     """
     meta = served_metadata(checkpoint)
-    model, info = load_model(checkpoint)
+    model, info = load_deit(checkpoint)
     config = info["config"]
     size, chans = config.get("img_size"), config.get("in_chans")
     if size not in (None, meta["image_size"]) or chans not in (None, meta["channels"]):

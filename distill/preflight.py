@@ -30,7 +30,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from distill.config import Params, ParamsError, Paths, load_params
-from distill.models.build import student_config
+from distill.models.deit_config import student_config
 from distill.prepare import SplitSpec, check_source
 from distill.teachers import check_arch, check_input_size
 from distill.tracking import TrackingUnavailableError, check_tracking_server, tracking_uri

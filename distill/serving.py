@@ -65,8 +65,9 @@ from torchvision.transforms.v2 import functional as TF
 
 import distill
 from distill.augment import Augmenter, eval_augmenter
-from distill.checkpoint import CheckpointError, load_model, read_metadata
+from distill.checkpoint import CheckpointError, read_metadata
 from distill.io import staged_dir
+from distill.models.deit import load_deit
 
 __all__ = ["CHECKPOINT_ARTIFACT", "MODEL_CODE", "MODEL_CONFIG", "REQUIRED_EXTRA", "REQUIREMENTS", "StudentClassifier",
            "pinned_requirement", "preprocess", "probabilities", "resize_center_crop", "save_servable",
@@ -210,12 +211,12 @@ class StudentClassifier(mlflow.pyfunc.PythonModel):
     """Raw uint8 images -> class probabilities with a distill checkpoint (module docstring for the contract)."""
 
     def load_context(self, context: Any) -> None:
-        """Rebuild the model from the ``checkpoint`` artifact (:func:`distill.checkpoint.load_model`)."""
+        """Rebuild the student from the ``checkpoint`` artifact (:func:`distill.models.deit.load_deit`)."""
         config = {**MODEL_CONFIG, **(getattr(context, "model_config", None) or {})}
         self.device = torch.device(config["device"])
         self.batch_size = int(config["batch_size"])
         path = context.artifacts[CHECKPOINT_ARTIFACT]
-        self.model, info = load_model(path, map_location=self.device)
+        self.model, info = load_deit(path, map_location=self.device)
         extra = servable_extra(path, info)
         self.channels = len(extra["mean"])
         self.augmenter = eval_augmenter(int(extra["image_size"]), extra["mean"], extra["std"])

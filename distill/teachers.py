@@ -10,7 +10,8 @@ it passes on. Three kinds of architecture (``teacher.arch``):
 * any timm model as ``timm/<name>`` (``timm/resnet18``, ``timm/convnext_atto``, ``timm/resnet18.a1_in1k``).
   timm is imported only when such a name is used (it is an optional dependency: ``pip install timm``).
 
-All are built with ``num_classes`` set and never download weights. Weights trained elsewhere come from a
+All are built with ``num_classes`` set and never download weights; the trained teacher is rebuilt from its
+checkpoint by :func:`load_teacher` (which imports no student code). Weights trained elsewhere come from a
 local file (:func:`load_teacher_weights`, reading through :mod:`distill.weights`) in one of two modes:
 
 * fine-tuning (``teacher.train.epochs >= 1``, ``strict=False``): every tensor that fits is loaded; a
@@ -42,10 +43,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from distill.checkpoint import load_checkpoint
+from distill.data import DatasetMeta
 from distill.weights import diff_state, format_keys, load_weights_file, strip_wrapper_prefixes
 
 __all__ = ["TEACHER_ARCHS", "TIMM_PREFIX", "InputAdapter", "ResNetSmall", "build_teacher", "check_arch",
-           "check_input_size", "load_teacher_weights", "load_weights_file"]
+           "check_input_size", "load_teacher", "load_teacher_weights"]
 
 TEACHER_ARCHS = ("resnet_small",)  # plus every torchvision classification model name, plus "timm/<any timm model>"
 TIMM_PREFIX = "timm/"
@@ -368,3 +371,28 @@ def load_teacher_weights(model: nn.Module, path: str | Path, *, strict: bool) ->
     return {"path": str(path), "mode": "as_is" if strict else "fine_tune", "loaded": len(kept),
             "prefixes_removed": removed, "skipped": sorted(set(state) - set(kept)), "missing": not_loaded,
             "reinitialised": [k for k in head if k in not_loaded]}
+
+
+def load_teacher(path: str | Path, meta: DatasetMeta | None = None, *,
+                 map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the trained teacher from its checkpoint alone (:func:`distill.checkpoint.load_checkpoint`).
+
+    Args:
+        path: the teacher's checkpoint (``models/teacher.safetensors``).
+        meta: the data it is about to label: its class count must be the teacher's.
+        map_location: where the weights are read to.
+
+    Returns:
+        ``(model, info)``; the model is in eval mode.
+
+    Raises:
+        CheckpointError: the file is missing or corrupt, or holds another kind of model.
+        ValueError: a teacher of another class count than ``meta``'s (names both and the stage to rerun).
+    """
+    model, info = load_checkpoint(path, lambda config: build_teacher(**config), kind="teacher",
+                                  map_location=map_location)
+    n = info["config"].get("num_classes")
+    if meta is not None and n != meta.num_classes:
+        raise ValueError(f"teacher checkpoint {path} has {n} classes but dataset {meta.name!r} has "
+                         f"{meta.num_classes}: retrain the teacher on this dataset (`dvc repro teacher`)")
+    return model, info

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
@@ -31,7 +30,7 @@ from torch import Tensor
 from distill.config import Paths
 
 __all__ = ["StateDiff", "diff_state", "format_keys", "load_weights_file", "pretrained_file", "pretrained_key",
-           "strip_wrapper_prefixes", "weights_file_config"]
+           "strip_wrapper_prefixes"]
 
 NESTED_KEYS = ("state_dict", "model", "module")  # where training scripts put the weights inside a checkpoint dict
 WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.")
@@ -107,19 +106,6 @@ def pretrained_file(paths: Paths, role: str, value: str) -> Path:
 
 def _all_tensors(state: Mapping[str, Any]) -> bool:
     return all(isinstance(v, Tensor) for v in state.values())
-
-
-def weights_file_config(path: str | Path) -> dict[str, Any] | None:
-    """The model config saved in one of our own checkpoints (``distill.checkpoint``), or None for any other file."""
-    if Path(path).suffix != ".safetensors":
-        return None
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    if meta.get("format") != "distill-checkpoint" or "config" not in meta:
-        return None
-    return json.loads(meta["config"])
 
 
 def strip_wrapper_prefixes(state: Mapping[str, Tensor], keys: Collection[str]) -> tuple[dict[str, Tensor], list[str]]:

@@ -10,17 +10,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from distill.checkpoint import save_model
-from distill.models.deit import (
-    PRESETS,
-    Attention,
-    DeiT,
-    DeiTConfig,
-    DropPath,
+from distill.models.deit import Attention, DeiT, DropPath, build_deit, count_parameters, drop_path
+from distill.models.deit_config import PRESETS, DeiTConfig
+from distill.models.deit_pretrained import (
     adapt_input_channels,
     adapt_state_dict,
-    build_deit,
-    count_parameters,
-    drop_path,
     load_pretrained_deit,
     resample_patch_embed,
     resample_pos_embed,

@@ -25,11 +25,12 @@ from distill.checkpoint import CheckpointError, save_model
 from distill.config import Paths
 from distill.data import DatasetNotFoundError
 from distill.engine import NonFiniteLossError
-from distill.models.build import build_model
+from distill.stages._common import build_seeded
 from distill.stages.runner import run_stage
 from distill.store import SoftLabelStoreError
-from distill.teachers import load_weights_file
+from distill.teachers import build_teacher
 from distill.tracking import MlflowTracker, TrackingUnavailableError, _retry_locked, check_tracking_server, tracking_uri
+from distill.weights import load_weights_file
 
 from conftest import REPO, tiny_params
 
@@ -105,7 +106,7 @@ def test_patch_size_that_does_not_divide_image_size(project):
 
 # ------------------------------------------------------------------------------------------ inputs
 def test_teacher_with_other_number_of_classes(project):
-    teacher = build_model("teacher", {"arch": "resnet_small", "num_classes": 5, "in_chans": 1, "width": 4, "blocks": 1})
+    teacher = build_teacher("resnet_small", num_classes=5, in_chans=1, width=4, blocks=1)
     save_model(Paths(project).model("teacher"), teacher, kind="teacher",
                config={"arch": "resnet_small", "num_classes": 5, "in_chans": 1, "width": 4, "blocks": 1})
     before = snapshot(project)
@@ -306,7 +307,7 @@ def test_a_link_in_the_pretrained_folder_is_accepted_and_a_path_outside_refused(
     cfg = {"arch": "resnet_small", "num_classes": 10, "in_chans": 1, "width": 4, "blocks": 1}
     elsewhere = tmp_path / "elsewhere" / "teacher.safetensors"
     elsewhere.parent.mkdir()
-    save_file(build_model("teacher", cfg, seed=3).state_dict(), elsewhere)
+    save_file(build_seeded(lambda: build_teacher(**cfg), seed=3).state_dict(), elsewhere)
     link = project / "models" / "pretrained" / "teacher" / "linked.safetensors"
     link.parent.mkdir(parents=True, exist_ok=True)
     link.symlink_to(elsewhere)

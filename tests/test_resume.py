@@ -19,7 +19,8 @@ from safetensors.torch import load_file
 
 from distill.checkpoint import CheckpointError
 from distill.engine import NonFiniteLossError, _latest_state, discard_state, fit, make_accelerator
-from distill.models.build import build_model
+from distill.stages._common import build_seeded
+from distill.teachers import build_teacher
 
 from test_engine import Blobs, Steps, baseline_task, recipe
 
@@ -155,16 +156,16 @@ def test_a_state_made_for_another_run_is_not_resumed(tmp_path, caplog):
     assert _fit(tmp_path, state_key="params-a").resumed_from_epoch == 1  # its own key resumes
 
 
-def test_build_model_seed_fixes_init_and_leaves_global_rng_alone():
-    cfg = {"arch": "resnet_small", "num_classes": 3, "in_chans": 1, "width": 4, "blocks": 1}
+def test_a_seeded_build_fixes_init_and_leaves_global_rng_alone():
+    def build():
+        return build_teacher("resnet_small", num_classes=3, in_chans=1, width=4, blocks=1)
+
     torch.manual_seed(1)
-    a = build_model("teacher", cfg, seed=5)
+    a = build_seeded(build, seed=5)
     state = torch.get_rng_state()
     torch.manual_seed(2)
-    b = build_model("teacher", cfg, seed=5)
+    b = build_seeded(build, seed=5)
     torch.manual_seed(1)
-    build_model("teacher", cfg, seed=5)
+    build_seeded(build, seed=5)
     assert torch.equal(torch.get_rng_state(), state)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
-    with pytest.raises(ValueError, match="unknown model kind 'vit'"):
-        build_model("vit", {})

@@ -420,11 +420,12 @@ def test_torch_compile_through_accelerate_keeps_checkpoints_and_soft_labels_plai
     The ``eager`` backend runs dynamo's capture without a C++ compiler (inductor, the GPU choice, needs one).
     """
     from distill.augment import Augmenter, AugmentSpec
-    from distill.checkpoint import load_model, save_model
+    from distill.checkpoint import save_model
     from distill.data import Split
     from distill.engine import SupervisedTask, fit, make_accelerator
     from distill.losses import DistillationLoss
     from distill.store import SoftLabelStore, generate_store
+    from distill.teachers import load_teacher
     from distill.views import RandomViews
 
     from test_engine import PARAMS, Blobs, _teacher
@@ -440,7 +441,7 @@ def test_torch_compile_through_accelerate_keeps_checkpoints_and_soft_labels_plai
               seed=0, accelerator=acc)
     assert not any(k.startswith("_orig_mod.") for k in res.model.state_dict()), "fit returned the compiled wrapper"
     save_model(tmp_path / "t.safetensors", res.model, kind="teacher", config=cfg)
-    teacher, _ = load_model(tmp_path / "t.safetensors")
+    teacher, _ = load_teacher(tmp_path / "t.safetensors")
 
     split = Split(images=blobs.images.numpy(), labels=blobs.labels.numpy(), ids=np.arange(len(blobs)))
     kw = {"views": 2, "batch_size": 16, "seed": 0, "teacher_sha256": "t" * 64, "data_fingerprint": "d" * 64}
@@ -536,11 +537,11 @@ def test_checkpoints_and_soft_labels_round_trip_a_dvc_remote_byte_identical(scal
     original = _sha256_tree(project, *outs)
     assert len(original) > 5 and _sha256_tree(clone, *outs) == original
 
-    from distill.checkpoint import load_model
     from distill.store import SoftLabelStore
+    from distill.teachers import load_teacher
 
     SoftLabelStore.open(clone / "soft_labels", verify_hashes=True)
-    load_model(clone / "models" / "teacher.safetensors")
+    load_teacher(clone / "models" / "teacher.safetensors")
     # The clone's `dvc repro` reruns none of the pulled stages.
     repro = run_cmd(["dvc", "repro", "soft_labels"], clone)
     for stage in ("data", "teacher", "soft_labels"):

@@ -21,12 +21,13 @@ from mlflow.models import Model
 from PIL import Image
 
 from distill.augment import Augmenter, AugmentSpec
-from distill.checkpoint import CheckpointError, load_model, save_model
-from distill.models.build import build_model
-from distill.models.deit import DeiT
+from distill.checkpoint import CheckpointError, save_model
+from distill.models.deit import DeiT, load_deit
+from distill.models.deit_config import DeiTConfig
 from distill.prepare import decode_image
 from distill.registry import Score, log_and_register_student
 from distill.serving import StudentClassifier, save_servable, servable_checkpoint
+from distill.stages._common import build_seeded
 from distill.tracking import MlflowTracker
 
 from conftest import _free_port, background_server
@@ -41,7 +42,7 @@ def small_deit(channels: int = 3, seed: int = 0) -> DeiT:
     """A small random distilled DeiT (two heads, made distinct so that averaging them shows)."""
     config = {"img_size": SIZE, "patch_size": 4, "in_chans": channels, "num_classes": CLASSES, "embed_dim": 32,
               "depth": 2, "num_heads": 2, "drop_path_rate": 0.0}
-    model = build_model("deit", config, seed=seed)
+    model = build_seeded(lambda: DeiT(DeiTConfig.from_dict(config)), seed=seed)
     with torch.no_grad():
         model.head_dist.weight.mul_(-2.0)
     return model
@@ -62,7 +63,7 @@ def raw_images(n: int, height: int = SIZE, width: int = SIZE, channels: int = 3,
 
 def evaluation_probs(checkpoint: Path, images: np.ndarray) -> np.ndarray:
     """What the evaluate stage computes for prepared images: Augmenter's eval view, both heads averaged, softmax."""
-    model, info = load_model(checkpoint)
+    model, info = load_deit(checkpoint)
     extra = info["extra"]
     augmenter = Augmenter(spec=AugmentSpec(), out_size=extra["image_size"], mean=extra["mean"], std=extra["std"])
     x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()  # the DataLoader's uint8 (N, C, H, W)
@@ -92,7 +93,7 @@ def test_predicts_the_pipelines_probabilities(rgb, rgb_model) -> None:
     np.testing.assert_allclose(probs.sum(1), 1.0, rtol=0, atol=1e-6)
     np.testing.assert_array_equal(probs, evaluation_probs(checkpoint, images))  # bit-exact: same code, same bits
     # ... and that is the DeiT's own softmax on the normalised images, written out here.
-    model, _ = load_model(checkpoint)
+    model, _ = load_deit(checkpoint)
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
     x = (x - torch.tensor(MEANS[3]).view(1, 3, 1, 1)) / torch.tensor(STDS[3]).view(1, 3, 1, 1)
     with torch.no_grad():

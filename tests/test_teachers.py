@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 from pathlib import Path
 
@@ -11,9 +12,11 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from distill.checkpoint import CheckpointError, load_model, read_metadata, save_model
-from distill.teachers import InputAdapter, build_teacher, load_teacher_weights, load_weights_file
+from distill.checkpoint import CheckpointError, read_metadata, save_model
+from distill.models.deit import load_deit
+from distill.teachers import InputAdapter, build_teacher, load_teacher, load_teacher_weights
 from distill.views import freeze
+from distill.weights import load_weights_file
 
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
@@ -44,7 +47,7 @@ def test_checkpoint_round_trip_identical_outputs(tmp_path):
     m = build_teacher(**cfg).eval()
     path = tmp_path / "t.safetensors"
     save_model(path, m, kind="teacher", config=cfg, extra={"mean": [0.5], "std": [0.2]})
-    m2, info = load_model(path)
+    m2, info = load_teacher(path)
     x = torch.randn(2, 1, 16, 16)
     assert torch.equal(m(x), m2(x))
     assert info["extra"]["mean"] == [0.5] and read_metadata(path)["kind"] == "teacher"
@@ -57,9 +60,28 @@ def test_corrupt_and_missing_checkpoint_named(tmp_path):
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match=str(path)):
-        load_model(path)
+        load_teacher(path)
     with pytest.raises(CheckpointError, match="not found"):
-        load_model(tmp_path / "missing.safetensors")
+        load_teacher(tmp_path / "missing.safetensors")
+
+
+def test_each_kind_loads_with_its_own_loader_only(tmp_path):
+    cfg = {"arch": "resnet_small", "num_classes": 4, "in_chans": 1, "width": 4, "blocks": 1}
+    path = tmp_path / "t.safetensors"
+    save_model(path, build_teacher(**cfg), kind="teacher", config=cfg)
+    with pytest.raises(CheckpointError, match=r"holds a 'teacher' model, not a 'deit' one"):
+        load_deit(path)
+
+
+@pytest.mark.parametrize(("module", "absent"), [("distill.teachers", ["distill.models.deit"]),
+                                                ("distill.models.deit", ["distill.teachers"]),
+                                                ("distill.checkpoint", ["distill.models.deit", "distill.teachers"])])
+def test_loading_one_kind_does_not_import_the_other(module, absent):
+    """A teacher's loader does not import DeiT, nor the student's the teachers, and the checkpoint format neither
+    (what a stage imports is what an edit reruns)."""
+    code = f"import sys, {module}; print([m for m in {absent!r} if m in sys.modules])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
 
 
 def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
@@ -160,7 +182,7 @@ def test_adapter_keeps_checkpoints_clean_and_rebuilds_from_config(tmp_path):
     teacher.float()
     path = tmp_path / "t.safetensors"
     save_model(path, teacher, kind="teacher", config=cfg)
-    rebuilt, _ = load_model(path)
+    rebuilt, _ = load_teacher(path)
     x = torch.randn(2, 1, 16, 16)
     with torch.no_grad():
         assert torch.equal(rebuilt(x), teacher(x))

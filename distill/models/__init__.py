@@ -1,41 +1,4 @@
-"""Student models: DeiT (Touvron et al. 2021) with a distillation token."""
-
-from distill.models.deit import (
-    PRESETS,
-    Attention,
-    Block,
-    DeiT,
-    DeiTConfig,
-    DropPath,
-    Mlp,
-    PatchEmbed,
-    adapt_input_channels,
-    adapt_state_dict,
-    build_deit,
-    count_parameters,
-    drop_path,
-    load_pretrained_deit,
-    resample_patch_embed,
-    resample_pos_embed,
-    trunc_normal_init_,
-)
-
-__all__ = [
-    "PRESETS",
-    "Attention",
-    "Block",
-    "DeiT",
-    "DeiTConfig",
-    "DropPath",
-    "Mlp",
-    "PatchEmbed",
-    "adapt_input_channels",
-    "adapt_state_dict",
-    "build_deit",
-    "count_parameters",
-    "drop_path",
-    "load_pretrained_deit",
-    "resample_patch_embed",
-    "resample_pos_embed",
-    "trunc_normal_init_",
-]
+"""Model code: the DeiT student (:mod:`~distill.models.deit`, its config in :mod:`~distill.models.deit_config`,
+fitting weights trained elsewhere in :mod:`~distill.models.deit_pretrained`). The CNN teachers are
+:mod:`distill.teachers`. Nothing is imported here: each stage imports only the model code it runs.
+"""

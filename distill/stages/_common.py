@@ -26,22 +26,24 @@ import json
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+import torch
 from torch import nn
 
 from distill.augment import Augmenter, AugmentSpec
-from distill.checkpoint import checkpoint_writer, load_model
+from distill.checkpoint import checkpoint_writer
 from distill.config import ParamsView, Paths, TrainParams
 from distill.data import ArrayDataset, DatasetMeta, PreparedData, Split
 from distill.engine import SupervisedTask, fit, make_accelerator
 from distill.io import file_sha256, json_text, replace_together
 from distill.losses import DistillationLoss
-from distill.models.build import build_model, student_config
-from distill.models.deit import load_pretrained_deit
+from distill.models.deit import DeiT
+from distill.models.deit_config import DeiTConfig, student_config
+from distill.models.deit_pretrained import load_pretrained_deit
 from distill.stages.runner import mark_finished
 from distill.tracking import Tracker
 from distill.weights import pretrained_file
 
-__all__ = ["augmenter", "build_student", "load_teacher", "resume_key", "train_and_save",
+__all__ = ["augmenter", "build_seeded", "build_student", "resume_key", "train_and_save",
            "curves_text", "save_outputs", "code_fingerprint", "checkpoint_extra", "WALL_CLOCK",
            "without_wall_clock", "log_runtime"]
 
@@ -64,7 +66,7 @@ def build_student(model: ParamsView, meta: DatasetMeta, paths: Paths, *, distill
     """
     cfg = student_config(model, image_size=meta.image_size, channels=meta.channels, num_classes=meta.num_classes,
                          distilled=distilled)
-    net = build_model("deit", cfg, seed=seed)
+    net = build_seeded(lambda: DeiT(DeiTConfig.from_dict(cfg)), seed)
     if not model.pretrained_path:
         return net, cfg, []
     weights = pretrained_file(paths, "student", model.pretrained_path)
@@ -72,14 +74,13 @@ def build_student(model: ParamsView, meta: DatasetMeta, paths: Paths, *, distill
     return net, cfg, [weights]
 
 
-def load_teacher(paths: Paths, meta: DatasetMeta) -> nn.Module:
-    """The trained teacher, checked against the dataset (classes)."""
-    model, info = load_model(paths.model("teacher"))
-    n = info["config"].get("num_classes")
-    if n != meta.num_classes:
-        raise ValueError(f"teacher checkpoint {paths.model('teacher')} has {n} classes but dataset {meta.name!r} has "
-                         f"{meta.num_classes}: retrain the teacher on this dataset (`dvc repro teacher`)")
-    return model
+def build_seeded(build: Callable[[], nn.Module], seed: int) -> nn.Module:
+    """``build()`` with its initialisation drawn from ``seed``, leaving the global RNG as it was. Without it the
+    initialisation depends on whatever the global RNG holds, and two processes with the same params would train
+    different models."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
 
 
 def log_runtime(tracker: Tracker, accelerator: Any) -> None:
@@ -183,7 +184,7 @@ def train_and_save(model: nn.Module, *, stage: str, kind: str, config: dict[str,
     Args:
         stage: the stage's name (outputs ``models/<stage>.safetensors``, ``metrics/<stage>.json``,
             ``plots/<stage>.csv``; resume state ``.state/<stage>/<key>``).
-        kind / config: how the checkpoint rebuilds the model (:func:`distill.models.build.build_model`).
+        kind / config: how the checkpoint rebuilds the model (its kind's loader, :mod:`distill.checkpoint`).
         params: the stage's parameter view (its declared values go into the checkpoint and the resume key).
         recipe: the training recipe.
         data: the prepared data; ``train_split`` replaces its training split (the student's transfer set).

@@ -32,14 +32,14 @@ from distill import evaluation as E
 from distill import plots as P
 from distill import report as R
 from distill.augment import eval_augmenter
-from distill.checkpoint import load_model, read_metadata
 from distill.config import ParamsView, Paths, flatten
 from distill.data import ArrayDataset, DatasetMeta, load_prepared
 from distill.engine import make_accelerator, predict
 from distill.io import atomic_write_json, atomic_write_text
+from distill.models.deit import load_deit
 from distill.registry import Score, gate_verdict, log_and_register_student, promotion_note
 from distill.serving import save_servable
-from distill.stages._common import load_teacher
+from distill.teachers import load_teacher
 from distill.tracking import NO_TRACKING, Tracker
 
 __all__ = ["run", "read_curves"]
@@ -67,10 +67,11 @@ def _heads(model: nn.Module) -> Any:
 
 def _load_models(paths: Paths, meta: DatasetMeta) -> tuple[dict[str, nn.Module], dict[str, dict[str, Any]]]:
     """The three models and their checkpoints' metadata; a model trained on other data is an error."""
-    models: dict[str, nn.Module] = {"teacher": load_teacher(paths, meta)}
-    infos: dict[str, dict[str, Any]] = {"teacher": read_metadata(paths.model("teacher"))}
+    models: dict[str, nn.Module] = {}
+    infos: dict[str, dict[str, Any]] = {}
+    models["teacher"], infos["teacher"] = load_teacher(paths.model("teacher"), meta)
     for name in ("baseline", "student"):
-        models[name], infos[name] = load_model(paths.model(name))
+        models[name], infos[name] = load_deit(paths.model(name))
     for name, info in infos.items():
         if info["extra"].get("data_fingerprint") not in (None, meta.fingerprint):
             raise ValueError(f"{paths.model(name)} was trained on other data (fingerprint mismatch); rerun `dvc repro`")

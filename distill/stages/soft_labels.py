@@ -16,8 +16,9 @@ from distill.config import ParamsView, Paths
 from distill.data import load_prepared
 from distill.engine import make_accelerator
 from distill.io import atomic_write_json, file_sha256
-from distill.stages._common import augmenter, load_teacher, log_runtime
+from distill.stages._common import augmenter, log_runtime
 from distill.store import describe_store, generate_store
+from distill.teachers import load_teacher
 from distill.tracking import NO_TRACKING, Tracker
 
 __all__ = ["run"]
@@ -27,7 +28,7 @@ def run(params: ParamsView, paths: Paths, tracker: Tracker = NO_TRACKING, *,
         callbacks: Sequence[Any] = ()) -> dict[str, Any]:
     """Generate the soft-label store; returns its size and speed."""
     data = load_prepared(paths.data)
-    teacher = load_teacher(paths, data.meta)
+    teacher, _ = load_teacher(paths.model("teacher"), data.meta)
     accelerator = make_accelerator()
     log_runtime(tracker, accelerator)
     s = params.soft_labels

@@ -16,8 +16,9 @@ from distill.config import ParamsView, Paths
 from distill.data import PreparedData, load_prepared
 from distill.io import file_sha256
 from distill.losses import DistillationLoss
-from distill.stages._common import augmenter, build_student, load_teacher, train_and_save
+from distill.stages._common import augmenter, build_student, train_and_save
 from distill.store import SoftLabelStore, StoredViews
+from distill.teachers import load_teacher
 from distill.tracking import NO_TRACKING, Tracker
 from distill.views import OnlineTeacher, RandomViews
 
@@ -53,7 +54,7 @@ def run(params: ParamsView, paths: Paths, tracker: Tracker = NO_TRACKING, *,
         inputs.append(paths.soft_labels)
     else:
         split = data.transfer()
-        teacher = load_teacher(paths, data.meta)
+        teacher, _ = load_teacher(paths.model("teacher"), data.meta)
         views_factory = lambda aug, acc: OnlineTeacher(teacher.to(acc.device), aug,  # noqa: E731
                                                        autocast=acc.autocast, mixup=recipe.mixup)
         inputs.append(paths.model("teacher"))

@@ -22,9 +22,8 @@ from distill.config import ParamsView, Paths
 from distill.data import ArrayDataset, DatasetMeta, load_prepared
 from distill.engine import evaluate, make_accelerator
 from distill.losses import DistillationLoss
-from distill.models.build import build_model
-from distill.stages._common import augmenter, checkpoint_extra, log_runtime, save_outputs, train_and_save
-from distill.teachers import load_teacher_weights
+from distill.stages._common import augmenter, build_seeded, checkpoint_extra, log_runtime, save_outputs, train_and_save
+from distill.teachers import build_teacher, load_teacher_weights
 from distill.tracking import NO_TRACKING, Tracker
 from distill.views import RandomViews
 from distill.weights import pretrained_file
@@ -51,7 +50,7 @@ def run(params: ParamsView, paths: Paths, tracker: Tracker = NO_TRACKING, *,
     data = load_prepared(paths.data)
     t = params.teacher
     cfg = teacher_config(t, data.meta)
-    model = build_model("teacher", cfg, seed=params.seed)
+    model = build_seeded(lambda: build_teacher(**cfg), params.seed)
     recipe = t.train.resolve()
     inputs = [paths.data]
     if t.pretrained_path:
