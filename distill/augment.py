@@ -12,8 +12,9 @@ Mixup (Zhang et al. 2018, :class:`Mix`): a view may be mixed, pixel by pixel, wi
 ``lam`` from Beta(alpha, alpha) (:func:`sample_lam`); :func:`in_batch_mix` pairs a batch with itself reversed
 (timm's pairing). The soft-label store records each stored view's partner, its crop and ``lam`` the same way.
 
-The evaluation view (:func:`eval_augmenter`) is the whole image, normalised: what the evaluate stage, the
-served model and the ONNX export feed a model.
+The training views of ``data.augment`` (:func:`train_augmenter`) are the same for the teacher, the store, the
+student and the baseline. The evaluation view (:func:`eval_augmenter`) is the whole image, normalised: what the
+evaluate stage, the served model and the ONNX export feed a model.
 """
 
 from __future__ import annotations
@@ -27,8 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from distill.data import DatasetMeta
+
 __all__ = ["AUGMENT_VERSION", "PARAM_DIM", "AugmentSpec", "Augmenter", "Mix", "eval_augmenter", "in_batch_mix",
-           "sample_lam"]
+           "sample_lam", "train_augmenter"]
 
 AUGMENT_VERSION = 1  # bump when the meaning of a parameter row or the resampling changes
 PARAM_DIM = 5  # [top, left, height, width, flip]
@@ -176,3 +179,10 @@ def eval_augmenter(image_size: int, mean: Sequence[float], std: Sequence[float])
     """The evaluation view at ``image_size``: the whole image (:meth:`Augmenter.eval_params`), normalised with
     ``mean``/``std``. What the evaluate stage, the served model and the ONNX export feed a model."""
     return Augmenter(spec=AugmentSpec(), out_size=image_size, mean=mean, std=std)
+
+
+def train_augmenter(augment: Any, meta: DatasetMeta) -> Augmenter:
+    """The replayable training augmentation of the ``data.augment`` params (``scale``, ``ratio``, ``hflip``: the
+    validated group or a stage's view of it) at the prepared data's image size and normalisation."""
+    spec = AugmentSpec(scale=tuple(augment.scale), ratio=tuple(augment.ratio), hflip=augment.hflip)
+    return Augmenter(spec=spec, out_size=meta.image_size, mean=meta.mean, std=meta.std)

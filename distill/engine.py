@@ -8,8 +8,9 @@ loop: set up (optimizer, ``prepare``, schedule), :func:`resume_state`, then per 
 ``clip_grad_norm_``), :func:`evaluate`, record, :func:`save_state`. No branch on what is trained.
 
 Step budget: an epoch has ``ceil(batches / grad_accum)`` optimizer steps (accelerate also steps at the
-end of the loader), see :func:`steps_per_epoch`. A run lasts ``total_steps`` optimizer steps (default
-``epochs * steps_per_epoch``), so its last epoch may be partial; the warm-up lasts ``warmup_steps``.
+end of the loader), see :func:`steps_per_epoch`. A run lasts ``epochs * steps_per_epoch`` optimizer steps, the
+warm-up ``warmup_epochs * steps_per_epoch``; an epoch is ``samples_per_epoch`` samples (the step-matched
+baseline's epoch is as long as the student's).
 
 Determinism and resume: every random draw is a function of ``(seed, epoch, step, process)``.
 Shuffling uses :class:`EpochSampler` (a permutation seeded by ``seed + epoch``), augmentation
@@ -26,19 +27,24 @@ Crash safety (docs/reliability.md): the state of every finished epoch is written
 one, never half of one. Everything in it is read back without unpickling code: weights from
 safetensors, optimizer and RNG states with ``torch.load(weights_only=True)``, the scheduler and the
 history from JSON. A state folder that is there but unreadable is an error that names it, never a
-silent restart; one recorded under another ``state_key`` (other params, inputs or code) is ignored.
+silent restart. What a state belongs to is its folder: the caller keys it by everything the result depends
+on (:func:`distill.stages._training.resume_key`).
 
-Faults for tests come in through callbacks (:class:`Callback`): one may raise, kill the process,
-block, or write NaN into the weights after any optimizer step. Progress: one bar per :func:`fit`
-(optimizer steps); each epoch's record goes to the ``distill.engine`` logger and to ``on_epoch_end``.
+Callbacks (:class:`Callback`) see every optimizer step and every epoch's record: the training stages log the
+records to MLflow with one, and tests inject faults with others (raise, kill the process, block, or write NaN
+into the weights after any optimizer step). Progress: one bar per :func:`fit` (optimizer steps); each epoch's
+record goes to the ``distill.engine`` logger and to the callbacks' ``on_epoch_end``.
+
+The accelerator comes from the caller (:func:`distill.runtime.make_accelerator`): the engine never decides what it
+runs on.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
-import os
 import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -70,7 +76,6 @@ __all__ = [
     "evaluate",
     "fit",
     "loader_length",
-    "make_accelerator",
     "predict",
     "resume_state",
     "save_state",
@@ -109,11 +114,15 @@ class StepInfo:
 
 
 class Callback(Protocol):
-    """Hooks into :func:`fit`'s loop, on every process. Tests inject faults through them: raise (an
-    interrupt), kill the process, block, or write NaN into ``info.model`` (the next loss is then NaN)."""
+    """Hooks into :func:`fit`'s loop; each method is optional. ``on_step_end`` runs on every process (tests inject
+    faults through it: raise an interrupt, kill the process, block, or write NaN into ``info.model``, which makes
+    the next loss NaN); ``on_epoch_end`` on the main process only (e.g. MLflow logging)."""
 
     def on_step_end(self, info: StepInfo) -> None:
         """Called after each optimizer step; an exception stops training (the last saved state is kept)."""
+
+    def on_epoch_end(self, record: dict[str, float]) -> None:
+        """Called with each epoch's record (after a resume, first with the records of the restored epochs)."""
 
 
 class Task(Protocol):
@@ -187,27 +196,6 @@ class EpochSampler(Sampler[int]):
         return self.length
 
 
-def make_accelerator(*, grad_accum: int = 1, cpu: bool | None = None) -> Any:
-    """Create the :class:`accelerate.Accelerator`.
-
-    Precision, device and process count come from ``accelerate launch`` / ``accelerate config`` /
-    the environment (``ACCELERATE_MIXED_PRECISION``, ``ACCELERATE_USE_CPU``), never from params.
-    """
-    from accelerate import Accelerator
-
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    if cpu is None:
-        cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
-        # torchrun / `accelerate launch --multi_gpu` on a machine without GPUs: accelerate forms the (gloo)
-        # process group only when told to use the CPU; otherwise every rank would train alone.
-        cpu = cpu or (world > 1 and not torch.cuda.is_available())
-    accelerator = Accelerator(gradient_accumulation_steps=grad_accum, cpu=cpu)
-    if world > 1 and accelerator.num_processes != world:
-        raise RuntimeError(f"{world} processes were launched (WORLD_SIZE) but accelerate formed a group of "
-                           f"{accelerator.num_processes}: set ACCELERATE_USE_CPU=1 on machines without GPUs")
-    return accelerator
-
-
 def build_optimizer(model: nn.Module, *, lr: float, weight_decay: float) -> torch.optim.Optimizer:
     """AdamW; no weight decay on biases, norm weights, and the tokens / position embedding (as DeiT/timm)."""
     skip = set(getattr(model, "no_weight_decay", lambda: set())())
@@ -238,7 +226,7 @@ class FitResult:
         history: one record per epoch (restored ones included after a resume).
         resumed_from_epoch: the epochs restored from a saved state (None: started afresh).
         steps: optimizer steps done, in total.
-        total_steps: the step budget; ``steps`` equals it when the run finished.
+        total_steps: the step budget (``epochs * steps_per_epoch``); ``steps`` equals it when the run finished.
         warmup_steps: the warm-up's length in optimizer steps.
         steps_per_epoch: optimizer steps in a full epoch.
         epochs: epochs run (the last one may be partial).
@@ -284,16 +272,19 @@ def steps_per_epoch(num_samples: int, batch_size: int, *, processes: int = 1, gr
 @dataclass(frozen=True)
 class _Budget:
     steps_per_epoch: int
-    total_steps: int
-    warmup_steps: int
+    epochs: int
+    warmup_epochs: int
 
     @property
-    def epochs(self) -> int:
-        return math.ceil(self.total_steps / self.steps_per_epoch)
+    def total_steps(self) -> int:
+        return self.epochs * self.steps_per_epoch
+
+    @property
+    def warmup_steps(self) -> int:
+        return self.warmup_epochs * self.steps_per_epoch
 
 
-def _budget(params: TrainParams, accelerator: Any, loader: DataLoader, num_samples: int, total_steps: int | None,
-            warmup_steps: int | None) -> _Budget:
+def _budget(params: TrainParams, accelerator: Any, loader: DataLoader, num_samples: int) -> _Budget:
     """The run's step budget, checked against the prepared loader (a mismatch would mis-plan every caller)."""
     grad_accum = accelerator.gradient_accumulation_steps
     if grad_accum != params.grad_accum:
@@ -306,12 +297,7 @@ def _budget(params: TrainParams, accelerator: Any, loader: DataLoader, num_sampl
     if planned == 0:
         raise ValueError(f"{num_samples} training images make no full batch of {params.batch_size} for each of "
                          f"{accelerator.num_processes} processes: lower batch_size")
-    per_epoch = math.ceil(planned / grad_accum)
-    total = params.epochs * per_epoch if total_steps is None else int(total_steps)
-    warmup = params.warmup_epochs * per_epoch if warmup_steps is None else int(warmup_steps)
-    if total < 0 or warmup < 0:
-        raise ValueError(f"total_steps and warmup_steps must be >= 0, got {total} and {warmup}")
-    return _Budget(per_epoch, total, warmup)
+    return _Budget(math.ceil(planned / grad_accum), params.epochs, params.warmup_epochs)
 
 
 @dataclass(frozen=True)
@@ -362,11 +348,11 @@ def _bad_state(folder: Path, why: str) -> str:
 
 
 def save_state(accelerator: Any, state_dir: str | Path, *, epoch: int, history: list[dict[str, float]],
-               scheduler: Any, global_step: int, key: str | None = None) -> Path:
+               scheduler: Any, global_step: int) -> Path:
     """Save the full training state at the end of ``epoch`` as ``epoch_<epoch>``, atomically and durably.
 
     accelerate writes model (safetensors), optimizer and RNG states into a staging folder; the scheduler (a
-    JSON-able dict), the history, the step count and ``key`` go into ``distill_state.json``, so nothing needs
+    JSON-able dict), the history and the step count go into ``distill_state.json``, so nothing needs
     unpickling on resume. The folder is then swapped in (:func:`distill.io.staged_dir`) and older states go.
 
     Args:
@@ -376,7 +362,6 @@ def save_state(accelerator: Any, state_dir: str | Path, *, epoch: int, history: 
         history: every epoch's record so far.
         scheduler: the LR scheduler (its ``state_dict`` must be JSON-able).
         global_step: optimizer steps done.
-        key: what the state belongs to (see :func:`resume_state`).
 
     Returns:
         The new ``epoch_*`` folder.
@@ -389,7 +374,7 @@ def save_state(accelerator: Any, state_dir: str | Path, *, epoch: int, history: 
         accelerator.save_state(str(staging), safe_serialization=True)
         if main:
             meta = {"epoch": epoch, "global_step": global_step, "history": history,
-                    "scheduler": scheduler.state_dict(), "key": key}
+                    "scheduler": scheduler.state_dict()}
             atomic_write_text(staging / STATE_META, json.dumps(meta))
     if main:
         _drop_other_states(state_dir, keep=final)
@@ -406,16 +391,13 @@ def _drop_other_states(state_dir: Path, *, keep: Path) -> None:
         shutil.rmtree(leftover, ignore_errors=True)
 
 
-def resume_state(accelerator: Any, state_dir: str | Path, scheduler: Any, *, key: str | None = None,
-                 ) -> ResumePoint | None:
+def resume_state(accelerator: Any, state_dir: str | Path, scheduler: Any) -> ResumePoint | None:
     """Restore the newest complete ``epoch_*`` state in ``state_dir`` into the prepared objects.
 
     Args:
         accelerator: the accelerator the model and optimizer were prepared with.
         state_dir: the run's state folder (may not exist).
         scheduler: the LR scheduler, restored from the state's JSON.
-        key: what this run is (the caller fingerprints params, inputs, code, processes, precision). A state
-            recorded under another key is ignored with a warning, and the run starts afresh.
 
     Returns:
         What was restored, or None when there is nothing to resume from.
@@ -425,10 +407,6 @@ def resume_state(accelerator: Any, state_dir: str | Path, scheduler: Any, *, key
     """
     folder, meta = _latest_state(Path(state_dir))
     if folder is None or meta is None:
-        return None
-    if meta.get("key") != key:
-        logger.warning("ignoring resume state %s: it belongs to another run (key %r, this run %r); starting afresh",
-                       folder, meta.get("key"), key)
         return None
     return _load_state(accelerator, folder, meta, scheduler)
 
@@ -510,25 +488,33 @@ def _optimizer_step(accelerator: Any, model: nn.Module, optimizer: Any, schedule
     return lr
 
 
-def train_one_epoch(task: Task, loader: DataLoader, *, optimizer: Any, scheduler: Any, accelerator: Any, epoch: int,
-                    seed: int, global_step: int = 0, stop_at: int | None = None, grad_clip: float | None = None,
-                    callbacks: Sequence[Callback] = (), bar: Any = None, desc: str = "train",
-                    state_dir: Path | None = None) -> tuple[dict[str, float], int]:
-    """One pass over ``loader`` (DeiT's ``train_one_epoch``), stopping early once ``stop_at`` steps are done.
+@dataclass(frozen=True)
+class _Loop:
+    """What :func:`fit` prepared for every epoch: the optimizer and its schedule, the accelerator, the seed, the
+    gradient clipping, the callbacks, the progress bar, and the run's name and state folder (for error messages)."""
+
+    optimizer: Any
+    scheduler: Any
+    accelerator: Any
+    seed: int
+    grad_clip: float | None = None
+    callbacks: Sequence[Callback] = ()
+    bar: Any = None
+    desc: str = "train"
+    state_dir: Path | None = None
+
+
+def train_one_epoch(task: Task, loader: DataLoader, loop: _Loop, *, epoch: int,
+                    global_step: int = 0) -> tuple[dict[str, float], int]:
+    """One pass over ``loader`` (DeiT's ``train_one_epoch``).
 
     Args:
         task: its ``model`` is the prepared model.
         loader: the prepared training loader.
-        optimizer / scheduler: the prepared optimizer and its LR schedule (stepped once per optimizer step).
-        accelerator: the accelerator everything was prepared with.
+        loop: what :func:`fit` prepared (optimizer and schedule, stepped once per optimizer step; accelerator, seed,
+            clipping; callbacks, whose ``on_step_end`` runs after each optimizer step; the bar; the run's name).
         epoch: the epoch, from 0.
-        seed: the run's seed.
         global_step: optimizer steps done before this epoch.
-        stop_at: stop right after this many optimizer steps in total (None: the whole loader).
-        grad_clip: max gradient norm (None or 0: no clipping).
-        callbacks: their ``on_step_end`` runs after each optimizer step.
-        bar: a progress bar advanced per optimizer step.
-        desc / state_dir: name the run and its saved state in a :class:`NonFiniteLossError`.
 
     Returns:
         The epoch's training record (mean losses, lr, images per second, time) and the new ``global_step``.
@@ -536,32 +522,36 @@ def train_one_epoch(task: Task, loader: DataLoader, *, optimizer: Any, scheduler
     Raises:
         NonFiniteLossError: a NaN or infinite loss (names epoch, step and the last good state).
     """
-    _begin_epoch(loader, seed, epoch)
+    accelerator = loop.accelerator
+    _begin_epoch(loader, loop.seed, epoch)
     model = task.model
     model.train()
     meter = _EpochMeter()
     for i, batch in enumerate(loader):
-        ctx = StepContext(seed=seed, epoch=epoch, step=i, process_index=accelerator.process_index)
+        ctx = StepContext(seed=loop.seed, epoch=epoch, step=i, process_index=accelerator.process_index)
         with accelerator.accumulate(model):
             out = task.training_step(batch, ctx)
             if not torch.isfinite(out["loss"].detach()).all():
-                raise NonFiniteLossError(_non_finite_message(desc, out["loss"], epoch, i, state_dir))
+                raise NonFiniteLossError(_non_finite_message(loop.desc, out["loss"], epoch, i, loop.state_dir))
             accelerator.backward(out["loss"])
-            lr = _optimizer_step(accelerator, model, optimizer, scheduler, grad_clip)
+            lr = _optimizer_step(accelerator, model, loop.optimizer, loop.scheduler, loop.grad_clip)
         loss = meter.add(out, batch)
         if lr is None:
             continue
         global_step += 1
-        if bar is not None:
-            bar.update(1)
-        info = StepInfo(epoch=epoch, step=i, global_step=global_step, loss=loss, lr=lr, model=model)
-        for callback in callbacks:
-            hook = getattr(callback, "on_step_end", None)
-            if hook is not None:
-                hook(info)
-        if stop_at is not None and global_step >= stop_at:
-            break
-    return meter.summary(accelerator, scheduler), global_step
+        if loop.bar is not None:
+            loop.bar.update(1)
+        _call(loop.callbacks, "on_step_end",
+              StepInfo(epoch=epoch, step=i, global_step=global_step, loss=loss, lr=lr, model=model))
+    return meter.summary(accelerator, loop.scheduler), global_step
+
+
+def _call(callbacks: Sequence[Callback], hook: str, arg: Any) -> None:
+    """Each callback's ``hook`` (each one is optional) with ``arg``."""
+    for callback in callbacks:
+        method = getattr(callback, hook, None)
+        if method is not None:
+            method(arg)
 
 
 def _non_finite_message(desc: str, loss: Tensor, epoch: int, step: int, state_path: Path | None) -> str:
@@ -579,18 +569,17 @@ def _non_finite_message(desc: str, loss: Tensor, epoch: int, step: int, state_pa
 
 
 def _prepare(task: Task, train_set: Dataset, val_set: Dataset | None, params: TrainParams, accelerator: Any, *,
-             seed: int, num_workers: int, samples_per_epoch: int | None) -> tuple[DataLoader, DataLoader | None, Any]:
+             seed: int, samples_per_epoch: int | None) -> tuple[DataLoader, DataLoader | None, Any]:
     """Loaders and optimizer, prepared with ``task.model`` (which becomes the prepared model)."""
     sampler = EpochSampler(len(train_set), seed, length=samples_per_epoch)
     loader = DataLoader(train_set, batch_size=params.batch_size, sampler=sampler,
-                        drop_last=_drop_last(len(sampler), params.batch_size), num_workers=num_workers)
+                        drop_last=_drop_last(len(sampler), params.batch_size))
     lr = params.lr * (accelerator.num_processes * params.grad_accum if params.scale_lr else 1)
     optimizer = build_optimizer(task.model, lr=lr, weight_decay=params.weight_decay)
     task.model, optimizer, loader = accelerator.prepare(task.model, optimizer, loader)
     val_loader = None
     if val_set is not None:
-        val_loader = accelerator.prepare(DataLoader(val_set, batch_size=max(params.batch_size, 256), shuffle=False,
-                                                    num_workers=num_workers))
+        val_loader = accelerator.prepare(DataLoader(val_set, batch_size=max(params.batch_size, 256), shuffle=False))
     return loader, val_loader, optimizer
 
 
@@ -607,38 +596,38 @@ def _fmt(value: float) -> str:
     return str(value) if isinstance(value, int) else f"{value:.4g}"
 
 
-def _report_epoch(record: dict[str, float], *, desc: str, epochs: int, bar: Any, accelerator: Any,
-                  on_epoch_end: Callable[[dict[str, float]], None] | None) -> None:
-    """An epoch's record to the bar's postfix, the ``distill.engine`` log and ``on_epoch_end`` (main process)."""
+def _report_epoch(record: dict[str, float], loop: _Loop, *, epochs: int) -> None:
+    """An epoch's record to the bar's postfix, the ``distill.engine`` log and the callbacks (main process)."""
     epoch = int(record["epoch"])
     postfix = f"epoch={epoch}/{epochs} loss={record['train_loss']:.4f}"
     if "val_acc" in record:
         postfix += f" val_acc={record['val_acc']:.4f}"
-    bar.set_postfix_str(postfix)
-    if not accelerator.is_main_process:
+    loop.bar.set_postfix_str(postfix)
+    if not loop.accelerator.is_main_process:
         return
-    logger.info("[%s] epoch %d/%d %s", desc, epoch, epochs,
+    logger.info("[%s] epoch %d/%d %s", loop.desc, epoch, epochs,
                 " ".join(f"{k}={_fmt(v)}" for k, v in record.items() if k != "epoch"))
-    if on_epoch_end is not None:
-        on_epoch_end(record)
+    _call(loop.callbacks, "on_epoch_end", record)
 
 
-def _restore(accelerator: Any, state_dir: Path | None, scheduler: Any, *, key: str | None, desc: str, epochs: int,
-             on_epoch_end: Callable[[dict[str, float]], None] | None) -> ResumePoint | None:
-    """:func:`resume_state`, then the restored epochs replayed to ``on_epoch_end``: a fresh tracking run gets
-    the whole curve, not only the epochs after the crash."""
-    resumed = None if state_dir is None else resume_state(accelerator, state_dir, scheduler, key=key)
+def _restore(loop: _Loop, *, epochs: int) -> ResumePoint | None:
+    """:func:`resume_state`, then the restored epochs replayed to the callbacks' ``on_epoch_end``: a fresh tracking
+    run gets the whole curve, not only the epochs after the crash."""
+    accelerator = loop.accelerator
+    resumed = None if loop.state_dir is None else resume_state(accelerator, loop.state_dir, loop.scheduler)
     if resumed is None:
         return None
     if accelerator.is_main_process:  # a warning: the terminal shows it too, not only the stage's log
-        logger.warning("[%s] resuming from %s (epochs 1..%d of %d done)", desc, resumed.folder, resumed.epoch + 1,
-                       epochs)
-    if accelerator.is_main_process and on_epoch_end is not None:
+        logger.warning("[%s] resuming from %s (epochs 1..%d of %d done)", loop.desc, resumed.folder,
+                       resumed.epoch + 1, epochs)
         for record in resumed.history:
-            on_epoch_end(record)
+            _call(loop.callbacks, "on_epoch_end", record)
     return resumed
 
 
+# Ten parameters, kept apart on purpose: what is trained (task, the two sets, the recipe, the seed), on what
+# (accelerator), and the run's bookkeeping (state folder, callbacks, epoch length, name). Grouping them in a
+# record would only hide what a caller must decide.
 def fit(
     task: Task,
     *,
@@ -646,16 +635,11 @@ def fit(
     val_set: Dataset | None,
     params: TrainParams,
     seed: int,
-    accelerator: Any = None,
+    accelerator: Any,
     state_dir: str | Path | None = None,
-    on_epoch_end: Callable[[dict[str, float]], None] | None = None,
-    desc: str = "train",
-    num_workers: int = 0,
     callbacks: Sequence[Callback] = (),
-    total_steps: int | None = None,
-    warmup_steps: int | None = None,
-    state_key: str | None = None,
     samples_per_epoch: int | None = None,
+    desc: str = "train",
 ) -> FitResult:
     """Train ``task.model``: set up, resume, then per epoch train, evaluate, record and save the state.
 
@@ -664,20 +648,14 @@ def fit(
         train_set / val_set: datasets yielding ``{"image", "label", "index"}`` (uint8 images).
         params: the training recipe (epochs, batch size, lr, warm-up, clipping, accumulation ...).
         seed: global seed; all randomness derives from it.
-        accelerator: an :class:`accelerate.Accelerator` accumulating ``params.grad_accum`` batches; one is
-            made from the environment if None.
+        accelerator: an :class:`accelerate.Accelerator` accumulating ``params.grad_accum`` batches
+            (:func:`distill.runtime.make_accelerator`).
         state_dir: where the full training state is saved every epoch and resumed from. ``None``: no resume.
-        on_epoch_end: called on the main process with each epoch's record (e.g. MLflow logging). After a
-            resume it is first called with the records of the epochs restored from the state.
-        desc: the run's name, in the progress bar, the log and error messages.
-        num_workers: DataLoader workers.
-        callbacks: objects with ``on_step_end(StepInfo)``, called after every optimizer step (see :class:`Callback`).
-        total_steps: stop after exactly this many optimizer steps (default ``params.epochs * steps_per_epoch``);
-            ``ceil(total_steps / steps_per_epoch)`` epochs run and the last may be partial.
-        warmup_steps: the LR warm-up in optimizer steps (default ``params.warmup_epochs * steps_per_epoch``).
-        state_key: recorded in the saved state; a state with another key is not resumed (see :func:`resume_state`).
+        callbacks: see :class:`Callback`: ``on_step_end(StepInfo)`` after every optimizer step, ``on_epoch_end``
+            with each epoch's record (main process; after a resume, first the restored epochs' records).
         samples_per_epoch: draw this many samples per epoch (default ``len(train_set)``), permutation after
             permutation: an epoch of a small set then has as many steps as one of a larger set.
+        desc: the run's name, in the progress bar, the log and error messages.
 
     Returns:
         :class:`FitResult`: the unwrapped trained model, the per-epoch history and the step counts.
@@ -685,36 +663,32 @@ def fit(
     Raises:
         NonFiniteLossError: NaN/inf loss (names epoch and step; the last good state is kept).
         CheckpointError: the resume state in ``state_dir`` is there but damaged (names it and how to recover).
-        ValueError: an accelerator that accumulates another number of batches than ``params.grad_accum``, a
-            training set too small for one batch per process, or a bad step budget.
+        ValueError: an accelerator that accumulates another number of batches than ``params.grad_accum``, or a
+            training set too small for one batch per process.
     """
-    accelerator = accelerator or make_accelerator(grad_accum=params.grad_accum)
     loader, val_loader, optimizer = _prepare(task, train_set, val_set, params, accelerator, seed=seed,
-                                             num_workers=num_workers, samples_per_epoch=samples_per_epoch)
-    budget = _budget(params, accelerator, loader, samples_per_epoch or len(train_set), total_steps, warmup_steps)
-    scheduler = _scheduler(optimizer, budget, params)
-    state_path = None if state_dir is None else Path(state_dir)
-    resumed = _restore(accelerator, state_path, scheduler, key=state_key, desc=desc, epochs=budget.epochs,
-                       on_epoch_end=on_epoch_end)
+                                             samples_per_epoch=samples_per_epoch)
+    budget = _budget(params, accelerator, loader, samples_per_epoch or len(train_set))
+    loop = _Loop(optimizer=optimizer, scheduler=_scheduler(optimizer, budget, params), accelerator=accelerator,
+                 seed=seed, grad_clip=params.grad_clip, callbacks=tuple(callbacks), desc=desc,
+                 state_dir=None if state_dir is None else Path(state_dir))
+    resumed = _restore(loop, epochs=budget.epochs)
     history = [] if resumed is None else resumed.history
     global_step = 0 if resumed is None else resumed.global_step
     with progress(total=budget.total_steps, initial=global_step, desc=desc, unit="step",
                   enabled=accelerator.is_local_main_process) as bar:
+        loop = dataclasses.replace(loop, bar=bar)
         for epoch in range(0 if resumed is None else resumed.epoch + 1, budget.epochs):
-            stats, global_step = train_one_epoch(
-                task, loader, optimizer=optimizer, scheduler=scheduler, accelerator=accelerator, epoch=epoch, seed=seed,
-                global_step=global_step, stop_at=budget.total_steps, grad_clip=params.grad_clip, callbacks=callbacks,
-                bar=bar, desc=desc, state_dir=state_path)
+            stats, global_step = train_one_epoch(task, loader, loop, epoch=epoch, global_step=global_step)
             record: dict[str, float] = {"epoch": epoch + 1, "steps": global_step, **stats}
             if val_loader is not None:
                 record.update({f"val_{k}": v for k, v in evaluate(task.model, val_loader, accelerator,
                                                                   task.augmenter).items()})
             history.append(record)
-            _report_epoch(record, desc=desc, epochs=budget.epochs, bar=bar, accelerator=accelerator,
-                          on_epoch_end=on_epoch_end)
-            if state_path is not None:
-                save_state(accelerator, state_path, epoch=epoch, history=history, scheduler=scheduler,
-                           global_step=global_step, key=state_key)
+            _report_epoch(record, loop, epochs=budget.epochs)
+            if loop.state_dir is not None:
+                save_state(accelerator, loop.state_dir, epoch=epoch, history=history, scheduler=loop.scheduler,
+                           global_step=global_step)
     accelerator.wait_for_everyone()
     # Without DDP, the mixed-precision forward wrapper and torch.compile's wrapper (accelerate's dynamo
     # backend): a compiled module's state_dict would prefix every key with "_orig_mod.".

@@ -17,12 +17,12 @@ from distill.engine import (
     SupervisedTask,
     fit,
     loader_length,
-    make_accelerator,
     steps_per_epoch,
     warmup_cosine,
 )
 from distill.losses import DistillationLoss
 from distill.models.deit import build_deit
+from distill.runtime import make_accelerator
 from distill.teachers import build_teacher
 from distill.views import OnlineTeacher, RandomViews, StepContext
 
@@ -138,6 +138,16 @@ class Steps:
         return [s.lr for s in self.seen]
 
 
+class EpochRecords:
+    """A callback that collects every epoch record fit reports (the tracker's view of a run)."""
+
+    def __init__(self, records: list):
+        self.records = records
+
+    def on_epoch_end(self, record):
+        self.records.append(record)
+
+
 def test_nan_loss_stops_with_epoch_and_step():
     task = baseline_task()
     with torch.no_grad():
@@ -219,18 +229,18 @@ def test_loader_length_follows_accelerate_sharding(n, batch, processes):
         assert loader_length(n, batch, processes=processes) == len(shard) == len(list(shard))
 
 
-def test_total_steps_and_warmup_steps_are_exact():
+def test_the_step_budget_and_the_warm_up_are_whole_epochs_of_steps():
     steps = Steps()
-    params = recipe(epochs=30, warmup_epochs=5)  # overridden by the step budget below
-    res = fit(baseline_task(), train_set=Blobs(64), val_set=Blobs(16, seed=1), params=params, seed=0,
-              accelerator=make_accelerator(cpu=True), callbacks=[steps], total_steps=7, warmup_steps=3)
-    assert (res.steps, res.total_steps, res.warmup_steps, res.steps_per_epoch, res.epochs) == (7, 7, 3, 4, 2)
-    assert [s.global_step for s in steps.seen] == list(range(1, 8))
-    assert [(s.epoch, s.step) for s in steps.seen] == [(0, 0), (0, 1), (0, 2), (0, 3), (1, 0), (1, 1), (1, 2)]
-    # the partial last epoch is evaluated and recorded as an epoch
-    assert [h["steps"] for h in res.history] == [4, 7] and "val_acc" in res.history[-1]
+    params = recipe(epochs=3, warmup_epochs=1)
+    # 48 images, batch 16: 3 optimizer steps an epoch
+    res = fit(baseline_task(), train_set=Blobs(48), val_set=Blobs(16, seed=1), params=params, seed=0,
+              accelerator=make_accelerator(cpu=True), callbacks=[steps])
+    assert (res.steps, res.total_steps, res.warmup_steps, res.steps_per_epoch, res.epochs) == (9, 9, 3, 3, 3)
+    assert [s.global_step for s in steps.seen] == list(range(1, 10))
+    assert [(s.epoch, s.step) for s in steps.seen] == [(e, i) for e in range(3) for i in range(3)]
+    assert [h["steps"] for h in res.history] == [3, 6, 9] and "val_acc" in res.history[-1]
     peak = params.lr  # one process, no accumulation: scale_lr leaves it as it is
-    assert steps.lrs[:3] == pytest.approx([peak / 3, 2 * peak / 3, peak])  # warm-up: exactly 3 steps
+    assert steps.lrs[:3] == pytest.approx([peak / 3, 2 * peak / 3, peak])  # warm-up: exactly one epoch's 3 steps
     assert max(steps.lrs) == pytest.approx(peak)
     assert all(a >= b for a, b in zip(steps.lrs[2:], steps.lrs[3:]))  # then the cosine decay
     assert res.history[-1]["lr"] == pytest.approx(params.min_lr)  # reached at the budget's last step
@@ -260,7 +270,7 @@ def test_one_progress_bar_per_fit_and_epochs_go_to_the_log(monkeypatch, capsys, 
     records = []
     with caplog.at_level(logging.INFO, logger="distill.engine"):
         fit(baseline_task(), train_set=Blobs(64), val_set=Blobs(16, seed=1), params=PARAMS, seed=0,
-            accelerator=make_accelerator(cpu=True), desc="toyfit", on_epoch_end=records.append)
+            accelerator=make_accelerator(cpu=True), desc="toyfit", callbacks=[EpochRecords(records)])
     out, err = capsys.readouterr()
     assert out == ""  # no print per epoch
     assert "12/12" in err and "epoch=3/3" in err and "val_acc=" in err

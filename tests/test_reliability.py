@@ -25,7 +25,7 @@ from distill.checkpoint import CheckpointError, save_model
 from distill.config import Paths
 from distill.data import DatasetNotFoundError
 from distill.engine import NonFiniteLossError
-from distill.stages._common import build_seeded
+from distill.stages._training import build_seeded
 from distill.stages.runner import run_stage
 from distill.store import SoftLabelStoreError
 from distill.teachers import build_teacher
@@ -230,7 +230,7 @@ def test_nan_loss_stops_with_epoch_and_step_and_keeps_last_good_state(project, b
 
 def test_a_code_change_does_not_resume_state_the_old_code_made(project, monkeypatch):
     """The resume key fingerprints the library's code, the process count and the precision."""
-    from distill.stages import _common
+    from distill.stages import _training
 
     class Interrupt:
         def on_step_end(self, info: Any) -> None:
@@ -240,7 +240,7 @@ def test_a_code_change_does_not_resume_state_the_old_code_made(project, monkeypa
     with pytest.raises(KeyboardInterrupt):
         run("teacher", tiny_params(), project, callbacks=[Interrupt()])
     (first,) = (project / ".state" / "teacher").iterdir()
-    monkeypatch.setattr(_common, "code_fingerprint", lambda: "another version of the code")
+    monkeypatch.setattr(_training, "code_fingerprint", lambda: "another version of the code")
     with pytest.raises(KeyboardInterrupt):
         run("teacher", tiny_params(), project, callbacks=[Interrupt()])
     assert len(list((project / ".state" / "teacher").iterdir())) == 2  # a new key: started fresh, not resumed

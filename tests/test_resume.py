@@ -18,11 +18,12 @@ import torch
 from safetensors.torch import load_file
 
 from distill.checkpoint import CheckpointError
-from distill.engine import NonFiniteLossError, _latest_state, discard_state, fit, make_accelerator
-from distill.stages._common import build_seeded
+from distill.engine import NonFiniteLossError, _latest_state, discard_state, fit
+from distill.runtime import make_accelerator
+from distill.stages._training import build_seeded
 from distill.teachers import build_teacher
 
-from test_engine import Blobs, Steps, baseline_task, recipe
+from test_engine import Blobs, EpochRecords, Steps, baseline_task, recipe
 
 STEPS_PER_EPOCH = 4  # Blobs(64), batch 16
 TOTAL = 3 * STEPS_PER_EPOCH
@@ -138,22 +139,9 @@ def test_resume_never_unpickles_code(saved_state, monkeypatch):
 
 def test_resume_replays_restored_epochs_to_the_tracker(saved_state):
     logged = []
-    _fit(saved_state.parent, on_epoch_end=logged.append)
+    _fit(saved_state.parent, [EpochRecords(logged)])
     assert [r["epoch"] for r in logged] == [1, 2, 3]
     assert [r["steps"] for r in logged] == [4, 8, 12]
-
-
-def test_a_state_made_for_another_run_is_not_resumed(tmp_path, caplog):
-    with pytest.raises(KeyboardInterrupt):
-        _fit(tmp_path, [InterruptAt(STEPS_PER_EPOCH + 2)], state_key="params-a")
-    steps = Steps()
-    with caplog.at_level(logging.WARNING, logger="distill.engine"):
-        other = _fit(tmp_path, [steps], state_key="params-b")
-    assert other.resumed_from_epoch is None and len(steps.seen) == TOTAL  # started afresh
-    assert "ignoring resume state" in caplog.text and "'params-a'" in caplog.text
-    with pytest.raises(KeyboardInterrupt):
-        _fit(tmp_path, [InterruptAt(STEPS_PER_EPOCH + 2)], state_key="params-a")
-    assert _fit(tmp_path, state_key="params-a").resumed_from_epoch == 1  # its own key resumes
 
 
 def test_a_seeded_build_fixes_init_and_leaves_global_rng_alone():

@@ -376,8 +376,9 @@ def fresh_accelerate(monkeypatch):
 def test_bf16_mixed_precision_trains_teacher_and_student_and_generates_soft_labels(fresh_accelerate, tmp_path):
     from distill.augment import Augmenter, AugmentSpec
     from distill.data import Split
-    from distill.engine import SupervisedTask, fit, make_accelerator
+    from distill.engine import SupervisedTask, fit
     from distill.losses import DistillationLoss
+    from distill.runtime import make_accelerator
     from distill.store import SoftLabelStore, StoredViews, generate_store
     from distill.views import RandomViews
 
@@ -422,8 +423,9 @@ def test_torch_compile_through_accelerate_keeps_checkpoints_and_soft_labels_plai
     from distill.augment import Augmenter, AugmentSpec
     from distill.checkpoint import save_model
     from distill.data import Split
-    from distill.engine import SupervisedTask, fit, make_accelerator
+    from distill.engine import SupervisedTask, fit
     from distill.losses import DistillationLoss
+    from distill.runtime import make_accelerator
     from distill.store import SoftLabelStore, generate_store
     from distill.teachers import load_teacher
     from distill.views import RandomViews

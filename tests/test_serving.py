@@ -27,7 +27,7 @@ from distill.models.deit_config import DeiTConfig
 from distill.prepare import decode_image
 from distill.registry import Score, log_and_register_student
 from distill.serving import StudentClassifier, save_servable, servable_checkpoint
-from distill.stages._common import build_seeded
+from distill.stages._training import build_seeded
 from distill.tracking import MlflowTracker
 
 from conftest import _free_port, background_server

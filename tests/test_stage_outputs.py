@@ -105,7 +105,7 @@ def test_every_training_run_records_process_count_precision_and_device(prepared,
     """They change the steps and the learning rate (scale_lr) and are in no params.yaml: the run records them."""
     root = tmp_path / "project"
     shutil.copytree(prepared, root)
-    from distill.engine import make_accelerator
+    from distill.runtime import make_accelerator
 
     device = str(make_accelerator().device)  # this machine's: cpu here, cuda on a GPU
     runs = tracked_runs(root, ["teacher", "soft_labels", "baseline"], tiny_params())

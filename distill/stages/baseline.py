@@ -18,12 +18,13 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+from distill.augment import train_augmenter
 from distill.config import ParamsView, Paths, TrainParams
 from distill.data import PreparedData, load_prepared
-from distill.losses import DistillationLoss
-from distill.stages._common import build_student, train_and_save
+from distill.runtime import log_runtime, make_accelerator
+from distill.stages._student_model import build_student
+from distill.stages._training import Training, labels_only_task
 from distill.tracking import NO_TRACKING, Tracker
-from distill.views import RandomViews
 
 __all__ = ["run", "student_epoch"]
 
@@ -49,11 +50,12 @@ def run(params: ParamsView, paths: Paths, tracker: Tracker = NO_TRACKING, *,
     model, cfg, pretrained = build_student(sp.model, data.meta, paths, distilled=params.baseline.dist_token,
                                            seed=params.seed, tracker=tracker)
     per_epoch = student_epoch(params, data) if params.baseline.budget == "steps" else None
-    criterion = DistillationLoss(mode="none", label_smoothing=recipe.label_smoothing)
-    return train_and_save(model, stage="baseline", kind="deit", config=cfg, params=params, recipe=recipe, data=data,
-                          criterion=criterion, views_factory=lambda aug, _acc: RandomViews(aug, mixup=recipe.mixup),
-                          paths=paths, tracker=tracker, inputs=[paths.data, *pretrained], samples_per_epoch=per_epoch,
-                          callbacks=callbacks, extra={"train_images": len(data.train),
-                                                      "labeled_images": len(data.train),
-                                                      "samples_per_epoch": per_epoch or len(data.train),
-                                                      "budget": params.baseline.budget})
+    accelerator = make_accelerator(grad_accum=recipe.grad_accum)
+    log_runtime(tracker, accelerator)
+    task = labels_only_task(model, train_augmenter(params.data.augment, data.meta), recipe)
+    training = Training("baseline", params, paths, tracker)
+    result = training.fit(task, recipe=recipe, train=data.train, data=data, accelerator=accelerator,
+                          inputs=[paths.data, *pretrained], samples_per_epoch=per_epoch, callbacks=callbacks)
+    return training.save(result, kind="deit", config=cfg, meta=data.meta, accelerator=accelerator,
+                         extra={"train_images": len(data.train), "labeled_images": len(data.train),
+                                "samples_per_epoch": per_epoch or len(data.train), "budget": params.baseline.budget})

@@ -34,10 +34,11 @@ from distill import report as R
 from distill.augment import eval_augmenter
 from distill.config import ParamsView, Paths, flatten
 from distill.data import ArrayDataset, DatasetMeta, load_prepared
-from distill.engine import make_accelerator, predict
+from distill.engine import predict
 from distill.io import atomic_write_json, atomic_write_text
 from distill.models.deit import load_deit
 from distill.registry import Score, gate_verdict, log_and_register_student, promotion_note
+from distill.runtime import make_accelerator
 from distill.serving import save_servable
 from distill.teachers import load_teacher
 from distill.tracking import NO_TRACKING, Tracker

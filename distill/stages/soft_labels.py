@@ -12,11 +12,11 @@ from __future__ import annotations
 import time
 from typing import Any, Sequence
 
+from distill.augment import train_augmenter
 from distill.config import ParamsView, Paths
 from distill.data import load_prepared
-from distill.engine import make_accelerator
 from distill.io import atomic_write_json, file_sha256
-from distill.stages._common import augmenter, log_runtime
+from distill.runtime import log_runtime, make_accelerator
 from distill.store import describe_store, generate_store
 from distill.teachers import load_teacher
 from distill.tracking import NO_TRACKING, Tracker
@@ -34,7 +34,8 @@ def run(params: ParamsView, paths: Paths, tracker: Tracker = NO_TRACKING, *,
     s = params.soft_labels
     transfer = data.transfer()
     t0 = time.perf_counter()
-    meta = generate_store(teacher, transfer, augmenter(params, data.meta), out_dir=paths.soft_labels, views=s.views,
+    meta = generate_store(teacher, transfer, train_augmenter(params.data.augment, data.meta), out_dir=paths.soft_labels,
+                          views=s.views,
                           topk=s.topk, dtype=s.dtype, batch_size=s.batch_size, seed=params.seed,
                           teacher_sha256=file_sha256(paths.model("teacher")), data_fingerprint=data.meta.fingerprint,
                           accelerator=accelerator, mixup=params.student.train.mixup)

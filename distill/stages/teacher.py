@@ -18,14 +18,14 @@ from typing import Any, Sequence
 
 from torch.utils.data import DataLoader
 
+from distill.augment import Augmenter, train_augmenter
 from distill.config import ParamsView, Paths
-from distill.data import ArrayDataset, DatasetMeta, load_prepared
-from distill.engine import evaluate, make_accelerator
-from distill.losses import DistillationLoss
-from distill.stages._common import augmenter, build_seeded, checkpoint_extra, log_runtime, save_outputs, train_and_save
+from distill.data import ArrayDataset, DatasetMeta, PreparedData, load_prepared
+from distill.engine import FitResult, evaluate
+from distill.runtime import log_runtime, make_accelerator
+from distill.stages._training import Training, build_seeded, labels_only_task
 from distill.teachers import build_teacher, load_teacher_weights
 from distill.tracking import NO_TRACKING, Tracker
-from distill.views import RandomViews
 from distill.weights import pretrained_file
 
 __all__ = ["run", "teacher_config"]
@@ -57,28 +57,21 @@ def run(params: ParamsView, paths: Paths, tracker: Tracker = NO_TRACKING, *,
         weights = pretrained_file(paths, "teacher", t.pretrained_path)
         tracker.log_dict(load_teacher_weights(model, weights, strict=recipe.epochs == 0), "pretrained_load.json")
         inputs.append(weights)
-    if recipe.epochs == 0:
-        return _as_it_is(model, cfg, params, data, paths, tracker)
-    criterion = DistillationLoss(mode="none", label_smoothing=recipe.label_smoothing)
-    return train_and_save(model, stage="teacher", kind="teacher", config=cfg, params=params, recipe=recipe, data=data,
-                          criterion=criterion, views_factory=lambda aug, _acc: RandomViews(aug, mixup=recipe.mixup),
-                          paths=paths, tracker=tracker, inputs=inputs, callbacks=callbacks)
-
-
-def _as_it_is(model: Any, cfg: dict[str, Any], params: ParamsView, data: Any, paths: Paths,
-              tracker: Tracker) -> dict[str, Any]:
-    """``teacher.train.epochs: 0``: no training; measure the teacher on the validation split and save it."""
-    accelerator = make_accelerator()
+    accelerator = make_accelerator(grad_accum=recipe.grad_accum)
     log_runtime(tracker, accelerator)
+    augmenter = train_augmenter(params.data.augment, data.meta)
+    training = Training("teacher", params, paths, tracker)
+    if recipe.epochs == 0:
+        result, extra = _as_it_is(model, data, augmenter, accelerator), {"used_as_is": True}
+    else:
+        result, extra = training.fit(labels_only_task(model, augmenter, recipe), recipe=recipe, train=data.train,
+                                     data=data, accelerator=accelerator, inputs=inputs, callbacks=callbacks), None
+    return training.save(result, kind="teacher", config=cfg, meta=data.meta, accelerator=accelerator, extra=extra)
+
+
+def _as_it_is(model: Any, data: PreparedData, augmenter: Augmenter, accelerator: Any) -> FitResult:
+    """``teacher.train.epochs: 0``: no training; the teacher measured on the validation split, as one record."""
     model = model.to(accelerator.device)
     loader = accelerator.prepare(DataLoader(ArrayDataset(data.val), batch_size=256, shuffle=False))
-    val = evaluate(model, loader, accelerator, augmenter(params, data.meta))
-    summary = {"val_acc": val["acc"], "val_loss": val["loss"], "epochs": 0, "steps": 0, "warmup_steps": 0,
-               "train_time_s": 0.0}
-    if accelerator.is_main_process:
-        save_outputs(paths, "teacher", history=[{"epoch": 0, "val_acc": val["acc"], "val_loss": val["loss"]}],
-                     model=model.cpu(), kind="teacher", config=cfg, summary=summary,
-                     extra=checkpoint_extra(params, data.meta, "teacher", summary, used_as_is=True))
-        tracker.log_metrics({f"final_{k}": v for k, v in summary.items()})
-    accelerator.wait_for_everyone()
-    return summary
+    val = evaluate(model, loader, accelerator, augmenter)
+    return FitResult(model=model.cpu(), history=[{"epoch": 0, "val_acc": val["acc"], "val_loss": val["loss"]}])
