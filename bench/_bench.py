@@ -81,8 +81,8 @@ def score(workdir: Path, split: str, models: Sequence[str] = ("teacher", "baseli
     from distill.augment import eval_augmenter
     from distill.config import Paths
     from distill.data import ArrayDataset, load_prepared
-    from distill.engine import predict
     from distill.evaluation import classification_metrics
+    from distill.inference import predict
     from distill.models.deit import load_deit
     from distill.runtime import make_accelerator
     from distill.teachers import load_teacher

@@ -42,8 +42,8 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 from distill.augment import eval_augmenter  # noqa: E402
 from distill.config import Paths, apply_overrides, parse_params  # noqa: E402
 from distill.data import ArrayDataset, load_prepared  # noqa: E402
-from distill.engine import evaluate  # noqa: E402
 from distill.evaluation import mean_std  # noqa: E402
+from distill.inference import evaluate  # noqa: E402
 from distill.models.deit import load_deit  # noqa: E402
 from distill.runtime import make_accelerator  # noqa: E402
 from distill.stages.runner import run_stage  # noqa: E402

@@ -5,7 +5,7 @@ task turns a batch into ``{"loss", "logits", ...}``, and its view source (:mod:`
 what the model sees and what the teacher said about it. :func:`fit` reads like DeiT's ``main.py``
 loop: set up (optimizer, ``prepare``, schedule), :func:`resume_state`, then per epoch
 :func:`train_one_epoch` (the standard accelerate loop: ``accumulate`` / ``backward`` /
-``clip_grad_norm_``), :func:`evaluate`, record, :func:`save_state`. No branch on what is trained.
+``clip_grad_norm_``), :func:`~distill.inference.evaluate`, record, :func:`save_state`. No branch on what is trained.
 
 Step budget: an epoch has ``ceil(batches / grad_accum)`` optimizer steps (accelerate also steps at the
 end of the loader), see :func:`steps_per_epoch`. A run lasts ``epochs * steps_per_epoch`` optimizer steps, the
@@ -47,7 +47,7 @@ import logging
 import math
 import shutil
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -58,6 +58,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from distill.checkpoint import CheckpointError
 from distill.config import TrainParams
+from distill.inference import evaluate
 from distill.io import atomic_write_text, discard_dir, progress, staged_dir
 from distill.losses import DistillationLoss
 from distill.views import StepContext, ViewSource, render
@@ -73,10 +74,8 @@ __all__ = [
     "Task",
     "build_optimizer",
     "discard_state",
-    "evaluate",
     "fit",
     "loader_length",
-    "predict",
     "resume_state",
     "save_state",
     "steps_per_epoch",
@@ -696,50 +695,3 @@ def fit(
     return FitResult(model=model, history=history, resumed_from_epoch=None if resumed is None else resumed.epoch + 1,
                      steps=global_step, total_steps=budget.total_steps, warmup_steps=budget.warmup_steps,
                      steps_per_epoch=budget.steps_per_epoch, epochs=budget.epochs)
-
-
-@torch.no_grad()
-def predict(forward: Callable[[Tensor], Any], loader: DataLoader, accelerator: Any, augmenter: Any) -> dict[str, Any]:
-    """Run ``forward`` on the eval view of every sample and gather results across processes.
-
-    Args:
-        forward: maps a normalised batch to a tensor or a tuple of tensors (e.g. both DeiT heads).
-        loader: a prepared DataLoader yielding ``{"image", "label", "index"}``.
-        accelerator: the accelerator the loader was prepared with.
-        augmenter: provides the eval view (full image) and normalisation.
-
-    Returns:
-        ``{"outputs": Tensor or tuple of Tensors (N, C), "labels": (N,), "index": (N,)}`` on CPU,
-        duplicates from uneven sharding removed by ``gather_for_metrics``.
-    """
-    outs: list[Any] = []
-    labels, index = [], []
-    for batch in loader:
-        images = batch["image"]
-        x = augmenter(images, augmenter.eval_params(images.shape[0]).to(images.device))
-        out = forward(x)
-        out = tuple(o.float() for o in out) if isinstance(out, tuple) else out.float()
-        out, lab, idx = accelerator.gather_for_metrics((out, batch["label"], batch["index"]))
-        outs.append(out)
-        labels.append(lab.cpu())
-        index.append(idx.cpu())
-    if outs and isinstance(outs[0], tuple):
-        outputs: Any = tuple(torch.cat([o[i] for o in outs]).cpu() for i in range(len(outs[0])))
-    else:
-        outputs = torch.cat(outs).cpu() if outs else torch.empty(0)
-    return {"outputs": outputs, "labels": torch.cat(labels) if labels else torch.empty(0, dtype=torch.long),
-            "index": torch.cat(index) if index else torch.empty(0, dtype=torch.long)}
-
-
-def evaluate(model: nn.Module, loader: DataLoader, accelerator: Any, augmenter: Any) -> dict[str, float]:
-    """Top-1 accuracy and cross-entropy of ``model`` (in eval mode) on ``loader``."""
-    was_training = model.training
-    model.eval()
-    res = predict(model, loader, accelerator, augmenter)
-    if was_training:
-        model.train()
-    logits, labels = res["outputs"], res["labels"]
-    if isinstance(logits, tuple):
-        logits = logits[0]
-    return {"acc": float((logits.argmax(-1) == labels).float().mean()) if len(labels) else float("nan"),
-            "loss": float(torch.nn.functional.cross_entropy(logits, labels)) if len(labels) else float("nan")}

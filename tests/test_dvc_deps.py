@@ -76,7 +76,7 @@ def test_no_import_cycles_and_the_layers_read_top_down():
     layer = {"flows": 0, "distill.stages": 1,
              "distill.engine": 2, "distill.evaluation": 2, "distill.registry": 2, "distill.serving": 2,
              "distill.report": 2, "distill.export": 2, "distill.plots": 2, "distill.tracking": 2,
-             "distill.preflight": 2, "distill.runtime": 2,
+             "distill.preflight": 2, "distill.runtime": 2, "distill.inference": 3,
              "distill.store": 3, "distill.views": 4, "distill.checkpoint": 7,
              "distill.models": 6, "distill.teachers": 6, "distill.prepare": 6,
              "distill.weights": 7, "distill.data": 7, "distill.augment": 7, "distill.losses": 7,

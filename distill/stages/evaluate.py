@@ -34,7 +34,7 @@ from distill import report as R
 from distill.augment import eval_augmenter
 from distill.config import ParamsView, Paths, flatten
 from distill.data import ArrayDataset, DatasetMeta, load_prepared
-from distill.engine import predict
+from distill.inference import predict
 from distill.io import atomic_write_json, atomic_write_text
 from distill.models.deit import load_deit
 from distill.registry import Score, gate_verdict, log_and_register_student, promotion_note

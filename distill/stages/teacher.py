@@ -21,7 +21,8 @@ from torch.utils.data import DataLoader
 from distill.augment import Augmenter, train_augmenter
 from distill.config import ParamsView, Paths
 from distill.data import ArrayDataset, DatasetMeta, PreparedData, load_prepared
-from distill.engine import FitResult, evaluate
+from distill.engine import FitResult
+from distill.inference import evaluate
 from distill.runtime import log_runtime, make_accelerator
 from distill.stages._training import Training, build_seeded, labels_only_task
 from distill.teachers import build_teacher, load_teacher_weights
