@@ -3,10 +3,6 @@
 Thin by design: parameters come from ``params.yaml`` (validated before anything starts); runtime flags
 (precision, CPU, number of processes) come from accelerate's config file or the environment
 (:mod:`flows.launch`). Every stage is a fresh process: the one DVC starts.
-
-Plug-ins: training callbacks registered under the entry-point group ``distill.callbacks`` (a callable
-``factory(stage) -> callback or None``) are passed to the engine of every stage this process runs; the
-reliability tests inject their faults this way.
 """
 
 from __future__ import annotations
@@ -16,10 +12,7 @@ import os
 import signal
 import sys
 import time
-from importlib.metadata import entry_points
 from typing import Any, NoReturn
-
-CALLBACK_GROUP = "distill.callbacks"
 
 
 def _defaults() -> None:
@@ -45,16 +38,6 @@ def _quiet_stage_console() -> None:
     global _QUIET_CONSOLE
     _QUIET_CONSOLE = "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL" not in os.environ
     os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
-
-
-def _callbacks(stage: str) -> list[Any]:
-    """The training callbacks plug-ins register for ``stage`` (entry points ``distill.callbacks``)."""
-    found = []
-    for ep in entry_points(group=CALLBACK_GROUP):
-        callback = ep.load()(stage)
-        if callback is not None:
-            found.append(callback)
-    return found
 
 
 def _exit_on_hangup_and_term() -> None:
@@ -143,18 +126,16 @@ def _stage_server() -> Any:
 
 
 def _run_stage(args: argparse.Namespace, server: Any) -> None:
-    callbacks = _callbacks(args.name)
-    from flows.stage import CALLBACKS, is_main_process, run_stage_flow, run_tracked
+    from flows.stage import is_main_process, run_stage_flow, run_tracked
 
     t0 = time.perf_counter()
     if args.no_prefect or not is_main_process():
-        run_tracked(args.name, params_path=args.params, track=not args.no_prefect, callbacks=callbacks)
+        run_tracked(args.name, params_path=args.params, track=not args.no_prefect)
     else:
         if server is not None:
             server.wait()
         if _QUIET_CONSOLE:
             _run_records_to_the_ui_only()
-        CALLBACKS[:] = callbacks
         run_stage_flow(args.name, params_path=args.params)
     if is_main_process():
         print(f"[{args.name}] done in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -62,18 +62,18 @@ def _can_pass(_task: Any, _task_run: Any, state: Any) -> bool:
     return isinstance(err, BaseException) and retryable(err)
 
 
-def run_tracked(stage: str, *, params_path: str = "params.yaml", project_root: str = ".", track: bool = True,
-                callbacks: Sequence[Any] = ()) -> dict[str, Any]:
+def run_tracked(stage: str, *, params_path: str = "params.yaml", project_root: str = ".",
+                track: bool = True) -> dict[str, Any]:
     """Validate params, open the MLflow child run (main process only) and run ``stage``."""
     root = Path(project_root).resolve()
     params = load_params(root / params_path)
     paths = Paths(root)
     view = stage_view(stage, params, root / "dvc.yaml")
     if not (track and is_main_process()):
-        return run_stage(stage, view, paths, NullTracker(), callbacks=callbacks)
+        return run_stage(stage, view, paths, NullTracker())
     with stage_run(stage, project_root=root, params=view.declared()) as tracker:
         tracker.log_artifact(root / params_path, "params")
-        result = run_stage(stage, view, paths, tracker, callbacks=callbacks)
+        result = run_stage(stage, view, paths, tracker)
         COMPLETED[stage] = result
         if stage == "evaluate" and tracker.parent is not None:
             log_headline(tracker.parent, result)
@@ -84,7 +84,7 @@ def run_tracked(stage: str, *, params_path: str = "params.yaml", project_root: s
       persist_result=False, cache_policy=NO_CACHE)
 def stage_task(stage: str, params_path: str, project_root: str) -> dict[str, Any]:
     """The stage's work, retried once when the fault can pass (:func:`retryable`)."""
-    return run_tracked(stage, params_path=params_path, project_root=project_root, callbacks=CALLBACKS)
+    return run_tracked(stage, params_path=params_path, project_root=project_root)
 
 
 @flow(name="stage", flow_run_name="{stage}", persist_result=False, validate_parameters=True)
@@ -102,10 +102,6 @@ def stage_flow(stage: str, params_path: str = "params.yaml", project_root: str =
         except Exception as err:  # noqa: BLE001 - the report is in reports/results.md; the UI's copy is extra
             logger.warning("the result table was not attached to the flow run: %s", err)
     return result
-
-
-#: Training callbacks for the stage flows of this process (tests inject faults with them, see flows/__main__.py).
-CALLBACKS: list[Any] = []
 
 
 def publish_report(project_root: Path) -> None:

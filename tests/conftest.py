@@ -277,19 +277,13 @@ def mlflow_runs(client: Any, filter_string: str = "") -> list[Any]:
 
 
 @pytest.fixture(scope="session")
-def fault_plugin(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """Environment that registers tests/faults.py as a ``distill.callbacks`` entry point in every subprocess.
+def fault_plugin() -> dict[str, str]:
+    """Environment that injects the test's fault (``DISTILL_TEST_FAULT``, tests/faults.py) into every subprocess.
 
-    The plug-in is an installed-looking distribution (a ``.dist-info`` with ``entry_points.txt``) in a folder
-    on ``PYTHONPATH``: the standard plug-in mechanism, so the product carries no test hook of its own.
+    ``tests/plugins/`` on ``PYTHONPATH``: Python loads its ``sitecustomize.py`` at start-up in every process, which
+    adds the fault to the product's training. Test code only: the product carries no test hook of its own.
     """
-    folder = tmp_path_factory.mktemp("plugins")
-    shutil.copy2(REPO / "tests" / "faults.py", folder / "distill_test_faults.py")
-    info = folder / "distill_test_faults-0.0.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: distill-test-faults\nVersion: 0.0\n")
-    (info / "entry_points.txt").write_text("[distill.callbacks]\nfaults = distill_test_faults:make\n")
-    return {"PYTHONPATH": str(folder)}
+    return {"PYTHONPATH": str(REPO / "tests" / "plugins")}
 
 
 @pytest.fixture(scope="session", autouse=True)

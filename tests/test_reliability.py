@@ -33,11 +33,12 @@ from distill.tracking import MlflowTracker, TrackingUnavailableError, _retry_loc
 from distill.weights import load_weights_file
 
 from conftest import REPO, tiny_params
+from faults import injected
 
 
-def run(stage: str, params: Any, root: Path, **kwargs: Any) -> dict[str, Any]:
+def run(stage: str, params: Any, root: Path) -> dict[str, Any]:
     """One stage, in process, with the parameters dvc.yaml declares for it."""
-    return run_stage(stage, params, Paths(root), dvc_yaml=REPO / "dvc.yaml", **kwargs)
+    return run_stage(stage, params, Paths(root), dvc_yaml=REPO / "dvc.yaml")
 
 
 def snapshot(root: Path) -> dict[str, tuple[int, int, int, str]]:
@@ -215,7 +216,8 @@ def test_nan_loss_stops_with_epoch_and_step_and_keeps_last_good_state(project, b
     torch.manual_seed(0)
     with pytest.raises(NonFiniteLossError, match=r"at epoch 2, step 2; training stopped\. The last good training "
                                                  r"state \(end of epoch 1\) is kept in .*epoch_00000"):
-        run("teacher", tiny_params(), project, callbacks=[PoisonWeights(per_epoch + 1)])
+        with injected(PoisonWeights(per_epoch + 1)):
+            run("teacher", tiny_params(), project)
     assert snapshot(project).items() >= before.items()  # nothing rewritten; only the resume state is new
     (state,) = (project / ".state" / "teacher").glob("*/epoch_00000")
 
@@ -237,12 +239,12 @@ def test_a_code_change_does_not_resume_state_the_old_code_made(project, monkeypa
             if info.global_step == 5:
                 raise KeyboardInterrupt
 
-    with pytest.raises(KeyboardInterrupt):
-        run("teacher", tiny_params(), project, callbacks=[Interrupt()])
+    with pytest.raises(KeyboardInterrupt), injected(Interrupt()):
+        run("teacher", tiny_params(), project)
     (first,) = (project / ".state" / "teacher").iterdir()
     monkeypatch.setattr(_training, "code_fingerprint", lambda: "another version of the code")
-    with pytest.raises(KeyboardInterrupt):
-        run("teacher", tiny_params(), project, callbacks=[Interrupt()])
+    with pytest.raises(KeyboardInterrupt), injected(Interrupt()):
+        run("teacher", tiny_params(), project)
     assert len(list((project / ".state" / "teacher").iterdir())) == 2  # a new key: started fresh, not resumed
     assert first.exists()
 

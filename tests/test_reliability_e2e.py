@@ -7,7 +7,7 @@ interrupted run must end with the same weights, metrics and curves, bit for bit,
 one thread (``OMP_NUM_THREADS=1``): reductions split over another number of threads round differently.
 
 Faults are real: the stage process is SIGKILLed (by the test, or by itself at an exact step through the
-test's training callback, ``tests/faults.py``, registered as a ``distill.callbacks`` plug-in), the tracking
+test's training callback, ``tests/faults.py``, which ``tests/plugins/sitecustomize.py`` injects), the tracking
 server is stopped. A resume is proved, not assumed: the plug-in records the first optimizer step each process
 ran, and a resumed run starts past the steps of its saved epochs (a restart from scratch would give the same
 bits, so equal results alone prove nothing). ``docs/reliability.md`` lists what each test shows.

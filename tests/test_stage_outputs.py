@@ -21,12 +21,14 @@ import distill.checkpoint
 from distill.config import Paths
 from distill.io import file_md5
 from distill.stages.runner import FINISHED, discard_recorded_states, run_stage
+from distill.tracking import NO_TRACKING
 
 from conftest import REPO, tiny_params
+from faults import injected
 
 
-def run(stage: str, root: Path, params: Any = None, **kwargs: Any) -> dict[str, Any]:
-    return run_stage(stage, params or tiny_params(), Paths(root), dvc_yaml=REPO / "dvc.yaml", **kwargs)
+def run(stage: str, root: Path, params: Any = None, tracker: Any = NO_TRACKING) -> dict[str, Any]:
+    return run_stage(stage, params or tiny_params(), Paths(root), tracker, dvc_yaml=REPO / "dvc.yaml")
 
 
 def sha256(path: Path) -> str:
@@ -162,7 +164,8 @@ def test_a_finished_training_keeps_its_state_and_a_rerun_writes_the_outputs_with
         p.unlink()  # what DVC does before it runs a stage again
 
     steps = Steps()
-    run("teacher", project, callbacks=[steps])
+    with injected(steps):
+        run("teacher", project)
     assert steps.done == 0  # no optimizer step: written from the finished state
     assert {name: sha256(p) for name, p in stage_files(project, "teacher").items()} == outputs
 

@@ -33,6 +33,7 @@ from distill.stages.runner import run_stage
 from distill.tracking import TrackingUnavailableError, check_tracking_server, open_experiment, stage_run
 
 from conftest import REPO, RunCmd, mlflow_client, mlflow_runs, tiny_params
+from faults import injected
 
 TRAINING = ("data", "teacher", "soft_labels", "student", "baseline")
 
@@ -59,10 +60,10 @@ def project(trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> P
     return root
 
 
-def tracked(stage: str, root: Path, params: Any, callbacks: tuple[Any, ...] = ()) -> tuple[str, dict[str, Any]]:
+def tracked(stage: str, root: Path, params: Any) -> tuple[str, dict[str, Any]]:
     """Run ``stage`` inside its MLflow run, as ``python -m flows stage`` does; returns the run id and the summary."""
     with stage_run(stage, project_root=root) as tracker:
-        result = run_stage(stage, params, Paths(root), tracker, dvc_yaml=REPO / "dvc.yaml", callbacks=callbacks)
+        result = run_stage(stage, params, Paths(root), tracker, dvc_yaml=REPO / "dvc.yaml")
     return tracker.run_id, result
 
 
@@ -118,7 +119,8 @@ def test_system_metrics_are_off_by_default_and_on_with_mlflows_switch(project: P
     monkeypatch.setenv("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "true")
     monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.5")  # the tiny stage runs for seconds, not 10 s
     shutil.rmtree(project / ".state", ignore_errors=True)  # train again, not resume the finished run's state
-    on, _ = tracked("baseline", project, tiny_params(), callbacks=(SlowSteps(),))  # 3 s: a few samples
+    with injected(SlowSteps()):
+        on, _ = tracked("baseline", project, tiny_params())  # 3 s: a few samples
     assert not [k for k in client.get_run(off).data.metrics if k.startswith("system/")]
     logged = client.get_run(on).data.metrics
     for key in ("system/cpu_utilization_percentage", "system/system_memory_usage_megabytes",

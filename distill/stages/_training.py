@@ -34,7 +34,7 @@ from distill.augment import Augmenter
 from distill.checkpoint import checkpoint_writer
 from distill.config import ParamsView, Paths, TrainParams
 from distill.data import ArrayDataset, DatasetMeta, PreparedData, Split
-from distill.engine import Callback, FitResult, SupervisedTask, fit
+from distill.engine import FitResult, SupervisedTask, fit
 from distill.io import file_sha256, json_text, replace_together
 from distill.losses import DistillationLoss
 from distill.stages.runner import mark_finished
@@ -173,8 +173,7 @@ class Training:
         self.state_dir: Path | None = None
 
     def fit(self, task: SupervisedTask, *, recipe: TrainParams, train: Split, data: PreparedData, accelerator: Any,
-            inputs: Sequence[Path], samples_per_epoch: int | None = None,
-            callbacks: Sequence[Callback] = ()) -> FitResult:
+            inputs: Sequence[Path], samples_per_epoch: int | None = None) -> FitResult:
         """Train ``task`` on ``train`` (validated on ``data.val``) with the stage's resume state.
 
         Args:
@@ -186,7 +185,6 @@ class Training:
             inputs: the files the result depends on besides params and code (the resume key).
             samples_per_epoch: images drawn per epoch (default: the training split's size), the step-matched
                 baseline's epoch as long as the student's (:class:`distill.engine.EpochSampler`).
-            callbacks: more engine callbacks.
         """
         meta = data.meta
         self.tracker.log_dataset(name=meta.label, digest=meta.fingerprint, source=f"file://{self.paths.data.resolve()}",
@@ -194,7 +192,7 @@ class Training:
         self.state_dir = self.paths.state(self.stage, resume_key(self.params.declared(), inputs, accelerator))
         return fit(task, train_set=ArrayDataset(train), val_set=ArrayDataset(data.val), params=recipe,
                    seed=self.params.seed, accelerator=accelerator, state_dir=self.state_dir,
-                   callbacks=[_EpochMetrics(self.tracker), *callbacks], samples_per_epoch=samples_per_epoch,
+                   callbacks=[_EpochMetrics(self.tracker)], samples_per_epoch=samples_per_epoch,
                    desc=self.stage)
 
     def save(self, result: FitResult, *, kind: str, config: dict[str, Any], meta: DatasetMeta, accelerator: Any,

@@ -16,7 +16,7 @@ student's epochs over the labeled images alone (DeiT's protocol). Writes ``model
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
 
 from distill.augment import train_augmenter
 from distill.config import ParamsView, Paths, TrainParams
@@ -41,8 +41,7 @@ def _recipe(params: ParamsView) -> TrainParams:
     return params.student.train.resolve().model_copy(update=own)
 
 
-def run(params: ParamsView, paths: Paths, tracker: Tracker = NO_TRACKING, *,
-        callbacks: Sequence[Any] = ()) -> dict[str, Any]:
+def run(params: ParamsView, paths: Paths, tracker: Tracker = NO_TRACKING) -> dict[str, Any]:
     """Train the labels-only baseline; returns its summary (with its step counts)."""
     data = load_prepared(paths.data)
     sp = params.student
@@ -55,7 +54,7 @@ def run(params: ParamsView, paths: Paths, tracker: Tracker = NO_TRACKING, *,
     task = labels_only_task(model, train_augmenter(params.data.augment, data.meta), recipe)
     training = Training("baseline", params, paths, tracker)
     result = training.fit(task, recipe=recipe, train=data.train, data=data, accelerator=accelerator,
-                          inputs=[paths.data, *pretrained], samples_per_epoch=per_epoch, callbacks=callbacks)
+                          inputs=[paths.data, *pretrained], samples_per_epoch=per_epoch)
     return training.save(result, kind="deit", config=cfg, meta=data.meta, accelerator=accelerator,
                          extra={"train_images": len(data.train), "labeled_images": len(data.train),
                                 "samples_per_epoch": per_epoch or len(data.train), "budget": params.baseline.budget})

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from distill.config import ParamsView, Paths
 from distill.io import atomic_write_json
@@ -20,8 +20,7 @@ from distill.tracking import NO_TRACKING, Tracker
 __all__ = ["run"]
 
 
-def run(params: ParamsView, paths: Paths, tracker: Tracker = NO_TRACKING, *,
-        callbacks: Sequence[Any] = ()) -> dict[str, Any]:
+def run(params: ParamsView, paths: Paths, tracker: Tracker = NO_TRACKING) -> dict[str, Any]:
     """Prepare ``data.name`` into ``data/prepared`` and describe it in ``metrics/data.json``."""
     d = params.data
     root = Path(d.root)

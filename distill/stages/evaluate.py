@@ -22,7 +22,7 @@ from __future__ import annotations
 import csv
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -160,8 +160,7 @@ def _register(tracker: Tracker, paths: Paths, model_name: str, score: Score) -> 
     return result
 
 
-def run(params: ParamsView, paths: Paths, tracker: Tracker = NO_TRACKING, *,
-        callbacks: Sequence[Any] = ()) -> dict[str, Any]:
+def run(params: ParamsView, paths: Paths, tracker: Tracker = NO_TRACKING) -> dict[str, Any]:
     """Evaluate the three models; write metrics, figures and the report; register the student."""
     ep = params.evaluate
     data = load_prepared(paths.data)

@@ -27,7 +27,7 @@ import sys
 import tempfile
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -109,8 +109,7 @@ def _register(tracker: Tracker, xp: ParamsView, built: dict[str, Any], score: Sc
     return result
 
 
-def run(params: ParamsView, paths: Paths, tracker: Tracker = NO_TRACKING, *,
-        callbacks: Sequence[Any] = ()) -> dict[str, Any]:
+def run(params: ParamsView, paths: Paths, tracker: Tracker = NO_TRACKING) -> dict[str, Any]:
     """Export the student, check it, time it; write the models, metrics and report; register the ONNX model."""
     xp = params.export
     data = load_prepared(paths.data)

@@ -55,7 +55,7 @@ def stage_view(stage: str, params: Params, dvc_yaml: str | Path) -> ParamsView:
 
 
 def run_stage(stage: str, params: Params | ParamsView, paths: Paths, tracker: Tracker = NO_TRACKING, *,
-              dvc_yaml: str | Path | None = None, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
+              dvc_yaml: str | Path | None = None) -> dict[str, Any]:
     """Run ``distill.stages.<stage>.run`` with its declared parameters.
 
     Args:
@@ -64,7 +64,6 @@ def run_stage(stage: str, params: Params | ParamsView, paths: Paths, tracker: Tr
         paths: the project layout to read and write.
         tracker: where the stage logs (MLflow, or nothing).
         dvc_yaml: the stage graph (default: ``paths.root / "dvc.yaml"``).
-        callbacks: training callbacks passed to the engine (tests inject faults through them).
 
     Returns:
         The stage's summary (metrics and small values).
@@ -78,7 +77,7 @@ def run_stage(stage: str, params: Params | ParamsView, paths: Paths, tracker: Tr
         if err.name != f"distill.stages.{stage}":
             raise
         raise ParamsError(f"no stage named {stage!r}: there is no module distill/stages/{stage}.py") from None
-    return module.run(view, paths, tracker, callbacks=callbacks)
+    return module.run(view, paths, tracker)
 
 
 def mark_finished(state_dir: Path, paths: Paths, outputs: Sequence[Path]) -> None:

@@ -10,7 +10,7 @@ prepared data by their hashes. Writes ``soft_labels/`` and ``metrics/soft_labels
 from __future__ import annotations
 
 import time
-from typing import Any, Sequence
+from typing import Any
 
 from distill.augment import train_augmenter
 from distill.config import ParamsView, Paths
@@ -24,8 +24,7 @@ from distill.tracking import NO_TRACKING, Tracker
 __all__ = ["run"]
 
 
-def run(params: ParamsView, paths: Paths, tracker: Tracker = NO_TRACKING, *,
-        callbacks: Sequence[Any] = ()) -> dict[str, Any]:
+def run(params: ParamsView, paths: Paths, tracker: Tracker = NO_TRACKING) -> dict[str, Any]:
     """Generate the soft-label store; returns its size and speed."""
     data = load_prepared(paths.data)
     teacher, _ = load_teacher(paths.model("teacher"), data.meta)

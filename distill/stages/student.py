@@ -10,7 +10,7 @@ Writes ``models/student.safetensors``, ``metrics/student.json`` and ``plots/stud
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from distill.augment import Augmenter, train_augmenter
 from distill.config import ParamsView, Paths
@@ -38,8 +38,7 @@ def _store_expectations(params: ParamsView, paths: Paths, data: PreparedData, au
             "augment": augmenter.describe(), "mixup": params.student.train.mixup}
 
 
-def run(params: ParamsView, paths: Paths, tracker: Tracker = NO_TRACKING, *,
-        callbacks: Sequence[Any] = ()) -> dict[str, Any]:
+def run(params: ParamsView, paths: Paths, tracker: Tracker = NO_TRACKING) -> dict[str, Any]:
     """Train the distilled student; returns its summary."""
     data = load_prepared(paths.data)
     sp = params.student
@@ -58,7 +57,7 @@ def run(params: ParamsView, paths: Paths, tracker: Tracker = NO_TRACKING, *,
     training = Training("student", params, paths, tracker)
     result = training.fit(SupervisedTask(model=model, augmenter=augmenter, criterion=criterion, views=views),
                           recipe=recipe, train=split, data=data, accelerator=accelerator,
-                          inputs=[paths.data, *pretrained, *inputs], callbacks=callbacks)
+                          inputs=[paths.data, *pretrained, *inputs])
     return training.save(result, kind="deit", config=cfg, meta=data.meta, accelerator=accelerator,
                          extra={"train_images": len(split), "labeled_images": len(data.train)})
 

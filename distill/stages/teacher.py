@@ -14,7 +14,7 @@ Writes ``models/teacher.safetensors``, ``metrics/teacher.json`` and ``plots/teac
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
 
 from torch.utils.data import DataLoader
 
@@ -45,8 +45,7 @@ def teacher_config(t: ParamsView, meta: DatasetMeta) -> dict[str, Any]:
     return cfg
 
 
-def run(params: ParamsView, paths: Paths, tracker: Tracker = NO_TRACKING, *,
-        callbacks: Sequence[Any] = ()) -> dict[str, Any]:
+def run(params: ParamsView, paths: Paths, tracker: Tracker = NO_TRACKING) -> dict[str, Any]:
     """Train (or fine-tune, or take as it is) the teacher; returns its summary."""
     data = load_prepared(paths.data)
     t = params.teacher
@@ -66,7 +65,7 @@ def run(params: ParamsView, paths: Paths, tracker: Tracker = NO_TRACKING, *,
         result, extra = _as_it_is(model, data, augmenter, accelerator), {"used_as_is": True}
     else:
         result, extra = training.fit(labels_only_task(model, augmenter, recipe), recipe=recipe, train=data.train,
-                                     data=data, accelerator=accelerator, inputs=inputs, callbacks=callbacks), None
+                                     data=data, accelerator=accelerator, inputs=inputs), None
     return training.save(result, kind="teacher", config=cfg, meta=data.meta, accelerator=accelerator, extra=extra)
 
 
