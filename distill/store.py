@@ -94,6 +94,7 @@ __all__ = [
     "SoftLabelStore",
     "SoftLabelStoreError",
     "StoreMeta",
+    "StoreSpec",
     "StoredViews",
     "as_index",
     "describe_store",
@@ -113,6 +114,28 @@ _REGENERATE = "regenerate it: `dvc repro soft_labels` (or `python -m flows stage
 
 class SoftLabelStoreError(ValueError):
     """A soft-label store is missing, corrupt, or was made for another teacher, dataset or augmentation."""
+
+
+@dataclass(frozen=True)
+class StoreSpec:
+    """What a generation makes: K views per image, how their logits are kept, and the views' seed and mixup.
+
+    Attributes:
+        views: K, views per image.
+        topk: store only the k largest logits per view (plus the log of the remaining mass); ``None``: all.
+        dtype: ``"float16"`` or ``"float32"`` for the stored logits.
+        batch_size: views per teacher forward pass (how the store is computed, not what it holds).
+        seed: seed of the view parameters (image ``i``, view ``k`` depends on ``(seed, i, k)`` only).
+        mixup: ``> 0``: every view is mixed with a partner view of another training image, weight drawn from
+            Beta(mixup, mixup) (:func:`mix_params`); the teacher's logits are for the mixed image.
+    """
+
+    views: int
+    topk: int | None = None
+    dtype: str = "float16"
+    batch_size: int = 256
+    seed: int = 0
+    mixup: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -236,12 +259,12 @@ class _ShardWriter:
     once the first teacher batch tells the number of classes.
     """
 
-    def __init__(self, folder: Path, rank: int, *, start: int, stop: int, views: int, augmenter: Any, seed: int,
-                 mixup: float = 0.0, num_images: int = 0) -> None:
-        self.folder, self.prefix = folder, _shard_name(rank)
-        self.n, self.views = stop - start, views
+    def __init__(self, folder: Path, rank: int, *, start: int, stop: int, augmenter: Any, spec: StoreSpec,
+                 num_images: int) -> None:
+        self.folder, self.prefix, self.spec = folder, _shard_name(rank), spec
+        self.start, self.n, self.views = start, stop - start, spec.views
+        views, seed, mixup = spec.views, spec.seed, spec.mixup
         self.num_classes: int | None = None
-        self.topk: int | None = None
         self.arrays: dict[str, np.ndarray] = {}
         for role, (shape, dt) in _param_specs(self.n, views, mixup > 0).items():
             self._create(role, shape, dt)
@@ -263,11 +286,13 @@ class _ShardWriter:
         else:
             self.arrays[role] = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
 
-    def open_logits(self, *, num_classes: int, topk: int | None, dtype: str) -> None:
+    def open_logits(self, num_classes: int) -> None:
+        """Create the logits files, once the teacher's class count is known."""
+        topk, dtype = self.spec.topk, self.spec.dtype
         if topk is not None and topk >= num_classes:
             raise ValueError(f"soft_labels.topk={topk} must be below the number of classes ({num_classes}); "
                              "set topk: null to store all logits")
-        self.num_classes, self.topk, self.dtype = num_classes, topk, np.dtype(dtype)
+        self.num_classes, self.dtype = num_classes, np.dtype(dtype)
         specs = _file_specs(n=self.n, views=self.views, num_classes=num_classes, topk=topk, dtype=dtype)
         for role, (shape, dt) in specs.items():
             if role not in self.arrays:
@@ -279,12 +304,13 @@ class _ShardWriter:
 
     def write_logits(self, j0: int, j1: int, logits: Tensor) -> None:
         """Store the float32 logits ``(j1 - j0, C)`` of flat views ``j0..j1``."""
-        if self.topk is None:
+        topk = self.spec.topk
+        if topk is None:
             stored = logits.to(_torch_dtype(self.dtype))
             _check_finite(stored, logits)
             self.flat("logits")[j0:j1] = stored.cpu().numpy()
             return
-        values, indices = logits.topk(self.topk, dim=1)  # (B, k), sorted
+        values, indices = logits.topk(topk, dim=1)  # (B, k), sorted
         rest = logits.scatter(1, indices, float("-inf")).logsumexp(dim=1)  # (B,): mass outside the top-k
         stored = values.to(_torch_dtype(self.dtype))
         _check_finite(stored, values)
@@ -377,10 +403,9 @@ def _staging_token(accelerator: Any) -> str:
     return token[0]
 
 
-def _run_teacher(teacher: nn.Module, split: Any, augmenter: Any, writer: _ShardWriter, *, start: int, batch_size: int,
-                 device: torch.device, autocast: Any, open_logits: Any, bar: Any) -> None:
+def _run_teacher(teacher: nn.Module, split: Any, augmenter: Any, writer: _ShardWriter, procs: _Procs, bar: Any) -> None:
     """Teacher logits of every view of a shard, in flat order ``j = i*K + k``, batch by batch."""
-    views = writer.views
+    views, start, batch_size, device = writer.views, writer.start, writer.spec.batch_size, procs.device
     flat_params = writer.flat("params")
     mixed = "mix_partner" in writer.arrays
     total = flat_params.shape[0]
@@ -395,10 +420,10 @@ def _run_teacher(teacher: nn.Module, split: Any, augmenter: Any, writer: _ShardW
             if mixed else None
         # rendered in float32 outside autocast, as the student does
         x = augmenter(images.index_select(0, sel), p) if mix is None else augmenter(images.index_select(0, sel), p, mix)
-        with autocast():
+        with procs.autocast():
             logits = teacher(x).float()  # (B, C)
         if writer.num_classes is None:  # C is known from the first batch: no extra probe forward
-            open_logits(logits.shape[1])
+            writer.open_logits(logits.shape[1])
         writer.write_logits(j0, j1, logits)
         bar.update(j1 - j0)
 
@@ -449,7 +474,8 @@ class _Procs:
                    accelerator.wait_for_everyone, accelerator.is_local_main_process)
 
 
-def _check_args(*, views: int, topk: int | None, dtype: str, batch_size: int, num_images: int) -> None:
+def _check_args(spec: StoreSpec, num_images: int) -> None:
+    views, topk, dtype, batch_size = spec.views, spec.topk, spec.dtype, spec.batch_size
     if views < 1 or batch_size < 1:
         raise ValueError(f"views ({views}) and batch_size ({batch_size}) must be >= 1")
     if dtype not in ("float16", "float32"):
@@ -460,27 +486,22 @@ def _check_args(*, views: int, topk: int | None, dtype: str, batch_size: int, nu
         raise ValueError("the training split is empty: nothing to store")
 
 
-def _write_shard(teacher: nn.Module, split: Split, augmenter: Any, staging: Path, procs: _Procs, *, views: int,
-                 topk: int | None, dtype: str, batch_size: int, seed: int, mixup: float) -> None:
+def _write_shard(teacher: nn.Module, split: Split, augmenter: Any, staging: Path, procs: _Procs,
+                 spec: StoreSpec) -> None:
     """This process's shard: the view parameters and teacher logits of its images, and ``shard-<r>.json``."""
     n = len(split)
     lo, hi = procs.rank * n // procs.world, (procs.rank + 1) * n // procs.world
-    writer = _ShardWriter(staging, procs.rank, start=lo, stop=hi, views=views, augmenter=augmenter, seed=seed,
-                          mixup=mixup, num_images=n)
-
-    def open_logits(num_classes: int) -> None:
-        writer.open_logits(num_classes=num_classes, topk=topk, dtype=dtype)
-
+    writer = _ShardWriter(staging, procs.rank, start=lo, stop=hi, augmenter=augmenter, spec=spec, num_images=n)
     desc = f"soft labels {procs.rank + 1}/{procs.world}" if procs.world > 1 else "soft labels"
     with torch.inference_mode():
-        with progress(total=(hi - lo) * views, desc=desc, unit="view", enabled=procs.show_progress, leave=False) as bar:
-            _run_teacher(teacher, split, augmenter, writer, start=lo, batch_size=batch_size, device=procs.device,
-                         autocast=procs.autocast, open_logits=open_logits, bar=bar)
+        with progress(total=(hi - lo) * spec.views, desc=desc, unit="view", enabled=procs.show_progress,
+                      leave=False) as bar:
+            _run_teacher(teacher, split, augmenter, writer, procs, bar)
         if writer.num_classes is None:  # an empty shard (N < processes): C from one forward pass of image 0
             probe = augmenter(torch.from_numpy(np.array(split.images[:1])).to(procs.device),
                               augmenter.eval_params(1).to(procs.device))
             with procs.autocast():
-                open_logits(int(teacher(probe).shape[1]))
+                writer.open_logits(int(teacher(probe).shape[1]))
     record = {"index": procs.rank, "start": lo, "stop": hi, "num_classes": writer.num_classes, "files": writer.close()}
     atomic_write_text(staging / f"{_shard_name(procs.rank)}.json", json.dumps(record))
 
@@ -499,23 +520,8 @@ def _gather_meta(staging: Path, world: int, fields: dict[str, Any]) -> StoreMeta
     return meta
 
 
-def generate_store(
-    teacher: nn.Module,
-    split: Split,
-    augmenter: Any,
-    *,
-    out_dir: str | Path,
-    views: int,
-    topk: int | None = None,
-    dtype: str = "float16",
-    batch_size: int = 256,
-    seed: int = 0,
-    teacher_sha256: str,
-    data_fingerprint: str,
-    accelerator: Any = None,
-    extra_meta: dict[str, Any] | None = None,
-    mixup: float = 0.0,
-) -> StoreMeta:
+def generate_store(teacher: nn.Module, split: Split, augmenter: Any, *, out_dir: str | Path, spec: StoreSpec,
+                   teacher_sha256: str, data_fingerprint: str, accelerator: Any = None) -> StoreMeta:
     """Run the frozen teacher over ``views`` augmented views of every image and write the store atomically.
 
     Args:
@@ -523,17 +529,10 @@ def generate_store(
         split: a :class:`distill.data.Split` (uint8 images ``(N, C, H, W)``); the store is indexed by position.
         augmenter: the :class:`distill.augment.Augmenter` the student will replay the views with.
         out_dir: the store folder (replaced as a whole).
-        views: K, views per image.
-        topk: store only the k largest logits per view (plus the log of the remaining mass); ``None``: all.
-        dtype: ``"float16"`` or ``"float32"`` for the stored logits.
-        batch_size: views per teacher forward pass.
-        seed: seed of the view parameters (image ``i``, view ``k`` depends on ``(seed, i, k)`` only).
+        spec: what to make (:class:`StoreSpec`: views per image, top-k, dtype, batch size, seed, mixup).
         teacher_sha256: sha256 of the teacher checkpoint file (checked by the student).
         data_fingerprint: the prepared dataset's fingerprint (checked by the student).
         accelerator: an :class:`accelerate.Accelerator`: its device, mixed precision and processes (one shard each).
-        extra_meta: JSON-serialisable extras stored in ``meta.json`` under ``extra``.
-        mixup: ``> 0``: every view is mixed with a partner view of another training image, weight drawn from
-            Beta(mixup, mixup) (:func:`mix_params`); the teacher's logits are for the mixed image.
 
     Returns:
         The :class:`StoreMeta` written (on every process).
@@ -542,24 +541,22 @@ def generate_store(
         ValueError: bad ``views`` / ``topk`` / ``dtype`` / ``batch_size``, an empty split, or logits that
             overflow float16.
     """
-    _check_args(views=views, topk=topk, dtype=dtype, batch_size=batch_size, num_images=len(split))
+    _check_args(spec, len(split))
     procs = _Procs.of(accelerator, teacher)
     teacher = _compiled(freeze(teacher).to(procs.device), accelerator)
     out = Path(out_dir)
     meta: StoreMeta | None = None
     # One staging folder for every process's shard; its creation also removes what killed generations left.
     with staged_dir(out, _staging_token(accelerator), main=procs.is_main, wait=procs.wait) as staging:
-        _write_shard(teacher, split, augmenter, staging, procs, views=views, topk=topk, dtype=dtype,
-                     batch_size=batch_size, seed=seed, mixup=mixup)
+        _write_shard(teacher, split, augmenter, staging, procs, spec)
         procs.wait()
         if procs.is_main:
             fields = {
-                "num_images": len(split), "views": views, "topk": topk, "dtype": dtype, "seed": seed,
-                "mixup": float(mixup),
+                "num_images": len(split), "views": spec.views, "topk": spec.topk, "dtype": spec.dtype,
+                "seed": spec.seed, "mixup": float(spec.mixup),
                 "image_size": int(split.images.shape[-1]), "channels": int(split.images.shape[1]),
                 "augment": json.loads(json.dumps(augmenter.describe())), "teacher_sha256": teacher_sha256,
-                "data_fingerprint": data_fingerprint, "extra": json.loads(json.dumps(extra_meta or {}, default=str)),
-                "runtime": _runtime(accelerator)}
+                "data_fingerprint": data_fingerprint, "extra": {}, "runtime": _runtime(accelerator)}
             meta = _gather_meta(staging, procs.world, fields)
     if meta is None:  # other processes read what the main process wrote
         meta = StoreMeta.from_dict(json.loads((out / "meta.json").read_text()))

@@ -379,7 +379,7 @@ def test_bf16_mixed_precision_trains_teacher_and_student_and_generates_soft_labe
     from distill.engine import SupervisedTask, fit
     from distill.losses import DistillationLoss
     from distill.runtime import make_accelerator
-    from distill.store import SoftLabelStore, StoredViews, generate_store
+    from distill.store import SoftLabelStore, StoredViews, StoreSpec, generate_store
     from distill.views import RandomViews
 
     from test_engine import PARAMS, Blobs, _deit, _teacher
@@ -398,7 +398,7 @@ def test_bf16_mixed_precision_trains_teacher_and_student_and_generates_soft_labe
     assert torch.bfloat16 in teacher_dtypes.seen and np.isfinite(res.history[-1]["train_loss"])
 
     split = Split(images=blobs.images.numpy(), labels=blobs.labels.numpy(), ids=np.arange(len(blobs)))
-    meta = generate_store(res.model, split, aug, out_dir=tmp_path / "sl", views=2, batch_size=16, seed=0,
+    meta = generate_store(res.model, split, aug, out_dir=tmp_path / "sl", spec=StoreSpec(views=2, batch_size=16),
                           teacher_sha256="t" * 64, data_fingerprint="d" * 64, accelerator=acc)
     assert meta.runtime["mixed_precision"] == "bf16"
     store = SoftLabelStore.open(tmp_path / "sl")
@@ -426,7 +426,7 @@ def test_torch_compile_through_accelerate_keeps_checkpoints_and_soft_labels_plai
     from distill.engine import SupervisedTask, fit
     from distill.losses import DistillationLoss
     from distill.runtime import make_accelerator
-    from distill.store import SoftLabelStore, generate_store
+    from distill.store import SoftLabelStore, StoreSpec, generate_store
     from distill.teachers import load_teacher
     from distill.views import RandomViews
 
@@ -446,7 +446,7 @@ def test_torch_compile_through_accelerate_keeps_checkpoints_and_soft_labels_plai
     teacher, _ = load_teacher(tmp_path / "t.safetensors")
 
     split = Split(images=blobs.images.numpy(), labels=blobs.labels.numpy(), ids=np.arange(len(blobs)))
-    kw = {"views": 2, "batch_size": 16, "seed": 0, "teacher_sha256": "t" * 64, "data_fingerprint": "d" * 64}
+    kw = {"spec": StoreSpec(views=2, batch_size=16), "teacher_sha256": "t" * 64, "data_fingerprint": "d" * 64}
     meta = generate_store(teacher, split, aug, out_dir=tmp_path / "compiled", accelerator=acc, **kw)
     generate_store(teacher, split, aug, out_dir=tmp_path / "plain", **kw)
     assert meta.runtime["dynamo_backend"] == "eager"

@@ -20,6 +20,7 @@ from distill.store import (
     SoftLabelStore,
     SoftLabelStoreError,
     StoredViews,
+    StoreSpec,
     describe_store,
     generate_store,
     mix_params,
@@ -62,9 +63,10 @@ def aug():
     return Augmenter(spec=SPEC, out_size=16, mean=[0.5], std=[0.25])
 
 
-def generate(teacher, split, aug, out, **kw):
-    kw = {"views": K, "batch_size": 16, "teacher_sha256": "t" * 64, "data_fingerprint": "d" * 64, **kw}
-    return generate_store(teacher, split, aug, out_dir=out, **kw)
+def generate(teacher, split, aug, out, *, teacher_sha256="t" * 64, data_fingerprint="d" * 64, **spec):
+    """A store of K views in batches of 16 unless ``spec`` (:class:`StoreSpec`'s fields) says otherwise."""
+    return generate_store(teacher, split, aug, out_dir=out, spec=StoreSpec(**{"views": K, "batch_size": 16, **spec}),
+                          teacher_sha256=teacher_sha256, data_fingerprint=data_fingerprint)
 
 
 def replay_in_generation_order(teacher, split, aug, store, batch_size=16):
@@ -83,14 +85,14 @@ def all_content(store):
 
 def test_round_trip_fp16(tmp_path, split, aug):
     teacher = make_teacher()
-    meta = generate(teacher, split, aug, tmp_path / "sl", seed=3, extra_meta={"note": "x"})
+    meta = generate(teacher, split, aug, tmp_path / "sl", seed=3)
     store = SoftLabelStore.open(tmp_path / "sl", expect={"num_images": N, "augment": aug.describe()})
     assert (store.num_images, store.views, store.num_classes) == (N, K, 4)
     m = store.meta
     assert m == meta and m.to_dict()["shards"][0]["files"]["logits"]["shape"] == [N, K, 4]
     assert (m.format, m.split, m.dtype, m.topk, m.seed, m.image_size, m.channels) == (
         "distill-soft-labels", "train", "float16", None, 3, 16, 1)
-    assert m.augment == json.loads(json.dumps(aug.describe())) and m.extra == {"note": "x"}
+    assert m.augment == json.loads(json.dumps(aug.describe())) and m.extra == {}
     assert m.teacher_sha256 == "t" * 64 and m.data_fingerprint == "d" * 64
     assert np.load(tmp_path / "sl" / "shard-00000.logits.npy", mmap_mode="r").dtype == np.float16
     _, fresh, i, k = replay_in_generation_order(teacher, split, aug, store)
@@ -301,7 +303,7 @@ def test_kill_mid_write_keeps_the_previous_store(tmp_path, split, aug):
         import time, numpy as np, torch
         from distill.augment import AugmentSpec, Augmenter
         from distill.data import Split
-        from distill.store import generate_store
+        from distill.store import StoreSpec, generate_store
         from distill.teachers import build_teacher
         images = np.load({str(tmp_path / 'images.npy')!r})
         split = Split(images=images, labels=np.zeros(len(images), dtype=np.int64), ids=np.arange(len(images)))
@@ -314,7 +316,8 @@ def test_kill_mid_write_keeps_the_previous_store(tmp_path, split, aug):
                 time.sleep(60)
         teacher.register_forward_pre_hook(hook)
         generate_store(teacher, split, Augmenter(spec=AugmentSpec(hflip=True), out_size=16, mean=[0.5], std=[0.25]),
-                       out_dir={str(out)!r}, views={K}, batch_size=16, teacher_sha256="k" * 64, data_fingerprint="d")
+                       out_dir={str(out)!r}, spec=StoreSpec(views={K}, batch_size=16), teacher_sha256="k" * 64,
+                       data_fingerprint="d")
     """)
     env = {**os.environ, "DISTILL_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-c", script], env=env, stderr=subprocess.PIPE)

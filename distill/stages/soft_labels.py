@@ -17,7 +17,7 @@ from distill.config import ParamsView, Paths
 from distill.data import load_prepared
 from distill.io import atomic_write_json, file_sha256
 from distill.runtime import log_runtime, make_accelerator
-from distill.store import describe_store, generate_store
+from distill.store import StoreSpec, describe_store, generate_store
 from distill.teachers import load_teacher
 from distill.tracking import NO_TRACKING, Tracker
 
@@ -33,11 +33,11 @@ def run(params: ParamsView, paths: Paths, tracker: Tracker = NO_TRACKING) -> dic
     s = params.soft_labels
     transfer = data.transfer()
     t0 = time.perf_counter()
+    spec = StoreSpec(views=s.views, topk=s.topk, dtype=s.dtype, batch_size=s.batch_size, seed=params.seed,
+                     mixup=params.student.train.mixup)
     meta = generate_store(teacher, transfer, train_augmenter(params.data.augment, data.meta), out_dir=paths.soft_labels,
-                          views=s.views,
-                          topk=s.topk, dtype=s.dtype, batch_size=s.batch_size, seed=params.seed,
-                          teacher_sha256=file_sha256(paths.model("teacher")), data_fingerprint=data.meta.fingerprint,
-                          accelerator=accelerator, mixup=params.student.train.mixup)
+                          spec=spec, teacher_sha256=file_sha256(paths.model("teacher")),
+                          data_fingerprint=data.meta.fingerprint, accelerator=accelerator)
     elapsed = time.perf_counter() - t0
     metrics: dict[str, Any] = {}
     if accelerator.is_main_process:
