@@ -55,7 +55,9 @@ def run_seed(raw: dict, seed: int, workdir: Path, split: str) -> tuple[dict, flo
     """Every stage for one seed (the evaluate stage only for the test split); metrics and stage wall times."""
     t0 = time.perf_counter()
     params = parse_params({**raw, "seed": seed}, source=f"params (seed {seed})")
-    stages = [s for s in pipeline_stages(ROOT / "dvc.yaml") if not (s == "evaluate" and split == "val")]
+    stages = pipeline_stages(ROOT / "dvc.yaml")
+    if split == "val":  # the trainings only: evaluate (the test split) and what follows it do not run
+        stages = stages[:stages.index("evaluate")]
     times = run_stages(params, workdir, stages)
     metrics = val_top1(workdir) if split == "val" else json.loads((workdir / "metrics" / "evaluate.json").read_text())
     return {**metrics, "stage_time_s": times}, time.perf_counter() - t0

@@ -13,8 +13,10 @@ distillation gain (student minus baseline) and the gap to the teacher (teacher m
 seed, the mean and the 95 % interval of the paired difference. It writes ``bench/results/label_curve.json`` and
 the plot ``docs/figures/label_curve.png`` (top-1 against labels per class, one line per model, interval bands).
 
-Resumable: a finished point is not run again (its ``result.json`` in ``--workdir``), a finished stage of an
-unfinished point neither, and an interrupted training resumes from its last finished epoch. Seeds follow the
+Each point is the variants ``base`` and ``student`` of ``bench/variants.py`` in ``--workdir/<split>/<dataset>/L<n>``:
+a controls grid at the same recipe, label count and seeds, pointed at that folder, reuses their teacher, store and
+models. Resumable: a finished model is not trained again (its ``result.json``), a finished stage neither, and an
+interrupted training resumes from its last finished epoch. Seeds follow the
 policy of ``bench/_bench.py``: ``--split val`` (for choosing) refuses seeds >= 1000, ``--split test`` (to confirm
 a claim, once) refuses seeds below.
 
@@ -34,13 +36,14 @@ from typing import Any
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench import ROOT, check_seeds, gain_and_gap, machine, run_jobs, run_stages, score, write_json  # noqa: E402
+from _bench import ROOT, check_seeds, gain_and_gap, machine, run_jobs, write_json  # noqa: E402
+from variants import run_variant  # noqa: E402
 
 from distill.config import apply_overrides, load_raw, parse_params  # noqa: E402
 from distill.evaluation import aggregate_runs  # noqa: E402
 
 RECIPES = [ROOT / "bench" / "recipes" / "curve_fashion_mnist.yaml", ROOT / "bench" / "recipes" / "curve_digits.yaml"]
-STAGES = ("data", "teacher", "soft_labels", "student", "baseline")
+SCORE_KEYS = ("top1", "ece", "nll", "top1_cls_head", "top1_dist_head")
 MODELS = ("teacher", "baseline", "student")
 KEYS = ("teacher.top1", "baseline.top1", "student.top1", "distillation_gain", "gap_to_teacher", "teacher.ece",
         "student.top1_cls_head", "student.top1_dist_head")
@@ -55,32 +58,28 @@ def load_recipe(path: Path) -> dict[str, Any]:
     return recipe
 
 
-def point_overrides(recipe: dict[str, Any], labels: int, seed: int) -> list[str]:
-    """Every override of one point: the recipe's, the label count's own, the labels, the seed. The largest point
-    labels the whole pool, which leaves no unlabeled images."""
+def point_overrides(recipe: dict[str, Any], labels: int) -> list[str]:
+    """Every override of one point: the recipe's, the label count's own, the labels (what
+    ``variants.base_overrides`` gives a grid at that count). The largest point labels the whole pool, which leaves
+    no unlabeled images."""
     over = [*recipe["overrides"], *(recipe.get("per_labels") or {}).get(labels, []), f"data.max_per_class={labels}",
-            f"seed={seed}", "evaluate.register_model=false"]
+            "evaluate.register_model=false"]
     pool = parse_params(apply_overrides(load_raw(ROOT / "params.yaml"), over)).data.pool_per_class
     if pool is not None and labels >= pool:
         over.append("data.unlabeled=false")
     return over
 
 
-def run_point(overrides: list[str], workdir: Path, split: str) -> dict[str, Any]:
-    """One point on one seed: every stage (resumed where it stopped), then the scores on ``split``."""
-    result_file = workdir / "result.json"
-    if result_file.is_file():
-        import json
-
-        return json.loads(result_file.read_text())
-    params = parse_params(apply_overrides(load_raw(ROOT / "params.yaml"), overrides), source="the curve's overrides")
-    t0 = time.perf_counter()
-    times = run_stages(params, workdir, STAGES)
-    scores = score(workdir, split)
-    result = {**scores, **gain_and_gap(scores), "stage_time_s": times, "wall_s": time.perf_counter() - t0,
-              "overrides": overrides}
-    write_json(result_file, result)
-    return result
+def run_point(overrides: list[str], workdir: Path, split: str, seed: int) -> dict[str, Any]:
+    """One point on one seed: the labels-only baseline and the distilled student, as the variants ``base`` and
+    ``student`` of :mod:`variants` (so a controls grid at the same recipe, label count and seeds, run with the same
+    folder, shares their teacher, store and models), each resumed where it stopped; then their scores."""
+    runs = {name: run_variant(name, overrides, seed, workdir, split) for name in ("base", "student")}
+    scores = {"teacher": runs["student"]["teacher"],
+              "baseline": {k: v for k, v in runs["base"].items() if k in SCORE_KEYS},
+              "student": {k: v for k, v in runs["student"].items() if k in SCORE_KEYS}}
+    return {**scores, **gain_and_gap(scores), "wall_s": sum(r["wall_s"] for r in runs.values()),
+            "stage_time_s": {f"{n}.{k}": v for n, r in runs.items() for k, v in r["stage_time_s"].items()}}
 
 
 def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -168,15 +167,15 @@ def main(argv: list[str] | None = None) -> int:
             if args.labels and labels not in args.labels:
                 continue
             for seed in args.seeds:
-                workdir = args.workdir / args.split / recipe["dataset"] / f"L{labels}" / f"seed{seed}"
-                jobs.append((point_overrides(recipe, labels, seed), workdir, args.split))
+                workdir = args.workdir / args.split / recipe["dataset"] / f"L{labels}"
+                jobs.append((point_overrides(recipe, labels), workdir, args.split, seed))
     t0 = time.perf_counter()
     runs: list[dict[str, Any]] = []
     started = time.strftime("%Y-%m-%d %H:%M:%S")
 
     def on_result(job: tuple, result: dict[str, Any]) -> None:
-        workdir = job[1]
-        dataset, labels, seed = workdir.parts[-3], int(workdir.parts[-2][1:]), int(workdir.parts[-1][4:])
+        workdir, seed = job[1], job[3]
+        dataset, labels = workdir.parts[-2], int(workdir.parts[-1][1:])
         metrics = {k: result[k] for k in (*MODELS, "distillation_gain", "gap_to_teacher")}
         runs.append({"dataset": dataset, "labels_per_class": labels, "seed": seed, "metrics": metrics,
                      "stage_time_s": result["stage_time_s"], "wall_s": result["wall_s"]})

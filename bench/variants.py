@@ -5,9 +5,10 @@ seen) names a recipe (``bench/recipes/*.yaml``) at one label count, the seeds, t
 list of overrides (DVC's ``-S`` syntax). A variant whose name starts with ``base`` trains the labels-only
 baseline, one that starts with ``teacher`` only the teacher; any other trains the distilled student.
 
-For every seed the pipeline's own stages run in folders of their own, and what variants agree on is computed once:
-the data and the teacher once per distinct ``(data, teacher)`` params, the soft-label store once per distinct store
-params on top of it. Each model is then scored on the split (top-1, ECE, NLL; a DeiT's two heads too). Reported per
+For every seed the pipeline's own stages run in folders of their own, and what variants agree on is computed once
+(:func:`folders`): the teacher once per distinct teacher and labeled-data params (a variant without the unlabeled
+set shares it), the prepared data once per distinct data params, the soft-label store once per distinct store
+params on top of those. Each model is then scored on the split (top-1, ECE, NLL; a DeiT's two heads too). Reported per
 variant: the mean top-1 with its 95 % Student-t interval over seeds, and the paired difference to the grid's
 ``reference`` variant (the same seeds) with its interval; the teacher of every (data, teacher) group with its ECE.
 
@@ -80,34 +81,60 @@ def _teacher_score(group: Path, split: str) -> dict[str, float]:
     return result
 
 
-def run_variant(name: str, overrides: list[str], seed: int, base: Path, split: str) -> dict[str, Any]:
-    """One variant on one seed, in a folder that shares the data, teacher and store it agrees on."""
+def _params(overrides: list[str], seed: int, source: str) -> Any:
+    return parse_params(apply_overrides(load_raw(ROOT / "params.yaml"), [*overrides, f"seed={seed}"]), source=source)
+
+
+def folders(name: str, overrides: list[str], seed: int, base: Path) -> dict[str, Path]:
+    """Where one variant's parts live, shared with every variant that agrees on them:
+
+    ``seed<s>/T<teacher>``: the teacher, trained on the labeled images (the data stage runs there without the
+    unlabeled split, which the teacher never reads, so variants that differ only in ``data.unlabeled`` share it);
+    ``T.../D<data>``: the variant's prepared data; ``D.../S<store>``: its soft-label store; ``D.../V<name>``: its own
+    model.
+    """
     from distill.stages.runner import stage_view
 
-    params = parse_params(apply_overrides(load_raw(ROOT / "params.yaml"), [*overrides, f"seed={seed}"]),
-                          source=f"variant {name}")
+    params = _params(overrides, seed, f"variant {name}")
     dump = params.model_dump(mode="json")
-    group = base / f"seed{seed}" / f"T{_key({'data': dump['data'], 'teacher': dump['teacher']})}"
-    folder = group / f"V{name}"
-    result_file = folder / "result.json"
+    labeled = {k: v for k, v in dump["data"].items() if k != "unlabeled"}
+    teacher = base / f"seed{seed}" / f"T{_key({'data': labeled, 'teacher': dump['teacher']})}"
+    data = teacher / f"D{_key(dump['data'])}"
+    store = data / f"S{_key(stage_view('soft_labels', params, ROOT / 'dvc.yaml').declared())}"
+    return {"teacher": teacher, "data": data, "store": store, "variant": data / f"V{name}"}
+
+
+def run_variant(name: str, overrides: list[str], seed: int, base: Path, split: str) -> dict[str, Any]:
+    """One variant on one seed, in folders that share the teacher, data and store it agrees on (:func:`folders`)."""
+    where = folders(name, overrides, seed, base)
+    params = _params(overrides, seed, f"variant {name}")
+    params_key = _key(params.model_dump(mode="json"))
+    result_file = where["variant"] / "result.json"
     if result_file.is_file():
-        return json.loads(result_file.read_text())
+        done = json.loads(result_file.read_text())
+        if done.get("params_key") != params_key:
+            raise SystemExit(f"{where['variant']} holds a variant {name!r} made with other params: name this variant "
+                             "differently, or use another --workdir")
+        return done
     t0 = time.perf_counter()
-    times = run_stages(params, group, ("data", "teacher"))
-    teacher = _teacher_score(group, split)
+    times = run_stages(_params([*overrides, "data.unlabeled=false"], seed, f"variant {name}'s teacher"),
+                       where["teacher"], ("data", "teacher"))
+    teacher = _teacher_score(where["teacher"], split)
+    _link(where["teacher"] / "models/teacher.safetensors", where["data"] / "models/teacher.safetensors")
+    times.update({f"variant_{k}": v for k, v in run_stages(params, where["data"], ("data",)).items()})
+    folder = where["variant"]
     for rel in ("data/prepared", "models/teacher.safetensors"):
-        _link(group / rel, folder / rel)
+        _link(where["data"] / rel, folder / rel)
     if role(name) == "student" and params.student.distillation != "none" and params.student.teacher_mode == "stored":
-        store = group / f"S{_key(stage_view('soft_labels', params, ROOT / 'dvc.yaml').declared())}"
         for rel in ("data/prepared", "models/teacher.safetensors"):
-            _link(group / rel, store / rel)
-        times.update({f"store_{k}": v for k, v in run_stages(params, store, ("soft_labels",)).items()})
-        _link(store / "soft_labels", folder / "soft_labels")
+            _link(where["data"] / rel, where["store"] / rel)
+        times.update({f"store_{k}": v for k, v in run_stages(params, where["store"], ("soft_labels",)).items()})
+        _link(where["store"] / "soft_labels", folder / "soft_labels")
     if role(name) != "teacher":
         times.update(run_stages(params, folder, (role(name),)))
     own = teacher if role(name) == "teacher" else score(folder, split, models=(role(name),))[role(name)]
     result = {"variant": name, "seed": seed, "model": role(name), **own, "teacher": teacher, "stage_time_s": times,
-              "wall_s": time.perf_counter() - t0, "overrides": overrides}
+              "wall_s": time.perf_counter() - t0, "overrides": overrides, "params_key": params_key}
     write_json(result_file, result)
     return result
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO
+from helpers import REPO
 
 TINY = ["data.pool_per_class=20", "teacher.width=4", "teacher.blocks=1", "teacher.train.epochs=2",
         "teacher.train.warmup_epochs=1", "teacher.train.batch_size=32", "soft_labels.views=2",
@@ -49,21 +49,43 @@ def test_label_curve_reports_every_point_and_resumes_without_rerunning(tiny_reci
     assert gain["ci95"][0] <= gain["mean"] <= gain["ci95"][1]
     assert plot.stat().st_size > 10_000
     # the largest point labels the whole pool: no unlabeled images are left for it
-    top = json.loads((work / "val" / "digits" / "L20" / "seed100" / "metrics" / "data.json").read_text())
-    assert top["num_unlabeled"] == 0 and top["num_train"] == 200
-    low = json.loads((work / "val" / "digits" / "L3" / "seed100" / "metrics" / "data.json").read_text())
-    assert low["num_train"] == 30 and low["num_unlabeled"] == 170
-    # interrupted: one point lost its result and its last stage; a rerun redoes only that
-    point = work / "val" / "digits" / "L3" / "seed101"
+    def data_metrics(labels: int, seed: int) -> dict:
+        [found] = (work / "val" / "digits" / f"L{labels}" / f"seed{seed}").glob("T*/D*/metrics/data.json")
+        return json.loads(found.read_text())
+    assert data_metrics(20, 100)["num_unlabeled"] == 0 and data_metrics(20, 100)["num_train"] == 200
+    assert data_metrics(3, 100)["num_train"] == 30 and data_metrics(3, 100)["num_unlabeled"] == 170
+    # interrupted: one model lost its result and its stage; a rerun redoes only that
+    [point] = (work / "val" / "digits" / "L3" / "seed101").glob("T*/D*/Vbase")
     (point / "result.json").unlink()
     (point / "baseline.done").unlink()
-    stamps = {p: p.stat().st_mtime_ns for p in work.rglob("models/*.safetensors")}
+    stamps = {p: p.stat().st_mtime_ns for p in work.rglob("models/*.safetensors") if not p.is_symlink()}
     second = _bench("label_curve.py", *args)
     assert second.returncode == 0, second.stdout + second.stderr
     changed = [p for p, t in stamps.items() if p.stat().st_mtime_ns != t]
     assert changed == [point / "models" / "baseline.safetensors"]
     again = json.loads(out.read_text())["summary"]["digits"]["3"]["distillation_gain"]
     assert again["values"] == pytest.approx(gain["values"])  # the same result, also for the rerun baseline
+    # a controls grid at the same recipe, label count and seeds, in the same folder, reuses the curve's models
+    grid = tmp_path / "controls.yaml"
+    grid.write_text(yaml.safe_dump({"recipe": str(tiny_recipe), "labels_per_class": 3, "seeds": [100, 101],
+                                    "split": "val", "reference": "base",
+                                    "variants": {"base": [], "student": [], "labeled_only": ["data.unlabeled=false"]}}))
+    res = _bench("variants.py", str(grid), "--jobs", "1", "--workdir", str(work / "val" / "digits" / "L3"),
+                 "--out", str(tmp_path / "controls.json"))
+    assert res.returncode == 0, res.stdout + res.stderr
+    controls = json.loads((tmp_path / "controls.json").read_text())["summary"]
+    assert controls["student"]["top1"]["values"] == pytest.approx(
+        [r["metrics"]["student"]["top1"] for r in json.loads(out.read_text())["runs"] if r["labels_per_class"] == 3])
+    for seed in (100, 101):  # the labeled-only student has data of its own but shares the teacher
+        folder = work / "val" / "digits" / "L3" / f"seed{seed}"
+        assert len(list(folder.glob("T*"))) == 1 and len(list(folder.glob("T*/D*"))) == 2
+        assert len([p for p in folder.rglob("teacher.safetensors") if not p.is_symlink()]) == 1
+    # a variant name reused with other params is refused, not silently answered from the old result
+    grid.write_text(yaml.safe_dump({"recipe": str(tiny_recipe), "labels_per_class": 3, "seeds": [100], "split": "val",
+                                    "variants": {"student": ["student.tau=2.0"]}}))
+    res = _bench("variants.py", str(grid), "--workdir", str(work / "val" / "digits" / "L3"),
+                 "--out", str(tmp_path / "clash.json"))
+    assert res.returncode != 0 and "made with other params" in res.stderr
 
 
 def test_seed_policy_keeps_test_for_held_out_seeds(tiny_recipe, tmp_path):
@@ -95,7 +117,7 @@ def test_variants_share_the_teacher_and_store_and_pair_with_the_reference(tmp_pa
     for seed in (100, 101):
         groups = list((work / f"seed{seed}").glob("T*"))
         assert len(groups) == 1  # every variant agrees on data and teacher: one teacher per seed
-        assert len(list(groups[0].glob("S*"))) == 2  # two store configurations (2 and 3 views)
+        assert len(list(groups[0].glob("D*/S*"))) == 2  # two store configurations (2 and 3 views)
         assert len(list(groups[0].glob("models/teacher.safetensors"))) == 1
     assert summary["cls_only_hard"]["top1"]["n"] == 2
 
