@@ -50,7 +50,8 @@ def use_local_server() -> bool:
     return False
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (the OS picks it)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -68,7 +69,7 @@ class PrivateServer:
     def __init__(self) -> None:
         self._dir = tempfile.mkdtemp(prefix="distill-prefect-")
         self.log = Path(self._dir) / "server.log"
-        self.api_url = f"http://127.0.0.1:{_free_port()}/api"
+        self.api_url = f"http://127.0.0.1:{free_port()}/api"
         port = self.api_url.rsplit(":", 1)[1].split("/")[0]
         prefect = shutil.which("prefect", path=os.pathsep.join([str(Path(sys.executable).parent),
                                                                    os.environ.get("PATH", "")]))

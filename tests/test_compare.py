@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import GIT_IDENTITY, REPO
+from helpers import GIT_IDENTITY, REPO
 
 STAGE = '''
 import csv, json, yaml

@@ -14,7 +14,7 @@ from distill.config import (
     parse_params,
 )
 
-from conftest import project_raw
+from helpers import project_raw
 
 ROOT = Path(__file__).resolve().parents[1]
 

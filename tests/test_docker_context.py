@@ -33,7 +33,7 @@ from typing import Optional
 import pytest
 import yaml
 
-from conftest import REPO
+from helpers import REPO
 
 DOCKERFILE = REPO / "docker" / "Dockerfile"
 IGNORE_FILE = REPO / "docker" / "Dockerfile.dockerignore"

@@ -20,7 +20,7 @@ import yaml
 from distill.config import merge
 from distill.stages.runner import pipeline_stages
 
-from conftest import TINY
+from helpers import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
 EXEMPT = {"distill/tracking.py"}

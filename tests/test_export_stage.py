@@ -32,7 +32,7 @@ from distill.data import load_prepared
 from distill.stages.export import onnx_path
 from distill.stages.runner import run_stage
 
-from conftest import REPO, _free_port, background_server, copy_project, tiny_params
+from helpers import REPO, background_server, copy_project, free_port, tiny_params
 from test_stage_tracking import client_of, tracked
 
 BEFORE = ("data", "teacher", "soft_labels", "student", "baseline")
@@ -170,7 +170,7 @@ def test_dvc_runs_export_and_mlflow_serves_the_onnx_champion(committed_project, 
          "print(json.dumps(m.predict(np.array(json.loads(sys.argv[2]), dtype=np.uint8)).argmax(1).tolist()))",
          f"models:/deit-student@{alias}", json.dumps(image.tolist())],
         env=env, capture_output=True, text=True, check=True, cwd=project).stdout.strip().splitlines()[-1]
-    port = _free_port()
+    port = free_port()
     with background_server(["mlflow", "models", "serve", "-m", f"models:/deit-student-onnx@{alias}", "--env-manager",
                             "local", "--host", "127.0.0.1", "--port", str(port)], f"http://127.0.0.1:{port}/ping",
                            env=env, log=tmp_path / "serve.log", timeout=180):

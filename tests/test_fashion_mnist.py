@@ -109,7 +109,7 @@ def test_the_training_pool_is_fixed_and_the_labeled_images_nest(tmp_path):
 def test_pool_and_labels_must_agree():
     from distill.config import ParamsError, merge, parse_params
 
-    from conftest import project_raw
+    from helpers import project_raw
 
     with pytest.raises(ParamsError, match=r"max_per_class \(30\) labeled images per class cannot come from a pool"):
         parse_params(merge(project_raw(), {"data": {"max_per_class": 30, "pool_per_class": 20}}))

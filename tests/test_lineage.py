@@ -26,7 +26,7 @@ import yaml
 from distill.config import ParamsView, Paths, declared_params, flatten, leaf_keys, load_raw
 from distill.stages.runner import pipeline_stages, run_stage
 
-from conftest import REPO, tiny_params
+from helpers import REPO, tiny_params
 
 DVC_YAML = REPO / "dvc.yaml"
 STAGES = pipeline_stages(DVC_YAML)

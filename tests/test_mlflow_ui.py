@@ -19,7 +19,7 @@ import pytest
 
 from distill.tracking import LOCAL_UI, create_pipeline_run, log_headline, open_experiment, runs_url, stage_run
 
-from conftest import _free_port, background_server
+from helpers import background_server, free_port
 
 
 @pytest.mark.parametrize(("uri", "ui"), [
@@ -96,7 +96,7 @@ def test_runs_url_opens_the_training_runs_in_a_browser(tmp_path: Path, monkeypat
     store = tmp_path / "project"
     store.mkdir()
     experiment_id = _pipeline_like_store(store, monkeypatch)
-    port = _free_port()
+    port = free_port()
     server = f"http://127.0.0.1:{port}"
     args = [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri",
             f"sqlite:///{store / 'mlflow.db'}", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]

@@ -40,12 +40,12 @@ from torchvision.transforms.v2 import functional as TF
 
 from distill.checkpoint import read_metadata
 
-from conftest import (
+from helpers import (
     ONE_THREAD,
     VENV_BIN,
-    _free_port,
     background_server,
     describe,
+    free_port,
     mlflow_client,
     mlflow_runs,
     set_param,
@@ -302,7 +302,7 @@ def test_mlflow_models_serve_answers_with_the_right_class(own: OwnRun, champion_
     chosen = [int(right[labels[right] == d][0]) for d in range(10) if (labels[right] == d).any()][:4]
     assert len(chosen) >= 2, "the champion classifies test images of fewer than two classes correctly"
     images = np.stack([read_rgb(own.test_files[i][0]) for i in chosen])
-    port = _free_port()
+    port = free_port()
     env = {**sub_env, **ONE_THREAD, "MLFLOW_TRACKING_URI": f"sqlite:///{own.project / 'mlflow.db'}"}
     args = [str(VENV_BIN / "mlflow"), "models", "serve", "-m", "models:/deit-student@champion", "--env-manager",
             "local", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]

@@ -27,7 +27,7 @@ from typing import Any, Optional
 import pytest
 import yaml
 
-from conftest import PipelineRun, describe, dvc_experiments, mlflow_client, mlflow_runs, now_ms, set_param
+from helpers import PipelineRun, describe, dvc_experiments, mlflow_client, mlflow_runs, now_ms, set_param
 
 pytestmark = pytest.mark.slow
 

@@ -13,7 +13,7 @@ import pytest
 
 from flows.pipeline import StageFailed, run_dvc
 
-from conftest import REPO
+from helpers import REPO
 
 # A stand-in for `dvc exp run` running a stage: like DVC, it ignores SIGINT while its stage runs, and relies on
 # the stage receiving the interrupt too (as Ctrl-C in a terminal delivers it); the stage records how it stopped.

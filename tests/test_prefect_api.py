@@ -14,7 +14,7 @@ import pytest
 from flows import prefect_api
 from flows.prefect_api import PrivateServer, healthy, use_local_server
 
-from conftest import processes_with
+from helpers import processes_with
 
 
 def test_a_configured_api_is_kept(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -18,7 +18,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from conftest import PipelineRun, describe, dvc_experiments, mlflow_client, mlflow_runs, stop_process_group
+from helpers import PipelineRun, describe, dvc_experiments, mlflow_client, mlflow_runs, stop_process_group
 
 pytestmark = pytest.mark.slow
 

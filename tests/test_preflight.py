@@ -20,7 +20,7 @@ import yaml
 from distill.config import merge
 from distill.preflight import PreflightError, preflight
 
-from conftest import REPO, project_raw, tiny_params
+from helpers import REPO, project_raw, tiny_params
 
 
 @pytest.fixture()

@@ -32,8 +32,8 @@ from distill.teachers import build_teacher
 from distill.tracking import MlflowTracker, TrackingUnavailableError, _retry_locked, check_tracking_server, tracking_uri
 from distill.weights import load_weights_file
 
-from conftest import REPO, tiny_params
 from faults import injected
+from helpers import REPO, tiny_params
 
 
 def run(stage: str, params: Any, root: Path) -> dict[str, Any]:
@@ -86,7 +86,7 @@ def test_bad_params_name_the_key_before_any_work(project, monkeypatch, capsys, a
     from distill.config import merge
     from flows.__main__ import main
 
-    from conftest import project_raw
+    from helpers import project_raw
 
     (project / "params.yaml").write_text(yaml.safe_dump(merge(project_raw(), change)))
     before = snapshot(project)

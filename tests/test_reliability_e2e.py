@@ -33,15 +33,15 @@ import pytest
 import yaml
 
 from distill.stages.runner import FINISHED
+from flows.prefect_api import healthy
 
-from conftest import (
+from helpers import (
     ONE_THREAD,
     REPO,
     RunCmd,
-    _free_port,
-    _healthy,
     background_server,
     describe,
+    free_port,
     mlflow_client,
     mlflow_runs,
     set_param,
@@ -358,7 +358,7 @@ def test_a_missing_data_root_leaves_the_prepared_data_untouched(copy, run):
 # ------------------------------------------------------------------------------------------ tracking
 def test_tracking_server_down_at_start_fails_fast_and_touches_nothing(copy, run):
     project = copy("no-server")
-    uri = f"http://127.0.0.1:{_free_port()}"
+    uri = f"http://127.0.0.1:{free_port()}"
     before = outputs(project, "teacher")
     t0 = time.monotonic()
     proc = run(["python", "-m", "flows", "stage", "teacher"], project, check=False, MLFLOW_TRACKING_URI=uri)
@@ -372,7 +372,7 @@ def test_tracking_server_down_at_start_fails_fast_and_touches_nothing(copy, run)
 @pytest.fixture()
 def mlflow_server(tmp_path: Path, env: dict[str, str]) -> Iterator[tuple[str, subprocess.Popen, Path]]:
     """A real ``mlflow server`` with its own store in ``<folder>/mlflow.db``; yields (URI, process, folder)."""
-    port, folder = _free_port(), tmp_path / "server"
+    port, folder = free_port(), tmp_path / "server"
     uri = f"http://127.0.0.1:{port}"
     folder.mkdir()
     with background_server(["mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
@@ -393,7 +393,7 @@ def test_tracking_server_stopping_mid_run_loses_no_metric(copy, env, background,
                        "DISTILL_TEST_FAULT_FILE": str(release)}, log)
     wait_for(lambda: Path(f"{release}.waiting").exists(), proc, log)  # epoch 1 logged, epoch 2 under way
     stop_process_group(server)
-    assert not _healthy(uri + "/health")
+    assert not healthy(uri)
     t0 = time.monotonic()
     release.touch()
     assert proc.wait(timeout=300) == 0, log.read_text()[-6000:]

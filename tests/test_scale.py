@@ -45,7 +45,9 @@ import pytest
 import torch
 import yaml
 
-from conftest import _free_port, _healthy, describe, set_param, stop_process_group
+from flows.prefect_api import healthy
+
+from helpers import describe, free_port, set_param, stop_process_group
 
 # Two single-threaded processes on a shared 2-core machine; torchrun's port chosen by accelerate.
 GROUP_ENV = {"OMP_NUM_THREADS": "1", "DISTILL_PROGRESS": "0"}
@@ -459,7 +461,7 @@ def test_torch_compile_through_accelerate_keeps_checkpoints_and_soft_labels_plai
 @pytest.fixture
 def mlflow_server(base_env, tmp_path):
     """A real ``mlflow server``: SQLite backend store, proxied artifact root; yields (uri, artifacts folder)."""
-    port, artifacts = _free_port(), tmp_path / "mlflow-artifacts"
+    port, artifacts = free_port(), tmp_path / "mlflow-artifacts"
     uri = f"http://127.0.0.1:{port}"
     log = tmp_path / "mlflow-server.log"
     with open(log, "w") as out:
@@ -469,7 +471,7 @@ def mlflow_server(base_env, tmp_path):
                                 start_new_session=True)
     try:
         deadline = time.monotonic() + 120
-        while not _healthy(uri + "/health"):
+        while not healthy(uri):
             if proc.poll() is not None or time.monotonic() > deadline:
                 pytest.fail(f"mlflow server did not start (exit {proc.poll()}):\n{log.read_text()[-4000:]}")
             time.sleep(0.5)

@@ -30,7 +30,7 @@ from distill.serving import StudentClassifier, save_servable, servable_checkpoin
 from distill.stages._training import build_seeded
 from distill.tracking import MlflowTracker
 
-from conftest import _free_port, background_server
+from helpers import background_server, free_port
 
 SIZE, CLASSES = 16, 5
 CLASS_NAMES = ["ant", "bee", "cat", "dog", "eel"]
@@ -256,7 +256,7 @@ def test_mlflow_models_serve_the_registered_champion(tmp_path, base_env, channel
     sent = np.asarray(json.loads(body)["inputs"], dtype=np.uint8)
     assert sent.shape == (1, 20, 24, channels)
     expected = mlflow.pyfunc.load_model(str(folder)).predict(sent)
-    port = _free_port()
+    port = free_port()
     args = [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", "models:/served-student@champion",
             "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
     with background_server(args, f"http://127.0.0.1:{port}/ping", env=env, log=tmp_path / "serve.log", timeout=240):

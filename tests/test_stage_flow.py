@@ -16,11 +16,11 @@ from typing import Any
 
 import pytest
 
-from conftest import (
-    _free_port,
+from helpers import (
     background_server,
     copy_project,
     describe,
+    free_port,
     mlflow_client,
     mlflow_runs,
     set_param,
@@ -128,7 +128,7 @@ def test_a_stage_whose_outputs_are_complete_survives_the_prefect_api_dying(commi
     """The Prefect server stops while the teacher is at its last step: the stage writes its outputs, warns that
     Prefect could not record the run, and exits 0, so DVC records it (before: a failure, and a rerun from scratch)."""
     project = copy_project(committed_project, tmp_path / "project")
-    port = _free_port()
+    port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     release, log = tmp_path / "release", tmp_path / "stage.log"
     last = 2 * _teacher_steps(project)

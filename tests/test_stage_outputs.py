@@ -23,8 +23,8 @@ from distill.io import file_md5
 from distill.stages.runner import FINISHED, discard_recorded_states, run_stage
 from distill.tracking import NO_TRACKING
 
-from conftest import REPO, tiny_params
 from faults import injected
+from helpers import REPO, tiny_params
 
 
 def run(stage: str, root: Path, params: Any = None, tracker: Any = NO_TRACKING) -> dict[str, Any]:

@@ -32,8 +32,8 @@ from distill.io import file_md5
 from distill.stages.runner import run_stage
 from distill.tracking import TrackingUnavailableError, check_tracking_server, open_experiment, stage_run
 
-from conftest import REPO, RunCmd, mlflow_client, mlflow_runs, tiny_params
 from faults import injected
+from helpers import REPO, RunCmd, mlflow_client, mlflow_runs, tiny_params
 
 TRAINING = ("data", "teacher", "soft_labels", "student", "baseline")
 

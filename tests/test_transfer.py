@@ -17,7 +17,7 @@ from distill.engine import steps_per_epoch
 from distill.stages.runner import run_stage
 from distill.store import SoftLabelStore, SoftLabelStoreError
 
-from conftest import REPO, tiny_params
+from helpers import REPO, tiny_params
 
 STAGES = ("data", "teacher", "soft_labels", "student", "baseline", "evaluate")
 

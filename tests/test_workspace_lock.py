@@ -23,7 +23,7 @@ import yaml
 
 from flows.workspace import LOCK_FILE, WorkspaceBusy, held, workspace_lock
 
-from conftest import REPO, copy_project, describe, processes_with, set_param
+from helpers import REPO, copy_project, describe, processes_with, set_param
 
 HOLD = """
 import sys, time

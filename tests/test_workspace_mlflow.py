@@ -12,7 +12,7 @@ import sys
 import pytest
 from mlflow.entities import ViewType
 
-from conftest import copy_project, describe, mlflow_client, mlflow_runs
+from helpers import copy_project, describe, mlflow_client, mlflow_runs
 
 pytestmark = pytest.mark.slow
 

@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from conftest import copy_project, describe, processes_with, set_param
+from helpers import copy_project, describe, processes_with, set_param
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="reads the process table from /proc")
 
@@ -40,7 +40,7 @@ time.sleep(60)
 
 def test_a_stage_ends_when_the_command_it_runs_under_ends() -> None:
     """``stop_with``: SIGTERM to this process once the watched one has ended (at once if it already has)."""
-    from conftest import REPO
+    from helpers import REPO
 
     command = subprocess.Popen(["sleep", "60"])
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -64,7 +64,7 @@ def test_a_stage_ends_when_the_command_it_runs_under_ends() -> None:
 def test_the_commands_a_stage_watches() -> None:
     """The pipeline command's pid, and DVC only when it leads the process group (a script that started
     ``dvc repro &`` and ended must not end the stage)."""
-    from conftest import REPO
+    from helpers import REPO
 
     code = "from flows.lifetime import command_pids; print(command_pids())"
     env = {**os.environ, "PYTHONPATH": str(REPO)}

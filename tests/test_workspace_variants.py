@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
-from conftest import REPO, TINY_PARAMS, copy_project, describe
+from helpers import REPO, TINY_PARAMS, copy_project, describe
 
 SAMPLE = """\
 # a comment line
