@@ -17,8 +17,8 @@ data and store, so that changes in machine load hit every mode alike; each figur
 images/s (training loop only, validation excluded), and the median over rounds is reported.
 
 Usage:
-    python bench/soft_labels.py --seeds 100 101 102 [-S key=value ...] [--out bench.json]
-    python bench/soft_labels.py --split test --seeds 1000 1001 1002 --out claim.json
+    python bench/teacher_modes.py --seeds 100 101 102 [-S key=value ...] [--out bench.json]
+    python bench/teacher_modes.py --split test --seeds 1000 1001 1002 --out claim.json
 """
 
 from __future__ import annotations
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         ]
     print("\n" + "\n".join(lines))
     if args.out:
-        Path(args.out).write_text(json.dumps({"command": "python bench/soft_labels.py " + " ".join(sys.argv[1:]),
+        Path(args.out).write_text(json.dumps({"command": "python bench/teacher_modes.py " + " ".join(sys.argv[1:]),
                                               "summary": lines, "runs": runs, "speed": rates}, indent=2))
     return 0
 
