@@ -20,6 +20,7 @@ laptop and on a GPU cluster.
 from __future__ import annotations
 
 import copy
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Literal, Optional
@@ -96,8 +97,12 @@ class Paths:
         return self.root / "models" / "student_mlflow"
 
     def state(self, stage: str, key: str) -> Path:
-        """Resume state: outside every DVC output, so ``dvc repro`` does not delete it before a rerun."""
-        return self.root / ".state" / stage / key
+        """Resume state: outside every DVC output, so ``dvc repro`` does not delete it before a rerun.
+
+        ``DISTILL_STATE_DIR`` puts it elsewhere: a sweep's variant keeps it outside its ``dvc exp run --temp`` copy,
+        which DVC deletes when the run fails, so that the variant's retry resumes (flows/sweep.py).
+        """
+        return Path(os.environ.get("DISTILL_STATE_DIR") or self.root / ".state") / stage / key
 
 
 class ParamsError(ValueError):

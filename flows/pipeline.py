@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -34,7 +35,8 @@ from flows.stage import PARENT_ENV, publish_report
 from flows.workspace import apply_to_params_file, workspace_lock
 
 __all__ = ["pipeline_flow", "StageFailed", "run_dvc", "experiment_name", "flow_run_holder", "check_committed",
-           "applied", "experiment_metrics", "where_to_look"]
+           "applied", "experiment_metrics", "experiment_files", "where_to_look", "sweep_tags", "finished_variant",
+           "SWEEP_TAG", "VARIANT_TAG", "CONFIG_TAG", "SEED_TAG", "VALIDATION_FILES", "interrupt_dvc"]
 
 
 class StageFailed(RuntimeError):
@@ -58,9 +60,11 @@ def run_dvc(cmd: list[str], *, cwd: Path, env: dict[str, str]) -> None:
     """
     group = {"process_group": 0} if sys.version_info >= (3, 11) else {"start_new_session": True}
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, **group)
+    _RUNNING.add(proc)
     try:
         rc = proc.wait()
     finally:
+        _RUNNING.discard(proc)
         if proc.poll() is None:  # this process is being stopped: interrupt DVC and its stage as Ctrl-C would
             _signal_group(proc, signal.SIGINT)
             try:
@@ -70,6 +74,17 @@ def run_dvc(cmd: list[str], *, cwd: Path, env: dict[str, str]) -> None:
                 proc.wait()
     if rc != 0:
         raise StageFailed(f"`{' '.join(cmd)}` exited with status {rc}; the failing stage's error is above")
+
+
+#: The DVC commands this process runs now (a sweep runs several at once, one per thread).
+_RUNNING: set[subprocess.Popen] = set()
+
+
+def interrupt_dvc() -> None:
+    """Interrupt every DVC command this process runs, as Ctrl-C would (a sweep stopped while its variants run in
+    threads: each thread's :func:`run_dvc` then returns with DVC's failure)."""
+    for proc in list(_RUNNING):
+        _signal_group(proc, signal.SIGINT)
 
 
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:
@@ -97,7 +112,7 @@ def _api_url() -> Optional[str]:
 @flow(name="distill-pipeline", log_prints=True, persist_result=False)
 def pipeline_flow(overrides: Optional[list[str]] = None, project_root: str = ".", exp_name: Optional[str] = None,
                   force: bool = False, temp: bool = False, apply: bool = False,
-                  committed: bool = False) -> dict[str, Any]:
+                  committed: bool = False, sweep: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """Run the pipeline as a DVC experiment, with ``key=value`` overrides (DVC's ``-S``).
 
     With overrides, the variant runs in a temporary copy (``dvc exp run --temp``): the workspace's ``params.yaml``,
@@ -113,21 +128,26 @@ def pipeline_flow(overrides: Optional[list[str]] = None, project_root: str = "."
         apply: write the overrides into ``params.yaml`` (its formatting kept) and run in the workspace; the file is
             put back as it was if the run fails.
         committed: refuse to run unless ``params.yaml`` is the committed one (the ``default`` deployment).
+        sweep: this run's place in a sweep (:mod:`flows.sweep`): ``id``, ``variant``, ``parent`` (the sweep's
+            MLflow run), ``config``, ``seed``, and optionally ``targets`` (the stages to run: a shared stage) and
+            ``remote`` (a DVC remote to fetch the run-cache from and push it to). Always in a temporary copy,
+            holding the workspace lock shared; a variant that already finished in MLflow is not run again.
 
     Returns:
         ``{"experiment", "mlflow_parent_run_id", "evaluate"}``: ``evaluate`` holds the evaluate metrics.
     """
     root = Path(project_root).resolve()
-    with workspace_lock(root, flow_run_holder("distill-pipeline")):  # held already when the CLI started this
+    overrides = list(overrides or [])
+    in_temp = temp or bool(sweep) or (bool(overrides) and not apply)
+    # held already when the CLI started this; shared by a sweep's variants, which never touch the workspace
+    with workspace_lock(root, flow_run_holder("distill-pipeline"), shared=bool(sweep)):
         if committed:
             check_committed(root / "params.yaml")
-        overrides = list(overrides or [])
         resolved = apply_overrides(load_raw(root / "params.yaml"), overrides)
         parse_params(resolved, source="params.yaml with the overrides")  # bad overrides fail before any work
-        in_temp = temp or (bool(overrides) and not apply)
         with applied(root / "params.yaml", [] if in_temp else overrides):
             return _pipeline(root, overrides, resolved, exp_name=exp_name or experiment_name(), force=force,
-                             temp=in_temp)
+                             temp=in_temp, sweep=sweep or {})
 
 
 def check_committed(params_file: Path) -> None:
@@ -177,31 +197,43 @@ def applied(params_file: Path, overrides: list[str]) -> Iterator[None]:
 
 
 def _pipeline(root: Path, overrides: list[str], resolved: dict[str, Any], *, exp_name: str, force: bool,
-              temp: bool) -> dict[str, Any]:
+              temp: bool, sweep: dict[str, Any]) -> dict[str, Any]:
     logger = get_run_logger()
     client, experiment_id = open_experiment(root)
+    if sweep and (done := finished_variant(client, experiment_id, sweep)):
+        print(f"{sweep['variant']}: finished before (MLflow run {done}); not run again", flush=True)
+        return {"experiment": exp_name, "mlflow_parent_run_id": done, "skipped": True}
     parent = create_pipeline_run(client, experiment_id, root, run_name=exp_name, params=resolved,
                                  tags={"dvc_exp_name": exp_name, "overrides": " ".join(overrides),
-                                       "prefect_flow_run_id": str(flow_run.id or "")})
-    env = {**os.environ, "DISTILL_PARENT_RUN_ID": parent, PIPELINE_PID_ENV: str(os.getpid()),  # flows/lifetime.py
-           "MLFLOW_TRACKING_URI": tracking_uri(root)}  # the repository's store, also from a temporary copy
-    api = _api_url()
-    if api:
-        env["PREFECT_API_URL"] = api
-    if flow_run.id:
-        env[PARENT_ENV] = str(flow_run.id)
+                                       "prefect_flow_run_id": str(flow_run.id or ""), **sweep_tags(sweep)})
+    env = _stage_env(root, parent, sweep)
     # In the workspace the values are in params.yaml already (--apply): DVC's -S would rewrite the file its own way.
     cmd = (["dvc", "exp", "run", "--name", exp_name] + (["--temp"] if temp else [])
-           + [a for o in (overrides if temp else []) for a in ("-S", o)] + (["-f"] if force else []))
+           + [a for o in (overrides if temp else []) for a in ("-S", o)] + (["-f"] if force else [])
+           + list(sweep.get("targets") or []))
     logger.info("DVC experiment %s: %s (MLflow parent run %s)", exp_name, " ".join(cmd), parent)
     parent_run = MlflowTracker(parent, uri=tracking_uri(root))  # an outage must not fail finished stages
     status = "FAILED"
     try:
-        run_dvc(cmd, cwd=root, env=env)
+        with _shared_cache(root, env, sweep.get("remote")):
+            run_dvc(cmd, cwd=root, env=env)
+        if sweep:
+            _log_sweep_metrics(parent_run, root, exp_name)
         status = "FINISHED"
     finally:
         parent_run.terminate(status)
+        if sweep:
+            _tag_stage_runs(client, experiment_id, parent, sweep_tags(sweep))
         _drop_if_empty(client, experiment_id, parent)
+    if sweep:
+        shutil.rmtree(env["DISTILL_STATE_DIR"], ignore_errors=True)  # done: its resume state is not needed
+        return {"experiment": exp_name, "mlflow_parent_run_id": parent}
+    return _closing(root, experiment_id, exp_name, overrides, temp=temp, parent=parent)
+
+
+def _closing(root: Path, experiment_id: str, exp_name: str, overrides: list[str], *, temp: bool,
+             parent: str) -> dict[str, Any]:
+    """The result of a finished pipeline and what it prints: the variant's headline, or the workspace's report."""
     result: dict[str, Any] = {"experiment": exp_name, "mlflow_parent_run_id": parent}
     if temp:
         result["evaluate"] = experiment_metrics(root, [exp_name])[exp_name]
@@ -216,6 +248,86 @@ def _pipeline(root: Path, overrides: list[str], resolved: dict[str, Any], *, exp
                 publish_report(root)
     print(where_to_look(root, experiment_id, exp_name, temp=temp))
     return result
+
+
+def _stage_env(root: Path, parent: str, sweep: dict[str, Any]) -> dict[str, str]:
+    """The environment of DVC and the stages it runs: the MLflow parent run, this process, the Prefect API."""
+    env = {**os.environ, "DISTILL_PARENT_RUN_ID": parent, PIPELINE_PID_ENV: str(os.getpid()),  # flows/lifetime.py
+           "MLFLOW_TRACKING_URI": tracking_uri(root)}  # the repository's store, also from a temporary copy
+    api = _api_url()
+    if api:
+        env["PREFECT_API_URL"] = api
+    if flow_run.id:
+        env[PARENT_ENV] = str(flow_run.id)
+    if sweep:  # the resume state outlives the temporary copy, which DVC deletes when the run fails
+        env["DISTILL_STATE_DIR"] = str(root / ".state" / "sweeps" / str(sweep["variant"]))
+    return env
+
+
+#: MLflow tags of a sweep's runs (flows/sweep.py); the parent run of a variant also gets ``mlflow.parentRunId``.
+SWEEP_TAG, VARIANT_TAG, CONFIG_TAG, SEED_TAG = "distill.sweep", "distill.variant", "distill.config", "distill.seed"
+
+
+def sweep_tags(sweep: dict[str, Any]) -> dict[str, str]:
+    """The tags that put a run in its sweep: the sweep id, the variant, its grid point and seed, its parent run."""
+    if not sweep:
+        return {}
+    tags = {SWEEP_TAG: str(sweep["id"]), VARIANT_TAG: str(sweep["variant"]), CONFIG_TAG: str(sweep.get("config", "")),
+            SEED_TAG: str(sweep.get("seed", ""))}
+    if sweep.get("parent"):
+        tags["mlflow.parentRunId"] = str(sweep["parent"])
+    return tags
+
+
+def finished_variant(client: Any, experiment_id: str, sweep: dict[str, Any]) -> Optional[str]:
+    """The id of a FINISHED parent run of this sweep's variant, if there is one."""
+    found = client.search_runs([experiment_id], filter_string=(
+        f"tags.`{SWEEP_TAG}` = '{sweep['id']}' and tags.`{VARIANT_TAG}` = '{sweep['variant']}' "
+        "and attributes.status = 'FINISHED'"), max_results=1)
+    return found[0].info.run_id if found else None
+
+
+def _tag_stage_runs(client: Any, experiment_id: str, parent: str, tags: dict[str, str]) -> None:
+    """Put the sweep's tags on the stage runs under ``parent`` too (MLflow records, it never decides)."""
+    tags = {k: v for k, v in tags.items() if k != "mlflow.parentRunId"}
+    try:
+        for run in client.search_runs([experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'"):
+            for key, value in tags.items():
+                client.set_tag(run.info.run_id, key, value)
+    except Exception as err:  # noqa: BLE001
+        print(f"WARNING: could not tag the stage runs of {parent}: {err}", file=sys.stderr, flush=True)
+
+
+#: The validation accuracy of each trained model, from its stage's metrics file: what a sweep ranks on.
+VALIDATION_FILES = {"student": "metrics/student.json", "baseline": "metrics/baseline.json",
+                    "teacher": "metrics/teacher.json"}
+
+
+def _log_sweep_metrics(parent_run: MlflowTracker, root: Path, exp_name: str) -> None:
+    """Log ``val.<model>`` (and ``val.gain``, student minus baseline) on the variant's parent run (MLflow compare)."""
+    files = experiment_files(root, [exp_name], list(VALIDATION_FILES.values())).get(exp_name, {})
+    val = {f"val.{model}": (files.get(path) or {}).get("val_acc") for model, path in VALIDATION_FILES.items()}
+    if isinstance(val["val.student"], (int, float)) and isinstance(val["val.baseline"], (int, float)):
+        val["val.gain"] = val["val.student"] - val["val.baseline"]
+    parent_run.log_metrics({k: v for k, v in val.items() if isinstance(v, (int, float))})
+
+
+@contextmanager
+def _shared_cache(root: Path, env: dict[str, str], remote: Optional[str]) -> Iterator[None]:
+    """With a DVC remote: its run-cache fetched before the run, and this run's pushed after (other machines' runs
+    restore the shared stages from it). A remote that fails is a warning: the stages then run here."""
+    if remote:
+        _dvc_quietly(["dvc", "fetch", "--run-cache", "-r", remote], root, env)
+    yield
+    if remote:
+        _dvc_quietly(["dvc", "push", "--run-cache", "-r", remote], root, env)
+
+
+def _dvc_quietly(cmd: list[str], root: Path, env: dict[str, str]) -> None:
+    res = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, check=False)
+    if res.returncode != 0:
+        print(f"WARNING: `{' '.join(cmd)}` exited with status {res.returncode}: {res.stderr.strip()[-500:]}",
+              file=sys.stderr, flush=True)
 
 
 def _drop_if_empty(client: Any, experiment_id: str, run_id: str) -> None:
@@ -266,18 +378,26 @@ def _variant_summary(name: str, metrics: dict[str, Any], overrides: list[str]) -
             f"`dvc exp show`; keep it: `python -m flows pipeline --apply {keep}`.")
 
 
-def experiment_metrics(root: Path, names: list[str]) -> dict[str, dict[str, Any]]:
-    """``metrics/evaluate.json`` of each named DVC experiment, read with ``dvc exp show --json``."""
+def experiment_files(root: Path, names: list[str], files: list[str]) -> dict[str, dict[str, dict[str, Any]]]:
+    """The metrics ``files`` of each named DVC experiment found, read with ``dvc exp show --json``:
+    ``{name: {file: data}}`` (an experiment or a file DVC does not have is left out)."""
     res = subprocess.run(["dvc", "exp", "show", "--json"], cwd=root, capture_output=True, text=True, check=False)
     if res.returncode != 0:
         raise StageFailed(f"`dvc exp show --json` exited with status {res.returncode}: {res.stderr.strip()}")
-    found: dict[str, dict[str, Any]] = {}
+    found: dict[str, dict[str, dict[str, Any]]] = {}
     for commit in json.loads(res.stdout):
         for exp in commit.get("experiments") or []:
             for rev in exp.get("revs") or []:
                 if rev.get("name") in names:
-                    metrics = ((rev.get("data") or {}).get("metrics") or {}).get("metrics/evaluate.json") or {}
-                    found[rev["name"]] = metrics.get("data") or {}
+                    metrics = (rev.get("data") or {}).get("metrics") or {}
+                    found[rev["name"]] = {f: (metrics.get(f) or {}).get("data") or {} for f in files if f in metrics}
+    return found
+
+
+def experiment_metrics(root: Path, names: list[str]) -> dict[str, dict[str, Any]]:
+    """``metrics/evaluate.json`` of each named DVC experiment, read with ``dvc exp show --json``."""
+    found = {name: files.get("metrics/evaluate.json") or {}
+             for name, files in experiment_files(root, names, ["metrics/evaluate.json"]).items()}
     missing = [n for n in names if not found.get(n)]
     if missing:
         raise StageFailed(f"DVC has no evaluate metrics for experiment(s) {', '.join(missing)}")

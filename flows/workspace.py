@@ -9,6 +9,11 @@ that lock and refuses, so the first pipeline then records the second's params an
 The lock is ``fcntl.flock`` on an open file: the kernel releases it however the holder ends, SIGKILL included,
 so there is never a stale lock to remove. The file itself stays, holding the last holder's description.
 
+A sweep's variants (:mod:`flows.sweep`) run side by side as ``dvc exp run --temp``, each in its own temporary
+copy, so they never touch ``params.yaml``: they take the lock *shared* (``shared=True``, ``LOCK_SH``). Any number
+of shared holders run together; a pipeline in the workspace (exclusive) is refused while one runs, and a shared
+one while a workspace pipeline runs.
+
 **Formatting-preserving edits of params.yaml.** :func:`apply_to_params_file` writes ``key=value`` overrides into
 ``params.yaml`` by replacing only each value's text on its own line: comments, ``null``, inline lists and the
 comment column stay as they are (DVC's own rewrite, ``dvc exp run -S`` in the workspace, loses them).
@@ -29,13 +34,14 @@ import yaml
 
 from distill.config import ParamsError, apply_overrides, load_raw
 
-__all__ = ["LOCK_FILE", "WorkspaceBusy", "workspace_lock", "held", "command_line", "apply_to_params_file", "set_values"]
+__all__ = ["LOCK_FILE", "WorkspaceBusy", "workspace_lock", "held", "command_line", "apply_to_params_file", "set_values",
+           "top_level"]
 
 LOCK_FILE = Path(".dvc") / "tmp" / "distill-workspace.lock"
 
 # The workspaces this process holds: a flow run that the CLI started in this process (pipeline_flow inside
 # `python -m flows pipeline`, each seed's pipeline_flow inside seeds_flow) is already covered.
-_HELD: dict[Path, tuple[Any, int]] = {}
+_HELD: dict[Path, tuple[Any, int, bool]] = {}  # root -> (open lock file, depth, shared)
 
 
 class WorkspaceBusy(RuntimeError):
@@ -62,27 +68,33 @@ def _holder(handle: Any) -> str:
 
 
 @contextmanager
-def workspace_lock(root: str | Path, command: str) -> Iterator[None]:
+def workspace_lock(root: str | Path, command: str, *, shared: bool = False) -> Iterator[None]:
     """Hold the workspace lock of the DVC project ``root`` (re-entrant within this process).
 
     Args:
         root: the project (a DVC repository).
         command: what holds it, for the message a second command prints (e.g. ``python -m flows pipeline``).
+        shared: for runs that leave the workspace as it is (a sweep's ``dvc exp run --temp`` variants): any number
+            of shared holders at once, none while an exclusive one runs.
 
     Raises:
-        WorkspaceBusy: another process holds it; nothing was read or changed.
+        WorkspaceBusy: another process holds it (or this one holds it shared and asks for it exclusive); nothing
+            was read or changed.
         ParamsError: ``root`` is not a DVC repository.
     """
     import fcntl
 
     root = Path(root).resolve()
     if root in _HELD:
-        handle, depth = _HELD[root]
-        _HELD[root] = (handle, depth + 1)
+        handle, depth, held_shared = _HELD[root]
+        if held_shared and not shared:
+            raise WorkspaceBusy(f"this process runs a sweep's temporary experiments in {root}; a pipeline in the "
+                                "workspace cannot run inside it. Nothing was changed.")
+        _HELD[root] = (handle, depth + 1, held_shared)
         try:
             yield
         finally:
-            _HELD[root] = (handle, _HELD[root][1] - 1)
+            _HELD[root] = (handle, _HELD[root][1] - 1, held_shared)
         return
     if not (root / ".dvc").is_dir():
         raise ParamsError(f"{root} is not a DVC repository (no .dvc/): run the pipeline from the project's root")
@@ -90,7 +102,7 @@ def workspace_lock(root: str | Path, command: str) -> Iterator[None]:
     path.parent.mkdir(parents=True, exist_ok=True)
     handle = open(path, "a+")  # not truncated before the lock is ours: it holds the holder's description
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(handle, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
     except BlockingIOError:
         holder = _holder(handle)
         handle.close()
@@ -98,15 +110,29 @@ def workspace_lock(root: str | Path, command: str) -> Iterator[None]:
             f"another pipeline is running in {root}: {holder}. Nothing was changed. Wait for it to end, or stop "
             "it (Ctrl-C in its terminal, or kill its pid), then run this again.") from None
     try:
-        handle.seek(0)
-        handle.truncate()
-        handle.write(json.dumps({"pid": os.getpid(), "command": command, "since": time.time()}))
-        handle.flush()
-        _HELD[root] = (handle, 1)
+        _describe(handle, command + (" (with a sweep's temporary experiments)" if shared else ""), shared)
+        _HELD[root] = (handle, 1, shared)
         yield
     finally:
         _HELD.pop(root, None)
         handle.close()  # closing the file releases the lock
+
+
+def _describe(handle: Any, command: str, shared: bool) -> None:
+    """Write the holder's description; a shared holder keeps that of another shared holder that is alive."""
+    if shared:
+        handle.seek(0)
+        try:
+            info = json.loads(handle.read())
+            os.kill(int(info["pid"]), 0)
+            if info.get("shared"):
+                return
+        except (ValueError, KeyError, TypeError, OSError):
+            pass
+    handle.seek(0)
+    handle.truncate()
+    handle.write(json.dumps({"pid": os.getpid(), "command": command, "since": time.time(), "shared": shared}))
+    handle.flush()
 
 
 def command_line() -> str:
@@ -122,10 +148,10 @@ def command_line() -> str:
 _KEY_LINE = re.compile(r"^(?P<indent> *)(?P<key>[A-Za-z_][\w.-]*):(?P<gap> *)(?P<rest>.*)$")
 
 
-def _split_comment(rest: str) -> tuple[str, str]:
-    """``value   # comment`` -> (``value``, ``   # comment``): a ``#`` after whitespace, outside quotes and brackets."""
+def top_level(text: str) -> Iterator[tuple[int, str]]:
+    """The characters of a YAML value outside its quotes and brackets, with their index."""
     depth, quote = 0, ""
-    for i, ch in enumerate(rest):
+    for i, ch in enumerate(text):
         if quote:
             quote = "" if ch == quote else quote
         elif ch in "'\"":
@@ -134,7 +160,14 @@ def _split_comment(rest: str) -> tuple[str, str]:
             depth += 1
         elif ch in "]}":
             depth -= 1
-        elif ch == "#" and depth == 0 and (i == 0 or rest[i - 1] in " \t"):
+        elif depth == 0:
+            yield i, ch
+
+
+def _split_comment(rest: str) -> tuple[str, str]:
+    """``value   # comment`` -> (``value``, ``   # comment``): a ``#`` after whitespace, outside quotes and brackets."""
+    for i, ch in top_level(rest):
+        if ch == "#" and (i == 0 or rest[i - 1] in " \t"):
             value = rest[:i].rstrip()
             return value, rest[len(value):]
     return rest.rstrip(), ""
