@@ -57,18 +57,19 @@ from distill.io import file_md5
 
 __all__ = ["Tracker", "NullTracker", "NO_TRACKING", "MlflowTracker", "TrackingUnavailableError", "tracking_uri",
            "check_tracking_server", "open_experiment", "create_pipeline_run", "stage_run", "git_commit",
-           "dvc_input_hashes", "experiment_name", "log_headline", "runs_url", "system_metrics_monitor", "HEADLINE",
+           "dvc_input_hashes", "mlflow_experiment_name", "log_headline", "runs_url", "system_metrics_monitor",
+           "PARENT_RUN_METRICS",
            "EXPERIMENT_KIND", "LOCAL_UI"]
 
 #: The experiment's kind: model training, not GenAI (MLflow 3.17's UI switch overrides it: see :func:`runs_url`).
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 #: Where ``mlflow ui`` / ``mlflow server`` serve the UI by default (their ``--host 127.0.0.1 --port 5000``).
 LOCAL_UI = "http://127.0.0.1:5000"
-#: The parent run's headline metrics, copied from the evaluate stage's metrics (fractions).
-HEADLINE = ("teacher.top1", "baseline.top1", "student.top1", "distillation_gain", "gap_to_teacher")
+#: The metrics the parent run shows for *Compare*, copied from the evaluate stage's metrics (fractions).
+PARENT_RUN_METRICS = ("teacher.top1", "baseline.top1", "student.top1", "distillation_gain", "gap_to_teacher")
 
 
-def experiment_name() -> str:
+def mlflow_experiment_name() -> str:
     """The MLflow experiment: ``DISTILL_MLFLOW_EXPERIMENT``, default ``distill`` (read at each use)."""
     return os.environ.get("DISTILL_MLFLOW_EXPERIMENT", "distill")
 
@@ -486,7 +487,7 @@ def open_experiment(project_root: str | Path = ".") -> tuple[Any, str]:
     uri = tracking_uri(project_root)
     check_tracking_server(uri)
     mlflow.set_tracking_uri(uri)
-    name = experiment_name()
+    name = mlflow_experiment_name()
     # Opening a fresh store creates its tables (MlflowClient() opens it).
     with _locked_store_error(uri), _store_init_lock(uri):
         client = _retry_locked(mlflow.MlflowClient)
@@ -590,7 +591,7 @@ def system_metrics_monitor(run_id: str, uri: str) -> Any | None:
 def log_headline(tracker: "MlflowTracker", metrics: dict[str, Any]) -> None:
     """Copy the evaluate stage's headline metrics onto the parent run, for *Compare* in MLflow's UI."""
     flat = flatten(metrics)
-    tracker.log_metrics({k: flat[k] for k in HEADLINE if isinstance(flat.get(k), (int, float))})
+    tracker.log_metrics({k: flat[k] for k in PARENT_RUN_METRICS if isinstance(flat.get(k), (int, float))})
 
 
 @contextmanager

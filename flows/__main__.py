@@ -8,6 +8,7 @@ Thin by design: parameters come from ``params.yaml`` (validated before anything 
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
 import signal
 import sys
@@ -28,16 +29,22 @@ def _defaults() -> None:
 
 
 _QUIET_CONSOLE = False
+# Set when the Prefect API is gone after a stage's work: what Prefect still has queued cannot reach it, and its exit
+# hooks would retry it for minutes (without a timeout), so the process ends before them.
+_NOTHING_MORE_TO_SEND = [False]
 
 
-def _quiet_stage_console() -> None:
+def _stage_defaults() -> None:
     """A stage shows a progress bar and one line when it ends, or its error once; Prefect's records go to its UI.
 
-    Unless the user asked for Prefect's records on the terminal (``PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL``).
+    Unless the user asked for Prefect's records on the terminal (``PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL``). And
+    a stage's Prefect client retries a request 3 times (2 + 4 + 8 s), not 5 (about a minute): a Prefect API that
+    dies after a stage's work then stalls the stage's end for seconds, not minutes (unless the user set it).
     """
     global _QUIET_CONSOLE
     _QUIET_CONSOLE = "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL" not in os.environ
     os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
+    os.environ.setdefault("PREFECT_CLIENT_MAX_RETRIES", "3")
 
 
 def _exit_on_hangup_and_term() -> None:
@@ -82,34 +89,31 @@ def _stage(args: argparse.Namespace, argv: list[str]) -> int:
 
     _exit_on_hangup_and_term()
     stop_with(command_pids())  # the stage ends with the command it runs under (the pipeline, DVC), however that ends
+    # A private server stops at exit, after Prefect's own exit hooks have sent the stage's logs and events to it.
     server = None if args.no_prefect or not is_main_process() else _stage_server()
-    try:
-        request = launch_request() if args.name in LAUNCHED_STAGES else None
-        if request is not None:
-            if server is not None:
-                server.wait()  # the launched processes find it up (or, if it cannot start, no API: Prefect's own)
-            return launch(argv, request, retries=0 if args.no_prefect else 1)
-        check_launched_group()
-        try:
-            _run_stage(args, server)
-        except Exception as err:  # noqa: BLE001 - reported once, here
-            from flows.stage import COMPLETED
-
-            if args.name in COMPLETED:  # the outputs are complete: DVC must record the stage, not retrain it
-                print(f"[{args.name}] WARNING: the stage's outputs are complete, but recording the run afterwards "
-                      f"failed ({type(err).__name__}: {err}); its Prefect flow run may show the wrong state",
-                      file=sys.stderr, flush=True)
-                return 0
-            _report_failure(args.name, err)
-            return 1
-        except KeyboardInterrupt:
-            print(f"[{args.name}] interrupted; a training stage keeps the state of its last finished epoch",
-                  file=sys.stderr, flush=True)
-            return 130
-    finally:
+    request = launch_request() if args.name in LAUNCHED_STAGES else None
+    if request is not None:
         if server is not None:
-            _drain_prefect()  # the stage's last logs and events reach the server before it stops
-            server.stop()
+            server.wait()  # the launched processes find it up (or, if it cannot start, no API: Prefect's own)
+        return launch(argv, request, retries=0 if args.no_prefect else 1)
+    check_launched_group()
+    try:
+        _run_stage(args, server)
+    except Exception as err:  # noqa: BLE001 - reported once, here
+        from flows.stage import COMPLETED
+
+        if args.name in COMPLETED:  # the outputs are complete: DVC must record the stage, not retrain it
+            print(f"[{args.name}] WARNING: the stage's outputs are complete, but recording the run afterwards "
+                  f"failed ({type(err).__name__}: {err}); its Prefect flow run may show the wrong state",
+                  file=sys.stderr, flush=True)
+            _NOTHING_MORE_TO_SEND[0] = True
+            return 0
+        _report_failure(args.name, err)
+        return 1
+    except KeyboardInterrupt:
+        print(f"[{args.name}] interrupted; a training stage keeps the state of its last finished epoch",
+              file=sys.stderr, flush=True)
+        return 130
     return 0
 
 
@@ -126,17 +130,17 @@ def _stage_server() -> Any:
 
 
 def _run_stage(args: argparse.Namespace, server: Any) -> None:
+    from flows.prefect_api import api_settings
     from flows.stage import is_main_process, run_stage_flow, run_tracked
 
     t0 = time.perf_counter()
     if args.no_prefect or not is_main_process():
         run_tracked(args.name, params_path=args.params, track=not args.no_prefect)
     else:
-        if server is not None:
-            server.wait()
         if _QUIET_CONSOLE:
             _run_records_to_the_ui_only()
-        run_stage_flow(args.name, params_path=args.params)
+        with api_settings(server):
+            run_stage_flow(args.name, params_path=args.params)
     if is_main_process():
         print(f"[{args.name}] done in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
 
@@ -160,13 +164,19 @@ def _report_failure(stage: str, err: Exception) -> None:
         print(f"[{stage}] failed: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
 
 
-def _orchestrate(args: argparse.Namespace) -> int:
-    """``pipeline`` and ``seeds``: one at a time in a workspace (:mod:`flows.workspace`), before anything else."""
+def _orchestrate(args: argparse.Namespace, params: Any) -> int:
+    """``pipeline`` and ``seeds``: one at a time in a workspace (:mod:`flows.workspace`), before anything else.
+
+    The lock comes first: a second command stops at once naming the first, whatever its params; then what a
+    stage would reject, before DVC deletes any stage's outputs.
+    """
+    from distill.preflight import preflight
     from flows.workspace import WorkspaceBusy, command_line, workspace_lock
 
     _exit_on_hangup_and_term()
     try:
         with workspace_lock(".", command_line()):
+            preflight(params, ".", source=args.params)
             return _orchestrate_locked(args)
     except WorkspaceBusy as err:
         print(f"error: {err}", file=sys.stderr)
@@ -176,34 +186,20 @@ def _orchestrate(args: argparse.Namespace) -> int:
 def _orchestrate_locked(args: argparse.Namespace) -> int:
     from flows.prefect_api import PrivateServer, use_local_server
 
-    server = None if use_local_server() else PrivateServer()  # starts now: it comes up while this imports
-    try:
-        from flows.pipeline import pipeline_flow
-        from flows.seeds import seeds_flow
+    # Started now, so that it comes up while this imports. It stops at exit, after Prefect's own exit hooks have
+    # sent the flow's last logs and events to it (PrivateServer registers its stop with atexit before any of them).
+    server = None if use_local_server() else PrivateServer()
+    from flows.pipeline import pipeline_flow
+    from flows.prefect_api import api_settings
+    from flows.seeds import seeds_flow
 
-        if server is not None:
-            server.wait()
+    with api_settings(server):
         if args.cmd == "pipeline":
             pipeline_flow(overrides=args.overrides, project_root=".", exp_name=args.name, force=args.force,
                           apply=args.apply)
         else:
             seeds_flow(seeds=args.seeds, overrides=args.overrides, project_root=".")
-    finally:
-        if server is not None:
-            _drain_prefect()  # the flow's last logs and events reach the server before it stops
-            server.stop()
     return 0
-
-
-def _drain_prefect(timeout: float = 30) -> None:
-    """Send Prefect's queued logs and events now (its workers would otherwise retry a stopped server for a minute)."""
-    if "prefect" not in sys.modules:
-        return
-    from prefect.events.worker import EventsWorker
-    from prefect.logging.handlers import APILogWorker
-
-    APILogWorker.drain_all(timeout=timeout)
-    EventsWorker.drain_all(timeout=timeout)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -211,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _defaults()
     if args.cmd == "stage":
-        _quiet_stage_console()
+        _stage_defaults()
     from distill.config import ParamsError, apply_overrides, load_params, parse_params
     from flows.launch import LaunchError
 
@@ -221,34 +217,37 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "overrides", None):
             params = parse_params(apply_overrides(params.model_dump(mode="json"), args.overrides),
                                   source="the -S overrides")
-        if args.cmd != "stage":  # what a stage would reject, before DVC deletes any stage's outputs
-            from distill.preflight import preflight
-
-            preflight(params, ".", source=args.params)
-        return _stage(args, argv) if args.cmd == "stage" else _orchestrate(args)
+        return _stage(args, argv) if args.cmd == "stage" else _orchestrate(args, params)
     except (ParamsError, LaunchError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
 
-def exit_now(status: int) -> NoReturn:
-    """End a stage process without the interpreter's teardown (1 to 3 s of freeing torch, Prefect and MLflow).
+_EXIT_STATUS = [1]  # what the process exits with; 1 unless main() returned (an uncaught exception)
 
-    Everything that matters is written by then: the stage's outputs (atomically), its MLflow run (flushed and
-    ended), the streams, and Prefect's queued logs and events, drained here with Prefect's own workers. Only
-    with a Prefect API to talk to: without one, Prefect started a temporary server for this process, which
-    its exit hooks stop, so the process exits the normal way.
+
+def _skip_interpreter_teardown() -> None:
+    """The last ``atexit`` hook (registered first): end the process without the interpreter's teardown.
+
+    By then every library's own exit hooks have run: Prefect has sent its queued logs and events, the private
+    Prefect server has stopped, MLflow has ended its runs, the outputs are written. What is skipped is 1 to 3 s of
+    freeing torch, Prefect and MLflow objects per stage process.
     """
-    if not os.environ.get("PREFECT_API_URL"):
-        sys.exit(status)
-    _drain_prefect()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(status)
+    os._exit(_EXIT_STATUS[0])
 
 
 if __name__ == "__main__":
-    code = main()
-    if sys.argv[1:2] == ["stage"]:
-        exit_now(code)
-    sys.exit(code)
+    atexit.register(_skip_interpreter_teardown)  # before any library registers its own: it runs after them all
+    try:
+        _EXIT_STATUS[0] = main()
+        if _NOTHING_MORE_TO_SEND[0]:
+            _skip_interpreter_teardown()
+    except SystemExit as stop:  # --help, SIGTERM or SIGHUP (an exit with 128 + the signal)
+        _EXIT_STATUS[0] = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+        raise
+    except KeyboardInterrupt:
+        _EXIT_STATUS[0] = 130
+        raise
+    sys.exit(_EXIT_STATUS[0])

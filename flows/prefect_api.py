@@ -15,6 +15,7 @@ Nothing here imports Prefect: the environment is set before Prefect reads its se
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import shutil
 import socket
@@ -24,7 +25,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
-from typing import Optional
+from typing import Any, ContextManager, Optional
 
 from flows.lifetime import die_with_parent
 
@@ -57,13 +58,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def api_settings(server: Optional["PrivateServer"]) -> ContextManager[Any]:
+    """Where the flows run: once ``server`` answers, nothing changes; if it cannot start, Prefect's settings
+    without an API, for this block (Prefect read the server's URL when it was imported, and then starts its
+    own temporary server). ``prefect.settings.temporary_settings`` is Prefect's public way to change them."""
+    if server is None or server.wait():
+        return contextlib.nullcontext()
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    return temporary_settings(restore_defaults={PREFECT_API_URL})
+
+
 class PrivateServer:
     """A ``prefect server start`` for this command only; :meth:`wait` before the first flow.
 
-    It stops on every way the command ends: :meth:`stop` in the command's ``finally`` (normal end, an error,
-    Ctrl-C, and SIGTERM or SIGHUP, which the command turns into an exit), an ``atexit`` hook as a second line,
-    and, on Linux, the kernel's parent-death signal when the command is killed outright. If it does not come
-    up, :meth:`wait` says so, stops it, and leaves the API unset: Prefect then starts its own temporary server.
+    It stops on every way the command ends: an ``atexit`` hook (a normal end, an error, Ctrl-C, and SIGTERM or
+    SIGHUP, which the command turns into an exit), registered before Prefect starts any of its own, so that it
+    runs after Prefect has sent its queued logs and events (Prefect drains its workers at exit), and, on Linux,
+    the kernel's parent-death signal when the command is killed outright. If it does not come up, :meth:`wait`
+    says so, stops it, and leaves the API unset: with :func:`api_settings`, Prefect then starts its own
+    temporary server.
     """
 
     def __init__(self) -> None:
@@ -94,11 +108,7 @@ class PrivateServer:
         tail = self.log.read_text()[-2000:] if self.log.is_file() else ""
         print(f"[flows] the private Prefect server did not start; Prefect starts its own temporary one.\n{tail}",
               file=sys.stderr, flush=True)
-        self.stop()  # unsets PREFECT_API_URL
-        if "prefect.context" in sys.modules:  # Prefect read the URL when it was imported
-            from prefect.context import refresh_global_settings_context
-
-            refresh_global_settings_context()
+        self.stop()  # unsets PREFECT_API_URL, for the processes this one starts
         return False
 
     def stop(self) -> None:

@@ -10,8 +10,8 @@ last finished epoch.
 Inside a pipeline (``python -m flows pipeline``), the pipeline's flow run id comes in the environment
 (``DISTILL_PREFECT_PARENT``): the stage's flow run is then created as a subflow of it, through a task run in
 the pipeline's run that stands for the stage (what Prefect itself does for a subflow called in-process), so
-the Prefect UI shows the stage under its pipeline run. Each stage flow run is tagged with its stage and what
-identifies its pipeline run (:func:`stage_tags`), under DVC alone too.
+the Prefect UI shows the stage under its pipeline run (:func:`linked_flow_run`). Each stage flow run is tagged
+with its stage and what identifies its pipeline run (:func:`stage_tags`), under DVC alone too.
 
 Logs: the per-epoch lines of the engine go to the flow run's log in the Prefect UI (logger ``distill``,
 registered with Prefect as an extra logger), not to the terminal, which shows the stage's progress bar and a
@@ -34,7 +34,8 @@ from distill.stages.runner import run_stage, stage_view
 from distill.tracking import NullTracker, TrackingUnavailableError, log_headline, stage_run
 from flows.launch import is_main_process, world_size
 
-__all__ = ["stage_flow", "run_stage_flow", "is_main_process", "run_tracked", "retryable", "COMPLETED", "stage_tags"]
+__all__ = ["stage_flow", "run_stage_flow", "is_main_process", "run_tracked", "retryable", "COMPLETED", "stage_tags",
+           "linked_flow_run"]
 
 PARENT_ENV = "DISTILL_PREFECT_PARENT"  # the pipeline's flow run id, set by flows/pipeline.py
 
@@ -131,33 +132,43 @@ def stage_tags(stage: str, project_root: str | Path = ".", environ: Optional[dic
     return tags
 
 
-def _subflow_run(stage: str, parameters: dict[str, Any], parent: str) -> Any:
-    """A flow run of ``stage_flow`` created as a subflow of the pipeline's flow run ``parent``."""
+def linked_flow_run(flow_: Any, *, name: str, parameters: dict[str, Any], parent: str, tags: list[str]) -> Any:
+    """A flow run of ``flow_`` created as a subflow of the flow run ``parent``, which runs in another process.
+
+    Prefect has no public way to make a flow run the child of a flow run in another process (PrefectHQ/prefect
+    #9527, "Attach a flow to existing parent flow", closed without one). A subflow called in-process is linked
+    by a task run in its parent that stands for it; this creates the same, with the client's ``create_task_run``
+    (a stand-in task) and ``create_flow_run(parent_task_run_id=...)``. :func:`run_stage_flow` then runs it with
+    ``prefect.flow_engine.run_flow(flow, flow_run=...)``, which Prefect's own runners use for a flow run made
+    beforehand; no public call does that either. Pinned by tests/test_prefect_api.py (``..._linked_as_a_subflow``
+    and the signature test): a Prefect upgrade that breaks either call fails them.
+    """
     from uuid import UUID
 
     from prefect import Task
     from prefect.client.orchestration import get_client
 
-    tags = stage_tags(stage, parameters["project_root"])
     with get_client(sync_client=True) as client:
-        stand_in = Task(name=f"stage {stage}", fn=lambda: None)
+        stand_in = Task(name=f"{flow_.name} {name}", fn=lambda: None)
         task_run = client.create_task_run(stand_in, flow_run_id=UUID(parent),
-                                          dynamic_key=f"{stage}-{os.getpid()}-{time.time_ns()}", name=stage,
+                                          dynamic_key=f"{name}-{os.getpid()}-{time.time_ns()}", name=name,
                                           extra_tags=tags)
-        return client.create_flow_run(stage_flow, name=stage, parameters=parameters, tags=tags,
+        return client.create_flow_run(flow_, name=name, parameters=parameters, tags=tags,
                                       parent_task_run_id=task_run.id)
 
 
 def run_stage_flow(stage: str, *, params_path: str = "params.yaml", project_root: str = ".") -> None:
     """Run the stage flow, linked to the pipeline's flow run when there is one."""
-    from prefect.flow_engine import run_flow
+    from prefect import tags
 
     parameters = {"stage": stage, "params_path": params_path, "project_root": project_root}
     parent: Optional[str] = os.environ.get(PARENT_ENV)
     if parent:
-        run_flow(stage_flow, flow_run=_subflow_run(stage, parameters, parent), parameters=parameters)
-    else:
-        from prefect import tags
+        from prefect.flow_engine import run_flow
 
+        flow_run = linked_flow_run(stage_flow, name=stage, parameters=parameters, parent=parent,
+                                   tags=stage_tags(stage, project_root))
+        run_flow(stage_flow, flow_run=flow_run, parameters=parameters)
+    else:
         with tags(*stage_tags(stage, project_root)):
             stage_flow(**parameters)

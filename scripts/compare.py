@@ -27,7 +27,7 @@ from distill.config import flatten  # the project's own flattening (``student.tr
 
 METRICS_FILE = "metrics/evaluate.json"
 #: (column, key in metrics/evaluate.json): top-1 as a percentage; the gain and the gap in points, signed.
-HEADLINE = (("teacher %", "teacher.top1"), ("baseline %", "baseline.top1"), ("student %", "student.top1"),
+METRIC_COLUMNS = (("teacher %", "teacher.top1"), ("baseline %", "baseline.top1"), ("student %", "student.top1"),
             ("gain pts", "distillation_gain"), ("gap pts", "gap_to_teacher"))
 SORTS = {"teacher": "teacher.top1", "baseline": "baseline.top1", "student": "student.top1",
          "gain": "distillation_gain", "gap": "gap_to_teacher"}
@@ -69,10 +69,10 @@ def _cell(value: float | None, signed: bool) -> str:
 
 def table_rows(table: list[dict[str, Any]], params: list[str]) -> list[list[str]]:
     """Header and one line of text cells per row."""
-    lines = [["experiment", *params, *(col for col, _ in HEADLINE)]]
+    lines = [["experiment", *params, *(col for col, _ in METRIC_COLUMNS)]]
     for row in table:
         values = ["null" if row["params"].get(k) is None else str(row["params"].get(k, DASH)) for k in params]
-        figures = [_cell(_value(row, key), col.endswith("pts")) for col, key in HEADLINE]
+        figures = [_cell(_value(row, key), col.endswith("pts")) for col, key in METRIC_COLUMNS]
         lines.append([row["name"], *values, *figures])
     return lines
 

@@ -74,6 +74,7 @@ def _page_text(dom: str) -> str:
 def _pipeline_like_store(root: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     """A SQLite store with one pipeline's parent run and its six stage runs, made by the product's own calls."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+    monkeypatch.chdir(root)  # its artifacts (./mlruns) go there too
     client, experiment_id = open_experiment(root)
     parent = create_pipeline_run(client, experiment_id, root, run_name=PARENT_NAME, params={"student": {"alpha": 0.5}})
     monkeypatch.setenv("DISTILL_PARENT_RUN_ID", parent)

@@ -141,3 +141,68 @@ def test_the_pipeline_with_its_private_server_sends_every_log_before_stopping_it
     assert "Finished in state Completed()" in out
     assert "Error logging to API" not in out and "Error sending" not in out, out[-3000:]
     assert not processes_with(f"DISTILL_TEST_MARKER={marker}", server=True), "the private server outlived the run"
+
+
+# ------------------------------------------------------------------ Prefect through its public API
+def test_a_server_that_cannot_start_hands_over_to_prefects_own_server(monkeypatch: pytest.MonkeyPatch,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """Prefect read the private server's URL when it was imported: ``api_settings`` takes it back, for the flows of
+    its block, with ``temporary_settings`` (before, a private helper, ``refresh_global_settings_context``)."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.prefect_api import api_settings
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    monkeypatch.setattr(prefect_api.shutil, "which", lambda *a, **k: None)  # no `prefect` executable
+    server = PrivateServer()
+    with temporary_settings(updates={PREFECT_API_URL: server.api_url}):  # as if read at import
+        with api_settings(server):
+            assert PREFECT_API_URL.value() is None  # Prefect starts its own temporary server
+        assert PREFECT_API_URL.value() == server.api_url
+    assert "did not start" in capsys.readouterr().err
+    with api_settings(None):  # no private server: nothing changes
+        pass
+
+
+def test_the_calls_below_prefects_public_api_still_exist() -> None:
+    """Pins the workaround of flows/stage.py: linked_flow_run (PrefectHQ/prefect#9527: no public way to make a flow
+    run in another process a subflow). A Prefect upgrade that renames these fails here first."""
+    import inspect
+
+    from prefect.client.orchestration import SyncPrefectClient
+    from prefect.flow_engine import run_flow
+
+    assert {"flow", "flow_run", "parameters"} <= set(inspect.signature(run_flow).parameters)
+    assert {"task", "flow_run_id", "dynamic_key", "name", "extra_tags"} <= set(
+        inspect.signature(SyncPrefectClient.create_task_run).parameters)
+    assert {"flow", "name", "parameters", "tags", "parent_task_run_id"} <= set(
+        inspect.signature(SyncPrefectClient.create_flow_run).parameters)
+
+
+@pytest.mark.slow
+def test_a_flow_run_in_another_process_is_linked_as_a_subflow(sub_env: dict[str, str]) -> None:
+    """What a stage process does under the pipeline, in this process: a flow run made as the subflow of a flow run
+    that ran elsewhere, then run here, shows under it (its stand-in task run belongs to the parent)."""
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.flow_engine import run_flow
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.stage import linked_flow_run
+
+    @flow(name="pin-parent", persist_result=False)
+    def parent() -> None:
+        pass
+
+    @flow(name="pin-child", persist_result=False)
+    def child(x: int) -> int:
+        return x + 1
+
+    with temporary_settings(updates={PREFECT_API_URL: sub_env["PREFECT_API_URL"]}):
+        parent_id = parent(return_state=True).state_details.flow_run_id
+        run = linked_flow_run(child, name="linked", parameters={"x": 1}, parent=str(parent_id), tags=["pin"])
+        assert run_flow(child, flow_run=run, parameters={"x": 1}) == 2
+        with get_client(sync_client=True) as client:
+            done = client.read_flow_run(run.id)
+            assert done.state.is_completed() and done.parent_task_run_id is not None and "pin" in done.tags
+            assert client.read_task_run(done.parent_task_run_id).flow_run_id == parent_id

@@ -115,14 +115,15 @@ def _stage_pid(marker: str, stage: str) -> int:
 
 
 def _gone_within(marker: str, seconds: float) -> list[str]:
-    """What still carries ``marker`` after ``seconds`` (their command lines)."""
+    """What still carries ``marker`` after ``seconds`` (their command lines, and what each waits in)."""
     deadline = time.monotonic() + seconds
     while processes_with(marker) and time.monotonic() < deadline:
         time.sleep(0.2)
     left = []
     for pid in processes_with(marker):
         try:
-            left.append(f"{pid}: " + Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode())
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            left.append(f"{pid}: {cmd} (waiting in {Path(f'/proc/{pid}/wchan').read_text()})")
         except OSError:
             pass
     return left
@@ -152,7 +153,8 @@ def test_ctrl_c_of_plain_dvc_repro_returns_promptly(project, base_env, held):
     try:
         proc.wait(timeout=120)
     except subprocess.TimeoutExpired:
-        pytest.fail(f"`dvc repro` still running {time.monotonic() - t0:.0f} s after Ctrl-C")
+        pytest.fail(f"`dvc repro` still running {time.monotonic() - t0:.0f} s after Ctrl-C: {_gone_within(marker, 0)}"
+                    f"\n{proc.log.read_text()[-3000:]}")
     elapsed = time.monotonic() - t0
     assert proc.returncode != 0
     assert elapsed < 30, f"`dvc repro` took {elapsed:.1f} s to return after Ctrl-C"
