@@ -149,6 +149,24 @@ def test_the_onnx_model_is_registered_beside_the_pyfunc_one_and_serves_the_same_
         served.predict(images[:2].astype(np.float32))
 
 
+def test_serve_int8_registers_the_int8_model_with_its_own_top1(store):
+    """``export.serve: int8``: the registered ONNX model is the int8 file, judged on the int8 model's top-1."""
+    params = tiny_params(evaluate={"register_model": True}, export={"serve": "int8"})
+    tracked("evaluate", store, params)
+    _, result = tracked("export", store, params)
+    reg = result["registry"]
+    measured = json.loads((store / "metrics" / "export.json").read_text())
+    assert reg["name"] == "deit-student-onnx" and reg["metric"] == pytest.approx(measured["int8"]["top1"])
+    uri = f"models:/deit-student-onnx/{reg['version']}"
+    folder = Path(mlflow.artifacts.download_artifacts(uri))
+    assert (folder / "model.onnx").read_bytes() == onnx_path(Paths(store), "int8").read_bytes()
+    assert (folder / "model.onnx").read_bytes() != onnx_path(Paths(store), "fp32").read_bytes()
+    test = load_prepared(store / "data" / "prepared").test
+    images = np.ascontiguousarray(np.asarray(test.images).transpose(0, 2, 3, 1))
+    top1 = float((mlflow.pyfunc.load_model(uri).predict(images)["probabilities"].argmax(1) == test.labels).mean())
+    assert top1 == pytest.approx(measured["int8"]["top1"])
+
+
 @pytest.mark.slow
 def test_dvc_runs_export_and_mlflow_serves_the_onnx_champion(committed_project, base_env, run_cmd, tmp_path):
     project = copy_project(committed_project, tmp_path / "project")
