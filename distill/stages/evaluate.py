@@ -187,7 +187,7 @@ def run(params: ParamsView, paths: Paths, tracker: Tracker = NO_TRACKING) -> dic
         atomic_write_json(paths.metrics("evaluate"), metrics)
         figures = _figures(paths, metrics, outputs, labels, meta)
         report = paths.reports / "results.md"
-        atomic_write_text(report, R.results_report(metrics, dataset=meta.name) + _gate_note(passes, reason))
+        atomic_write_text(report, R.results_report(metrics, dataset=meta.label) + _gate_note(passes, reason))
         tracker.log_metrics({k: v for k, v in flatten(metrics).items()
                              if isinstance(v, (int, float)) and not isinstance(v, bool)})
         for figure in figures:
