@@ -165,6 +165,18 @@ def mlflow_client(project: Path) -> Any:
     return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
+def gated_alias(project: Path, name: str = "deit-student") -> str:
+    """The alias the registry's quality gate gave the pipeline's newest version of ``name``, checked against the
+    gate's rule: ``champion`` when the student beat its own baseline on the test split (metrics/evaluate.json),
+    else ``candidate``. A tiny test run's student need not beat its baseline, so tests load what the gate chose."""
+    client = mlflow_client(project)
+    newest = max(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
+    scores = json.loads((project / "metrics" / "evaluate.json").read_text())
+    expected = "champion" if scores["student"]["top1"] > scores["baseline"]["top1"] else "candidate"
+    assert int(client.get_model_version_by_alias(name, expected).version) == newest, expected
+    return expected
+
+
 def mlflow_runs(client: Any, filter_string: str = "") -> list[Any]:
     """Every run of the MLflow experiment ``distill`` (matching ``filter_string``)."""
     from mlflow.entities import ViewType
