@@ -1,4 +1,4 @@
-"""Command line: ``python -m flows stage <name>``, ``python -m flows pipeline [-S key=value ...] [--apply]``, ``seeds``.
+"""Command line: ``python -m flows stage <name>``, ``pipeline [-S key=value ...] [--apply]``, ``seeds``, ``sweep``.
 
 Thin by design: parameters come from ``params.yaml`` (validated before anything starts); runtime flags
 (precision, CPU, number of processes) come from accelerate's config file or the environment
@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import time
+from pathlib import Path
 from typing import Any, NoReturn
 
 
@@ -78,9 +79,34 @@ def _parser() -> argparse.ArgumentParser:
                     help="write the -S values into params.yaml (its formatting kept) and run in the workspace; the "
                          "file is put back as it was if the run fails")
     sd = sub.add_parser("seeds", parents=[overridable],
-                        help="run the pipeline for several seeds (DVC experiments): mean, per-seed values, 95 %% CI")
-    sd.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+                        help="run the pipeline for several seeds (a sweep over seeds): mean, per-seed values, 95 %% CI "
+                             "on the test split")
+    sd.add_argument("--seeds", nargs="+", default=None, metavar="SEEDS",
+                    help="seeds or ranges (0 1 2, 100-104; default 0-4, with --confirm 1000-1004)")
+    sd.add_argument("--confirm", action="store_true",
+                    help="the confirmation of a sweep: its best grid point (reports/sweep.json, ranked on validation) "
+                         "on held-out seeds >= 1000")
+    _fan_out_arguments(sd)
+    sw = sub.add_parser("sweep", parents=[common],
+                        help="a grid of overrides times seeds, one DVC experiment per variant, shared stages computed "
+                             "once; ranked on validation accuracy (reports/sweep.md)")
+    sw.add_argument("-S", "--set", dest="axes", action="append", default=[], metavar="KEY=V1,V2",
+                    help="an axis of the grid (repeatable); one value: fixed for every variant")
+    sw.add_argument("--seeds", default="100-102", help="seeds: 100-104, or 1,3,5 (default 100-102)")
+    sw.add_argument("--id", default=None, help="the sweep's id (default: sweep-<hash> of the grid, seeds, commit, "
+                                               "params.yaml: the same sweep again runs only what is missing)")
+    sw.add_argument("--remote", default=None, help="a DVC remote for the shared stages' run-cache (workers on other "
+                                                   "machines)")
+    sw.add_argument("--window", type=int, default=50, help="with --pool: flow runs submitted and not finished at "
+                                                           "most (default 50)")
+    _fan_out_arguments(sw)
     return parser
+
+
+def _fan_out_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--jobs", type=int, default=1, help="variants at once on this machine (default 1)")
+    parser.add_argument("--pool", default=None, help="run each variant as a flow run of the deployment "
+                                                     "distill-pipeline/variant on this Prefect work pool")
 
 
 def _stage(args: argparse.Namespace, argv: list[str]) -> int:
@@ -165,7 +191,7 @@ def _report_failure(stage: str, err: Exception) -> None:
 
 
 def _orchestrate(args: argparse.Namespace, params: Any) -> int:
-    """``pipeline`` and ``seeds``: one at a time in a workspace (:mod:`flows.workspace`), before anything else.
+    """``pipeline``, ``seeds``, ``sweep``: one at a time in a workspace (:mod:`flows.workspace`), before anything else.
 
     The lock comes first: a second command stops at once naming the first, whatever its params; then what a
     stage would reject, before DVC deletes any stage's outputs.
@@ -174,8 +200,8 @@ def _orchestrate(args: argparse.Namespace, params: Any) -> int:
     from flows.workspace import WorkspaceBusy, command_line, workspace_lock
 
     _exit_on_hangup_and_term()
-    try:
-        with workspace_lock(".", command_line()):
+    try:  # a sweep's variants (seeds too) run in temporary copies: they share the workspace (flows/workspace.py)
+        with workspace_lock(".", command_line(), shared=args.cmd in ("sweep", "seeds")):
             preflight(params, ".", source=args.params)
             return _orchestrate_locked(args)
     except WorkspaceBusy as err:
@@ -197,9 +223,26 @@ def _orchestrate_locked(args: argparse.Namespace) -> int:
         if args.cmd == "pipeline":
             pipeline_flow(overrides=args.overrides, project_root=".", exp_name=args.name, force=args.force,
                           apply=args.apply)
+        elif args.cmd == "seeds":
+            seeds_flow(**_seeds_arguments(args), project_root=".", jobs=args.jobs, pool=args.pool)
         else:
-            seeds_flow(seeds=args.seeds, overrides=args.overrides, project_root=".")
+            from flows.sweep import plan_from_cli, run_sweep
+
+            plan = plan_from_cli(Path(".").resolve(), args.axes, args.seeds, args.id)
+            done = run_sweep(plan, pool=args.pool, jobs=args.jobs, remote=args.remote, window=args.window)
+            return 1 if done["failed"] else 0
     return 0
+
+
+def _seeds_arguments(args: argparse.Namespace) -> dict[str, Any]:
+    """The seeds and overrides of ``seeds``; with ``--confirm``, the sweep's best grid point on held-out seeds."""
+    from flows.seeds import confirmation
+    from flows.sweep import CONFIRM_SEEDS, parse_seeds
+
+    default = f"{CONFIRM_SEEDS}-{CONFIRM_SEEDS + 4}" if args.confirm else "0-4"
+    seeds = parse_seeds(",".join(args.seeds or [default]))
+    overrides = confirmation(Path("reports") / "sweep.json", seeds, args.overrides) if args.confirm else args.overrides
+    return {"seeds": seeds, "overrides": overrides}
 
 
 def main(argv: list[str] | None = None) -> int:

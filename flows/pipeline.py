@@ -280,10 +280,10 @@ def sweep_tags(sweep: dict[str, Any]) -> dict[str, str]:
 
 
 def finished_variant(client: Any, experiment_id: str, sweep: dict[str, Any]) -> Optional[str]:
-    """The id of a FINISHED parent run of this sweep's variant, if there is one."""
+    """The id of a FINISHED parent run of this sweep's variant, if there is one (its stage runs carry its tags too)."""
     found = client.search_runs([experiment_id], filter_string=(
         f"tags.`{SWEEP_TAG}` = '{sweep['id']}' and tags.`{VARIANT_TAG}` = '{sweep['variant']}' "
-        "and attributes.status = 'FINISHED'"), max_results=1)
+        "and tags.`distill.role` = 'pipeline' and attributes.status = 'FINISHED'"), max_results=1)
     return found[0].info.run_id if found else None
 
 

@@ -341,6 +341,27 @@ def run_on_pool(jobs: list[Job], parameters: Callable[[Job, int], dict[str, Any]
     return failures
 
 
+def check_deployment(pool: str) -> None:
+    """The variant deployment exists and runs on ``pool``.
+
+    Raises:
+        SweepError: naming how to deploy it.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    how = (f"deploy it on that pool from the project: `DISTILL_PROJECT_DIR=$PWD prefect deploy --name variant "
+           f"--pool {pool}` (README \"Sweeps\")")
+    with get_client(sync_client=True) as client:
+        try:
+            deployment = client.read_deployment_by_name(DEPLOYMENT)
+        except ObjectNotFound:
+            raise SweepError(f"the Prefect server has no deployment {DEPLOYMENT}: {how}") from None
+    if deployment.work_pool_name != pool:
+        raise SweepError(f"the deployment {DEPLOYMENT} runs on work pool {deployment.work_pool_name!r}, not "
+                         f"{pool!r}: {how}, or pass --pool {deployment.work_pool_name}")
+
+
 def _cancel(run_ids: list[Any]) -> None:
     """Cancel the sweep's flow runs that have not finished: their workers stop them (Prefect's Cancelling state)."""
     from prefect.client.orchestration import get_client
@@ -399,7 +420,8 @@ def gather(client: Any, experiment_id: str, plan: Plan) -> dict[str, dict[str, A
     names = {v.name: v for v in plan.variants}
     found: dict[str, dict[str, Any]] = {}
     runs = client.search_runs([experiment_id], filter_string=(
-        f"tags.`{SWEEP_TAG}` = '{plan.sweep_id}' and attributes.status = 'FINISHED'"), max_results=5000)
+        f"tags.`{SWEEP_TAG}` = '{plan.sweep_id}' and tags.`distill.role` = 'pipeline' "
+        "and attributes.status = 'FINISHED'"), max_results=5000)
     for run in runs:
         variant = names.get(run.data.tags.get(VARIANT_TAG, ""))
         val = {k.split(".", 1)[1]: v for k, v in run.data.metrics.items() if k.startswith("val.")}
@@ -526,6 +548,7 @@ def _run_all(plan: Plan, pending: list[Job], parameters: Callable[[Job, int], di
              pool: Optional[str], window: int) -> tuple[dict[str, str], list[str]]:
     """The shared waves the pending variants need, then those variants whose shared runs all finished."""
     if pool:
+        check_deployment(pool)
         ensure_zombie_automation(int(os.environ.get("DISTILL_SWEEP_ZOMBIE_S", 3 * HEARTBEAT_S)))
     run = (lambda jobs: run_on_pool(jobs, parameters, window=window)) if pool else (
         lambda jobs: run_here(jobs, parameters))
