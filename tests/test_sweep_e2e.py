@@ -1,0 +1,198 @@
+"""Sweeps for real (flows/sweep.py): ``python -m flows sweep`` in a throw-away git + DVC project, on the session's
+``prefect server start``, with the project's own MLflow store.
+
+* Here (``--jobs 2``): two alpha variants share one teacher, one store and one baseline, computed once; every run
+  carries the sweep's tag under one sweep parent run; the workspace stays as committed; the same sweep again runs
+  nothing.
+* On a work pool with two real ``prefect worker start --pool ... --limit 1``: a 2x2 sweep finishes although one
+  "machine" dies while its variant trains (its worker and every process the worker started, SIGKILL: Prefect's
+  flow-run process outlives a killed worker, in a session of its own; its flow run, without heartbeats, is
+  marked Crashed by the zombie automation and submitted again); DVC and MLflow show the shared
+  teacher and store computed once; the report lists all 4 variants; submitting the sweep again starts no flow run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from helpers import describe, dvc_experiments, mlflow_client, set_param, stop_process_group
+
+pytestmark = pytest.mark.slow
+
+#: Smaller than the session's tiny project: 12 images per class, no unlabeled images, the smallest models.
+SMALLER = {"data.max_per_class": 12, "data.unlabeled": False, "teacher.width": 4, "teacher.blocks": 1,
+           "teacher.train.batch_size": 32, "student.model.preset": "deit_nano", "student.train.batch_size": 32}
+POOL = "distill-sweep-test"
+
+
+@pytest.fixture
+def project(tiny_project: Path, run_cmd: Any, tmp_path: Path) -> Path:
+    path = tmp_path / "project"
+    run_cmd(["git", "clone", "-q", str(tiny_project), str(path)], tmp_path)
+    for key, value in SMALLER.items():
+        set_param(path, key, value)
+    run_cmd(["git", "commit", "-qam", "smaller"], path)
+    return path
+
+
+def sweep(run_cmd: Any, project: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    proc = run_cmd([sys.executable, "-m", "flows", "sweep", *args], project, timeout=1500, check=False, env=env)
+    assert proc.returncode == 0, describe(proc)
+    return proc
+
+
+def sweep_runs(project: Path, sweep_id: str) -> list[Any]:
+    from mlflow.entities import ViewType
+
+    client = mlflow_client(project)
+    experiment = client.get_experiment_by_name("distill")
+    return client.search_runs([experiment.experiment_id], f"tags.`distill.sweep` = '{sweep_id}'",
+                              run_view_type=ViewType.ACTIVE_ONLY, max_results=1000)
+
+
+def stage_count(runs: list[Any], stage: str) -> int:
+    return sum(r.data.tags.get("distill.stage") == stage and r.info.status == "FINISHED" for r in runs)
+
+
+def report(project: Path) -> dict[str, Any]:
+    return json.loads((project / "reports" / "sweep.json").read_text())
+
+
+def test_a_sweep_here_computes_shared_stages_once_and_runs_only_what_is_missing(project: Path, run_cmd: Any) -> None:
+    params = (project / "params.yaml").read_bytes()
+    proc = sweep(run_cmd, project, "-S", "student.alpha=0.5,0.7", "--seeds", "100", "--jobs", "2")
+    sweep_id = report(project)["sweep"]
+    runs = sweep_runs(project, sweep_id)
+    assert {stage: stage_count(runs, stage) for stage in ("data", "teacher", "soft_labels", "baseline", "student")} \
+        == {"data": 1, "teacher": 1, "soft_labels": 1, "baseline": 1, "student": 2}, proc.stdout
+    assert stage_count(runs, "evaluate") == 0  # a variant never reads the test split
+    [parent] = [r for r in runs if r.data.tags.get("distill.role") == "sweep"]
+    variants = [r for r in runs if r.data.tags.get("distill.variant", "").startswith(f"{sweep_id}-c")
+                and r.data.tags.get("distill.role") == "pipeline"]
+    assert len(variants) == 2 and all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in variants)
+    assert all(0 <= r.data.metrics["val.student"] <= 1 and "val.gain" in r.data.metrics for r in variants)
+    rows = report(project)["ranking"]
+    assert sorted(r["config"] for r in rows) == ["student.alpha=0.5", "student.alpha=0.7"]
+    assert rows[0]["student"]["mean"] >= rows[1]["student"]["mean"] and all(r["seeds"] == [100] for r in rows)
+    assert "sweep.md" in os.listdir(project / "reports") and (project / "reports/figures/sweep_val.png").is_file()
+    assert (project / "params.yaml").read_bytes() == params  # the workspace is as committed
+    assert not list((project / ".state" / "sweeps").glob("*/*/*"))  # finished: no resume state left
+    experiments = dvc_experiments(project, run_cmd)
+
+    again = sweep(run_cmd, project, "-S", "student.alpha=0.5,0.7", "--seeds", "100", "--jobs", "2")
+    assert "2 finished before, 0 to run" in again.stdout + again.stderr, describe(again)  # Prefect logs: stderr
+    assert len(sweep_runs(project, sweep_id)) == len(runs)  # no new run
+    assert dvc_experiments(project, run_cmd) == experiments
+
+
+@pytest.fixture
+def pool(project: Path, run_cmd: Any) -> dict[str, str]:
+    """The variant deployment of prefect.yaml registered on its own work pool (the deployment test has the default)."""
+    env = {"DISTILL_PROJECT_DIR": str(project)}
+    run_cmd(["prefect", "work-pool", "create", POOL, "--type", "process", "--overwrite"], project, timeout=120)
+    run_cmd(["prefect", "deploy", "--name", "variant", "--pool", POOL, "--no-prompt"], project, env=env, timeout=300)
+    return env
+
+
+@pytest.fixture
+def workers(pool: dict[str, str], project: Path, sub_env: dict[str, str], fault_plugin: dict[str, str],
+            tmp_path: Path) -> Iterator[list[tuple[subprocess.Popen, Path]]]:
+    """Two real ``prefect worker start --pool ... --limit 1``, each in its own process group; always stopped."""
+    started = []
+    for name in ("a", "b"):
+        log = tmp_path / f"worker-{name}.log"
+        env = {**sub_env, **pool, "PREFECT_WORKER_QUERY_SECONDS": "2"}
+        if name == "a":  # its first student holds at its first step (tests/faults.py) until the worker is killed
+            env.update({**fault_plugin, "DISTILL_TEST_FAULT": "student:wait@1",
+                        "DISTILL_TEST_FAULT_FILE": str(tmp_path / "release")})
+        with open(log, "w") as out:
+            started.append((subprocess.Popen(["prefect", "worker", "start", "--pool", POOL, "--limit", "1",
+                                              "--name", f"sweep-test-{name}"], cwd=project, env=env, stdout=out,
+                                             stderr=subprocess.STDOUT, start_new_session=True), log))
+    try:
+        yield started
+    finally:
+        for proc, _ in started:  # its flow runs too: Prefect starts each in a session of its own
+            if proc.poll() is None:
+                _kill_tree(proc)
+
+
+def _descendants(pid: int) -> list[int]:
+    """``pid`` and every process under it (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in (e for e in Path("/proc").iterdir() if e.name.isdigit()):
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (ValueError, OSError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        found.append(todo.pop())
+        todo += children.get(found[-1], [])
+    return found
+
+
+def _kill_machine_when_it_trains(worker: subprocess.Popen, waiting: Path, deadline: float) -> None:
+    """Once the worker's variant holds its student at the first step: SIGKILL the worker and everything it started,
+    every process group (Prefect's flow-run process, DVC and the stage each have their own), as a dying machine."""
+    while time.monotonic() < deadline and not waiting.exists():
+        time.sleep(1)
+    assert waiting.exists(), "worker a never trained a variant's student"
+    _kill_tree(worker)
+
+
+def _kill_tree(worker: subprocess.Popen) -> None:
+    groups = set()
+    for pid in _descendants(worker.pid):
+        try:
+            groups.add(os.getpgid(pid))
+        except ProcessLookupError:
+            pass
+    for group in groups:
+        try:
+            os.killpg(group, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    worker.wait()
+
+
+def test_a_sweep_on_a_work_pool_survives_a_killed_worker(project: Path, run_cmd: Any, sub_env: dict[str, str],
+                                                         workers: list[tuple[subprocess.Popen, Path]],
+                                                         tmp_path: Path) -> None:
+    args = [sys.executable, "-m", "flows", "sweep", "-S", "student.alpha=0.5,0.7", "-S", "student.tau=1,2",
+            "--seeds", "100", "--pool", POOL]
+    env = {**sub_env, "DISTILL_SWEEP_ZOMBIE_S": "60"}
+    with open(project.parent / "sweep.log", "w") as out:
+        proc = subprocess.Popen(args, cwd=project, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        _kill_machine_when_it_trains(workers[0][0], tmp_path / "release.waiting", time.monotonic() + 900)
+        rc = proc.wait(timeout=1500)
+    finally:
+        stop_process_group(proc)
+    output = (project.parent / "sweep.log").read_text()
+    context = f"{output[-6000:]}\n--- killed worker ---\n{workers[0][1].read_text()[-3000:]}"
+    assert rc == 0, context
+    assert "submitted again" in output, context  # the killed worker's variant ran again
+    rows = report(project)["ranking"]
+    assert len(rows) == 4 and all(r["seeds"] == [100] and not r["failed"] for r in rows), rows
+    sweep_id = report(project)["sweep"]
+    runs = sweep_runs(project, sweep_id)
+    assert stage_count(runs, "teacher") == 1 and stage_count(runs, "soft_labels") == 1, context
+    assert stage_count(runs, "student") >= 4
+    teachers = [name for name in dvc_experiments(project, run_cmd) if name.startswith(f"{sweep_id}-teacher")]
+    assert len(teachers) == 1  # DVC: one experiment computed the teacher, the variants restored it
+
+    again = sweep(run_cmd, project, *args[4:], env={"DISTILL_SWEEP_ZOMBIE_S": "60"})
+    logged = again.stdout + again.stderr
+    assert "4 finished before, 0 to run" in logged and "(attempt" not in logged, describe(again)
