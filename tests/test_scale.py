@@ -26,6 +26,10 @@ What the teacher and the baseline draw per step (random crops, seeded by step *a
 between 1 and 2 processes, so their 2-process runs are equivalent in distribution, not in value; the
 student test is the exact check of the multi-process arithmetic.
 
+Two "machines" on this host (docs/scaling.md section 3): the student stage started twice at once with
+``DISTILL_LAUNCH_ARGS="--num_machines 2 --machine_rank 0|1 --main_process_ip 127.0.0.1 ..."``, one process each,
+gets the same weights as one machine with 2 processes (the same ranks, the same batches: within 1e-4).
+
 Also here: the launch that ``python -m flows stage`` (what ``dvc.yaml`` runs) does when the environment
 asks for several processes, bf16 autocast and ``torch.compile`` through accelerate on the CPU, a real
 ``mlflow server`` (SQLite + proxied artifacts), and a DVC local remote round trip.
@@ -189,6 +193,50 @@ def test_two_processes_train_the_student_like_one_process_accumulating_two_batch
     assert diff["val_loss"] <= 1e-3, diff
     assert diff["val_acc"] <= 1 / num_val + 1e-9, diff
     assert diff["train_loss"] <= 0.05, diff
+
+
+def _even_batches(project: Path) -> None:
+    """A batch size giving an even number of full batches per epoch (see the test above)."""
+    n_train = _read_json(project / "metrics" / "data.json")["num_train"]
+    set_param(project, "student.train.batch_size", next(b for b in range(64, 7, -1) if (n_train // b) % 2 == 0))
+    set_param(project, "student.train.grad_accum", 1)
+
+
+@pytest.mark.slow
+def test_two_machines_train_the_student_like_one_machine_with_two_processes(scale_project, run_cmd, sub_env,
+                                                                           tmp_path):
+    """docs/scaling.md section 3 on one host: ``accelerate launch --num_machines 2 --machine_rank 0/1`` over gloo,
+    one process per "machine", the same stage command on both at once; machine 1 runs bare (``--no-prefect``)."""
+    project = scale_project
+    _even_batches(project)
+    run_cmd([sys.executable, "-m", "flows", "stage", "student", "--no-prefect"], project, timeout=300,
+            env={**GROUP_ENV, "DISTILL_NUM_PROCESSES": "2"})
+    ref_model = tmp_path / "student-1machine.safetensors"
+    ref_model.write_bytes((project / "models" / "student.safetensors").read_bytes())
+    (project / "models" / "student.safetensors").unlink()
+
+    port = free_port()
+    machines = []
+    for rank in (0, 1):
+        env = {**GROUP_ENV, "DISTILL_NUM_PROCESSES": "2", "DISTILL_LAUNCH_ARGS": (
+            f"--num_machines 2 --machine_rank {rank} --main_process_ip 127.0.0.1 --main_process_port {port}")}
+        log = open(tmp_path / f"machine-{rank}.log", "w")  # noqa: SIM115 - closed below
+        machines.append((subprocess.Popen([sys.executable, "-m", "flows", "stage", "student", "--no-prefect"],
+                                          cwd=project, env={**sub_env, **env}, stdout=log, stderr=subprocess.STDOUT,
+                                          start_new_session=True), log))
+    try:
+        codes = [proc.wait(timeout=300) for proc, _ in machines]
+    finally:
+        for proc, log in machines:
+            stop_process_group(proc)
+            log.close()
+    logs = [(tmp_path / f"machine-{rank}.log").read_text() for rank in (0, 1)]
+    assert codes == [0, 0], "\n---\n".join(logs)
+    assert all("--num_machines 2" in text for text in logs), logs  # each went through accelerate launch
+    assert logs[0].count("[student] done") == 1 and "[student] done" not in logs[1], logs  # machine 0 writes
+    diff = _max_weight_diff(ref_model, project / "models" / "student.safetensors")
+    print(f"\n1 machine x 2 processes vs 2 machines x 1 process (student): max |dw| = {diff:.2e}")
+    assert diff <= 1e-4, diff
 
 
 @pytest.mark.slow
