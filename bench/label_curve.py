@@ -108,6 +108,9 @@ def plot(summary: dict[str, Any], path: Path, split: str) -> None:
             mean = [100 * s["mean"] for s in stats]
             ax.plot([int(x) for x in xs], mean, marker=marker, color=color, label=label)
             if all(s["n"] > 1 for s in stats):
+                ax.errorbar([int(x) for x in xs], mean, yerr=[[m - 100 * s["ci95"][0] for m, s in zip(mean, stats)],
+                                                               [100 * s["ci95"][1] - m for m, s in zip(mean, stats)]],
+                            fmt="none", ecolor=color, capsize=4)
                 ax.fill_between([int(x) for x in xs], [100 * s["ci95"][0] for s in stats],
                                 [100 * s["ci95"][1] for s in stats], color=color, alpha=0.18, linewidth=0)
         n = by_labels[xs[0]]["student.top1"]["n"]
