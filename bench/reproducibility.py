@@ -15,23 +15,24 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _bench import ROOT, machine, write_json  # noqa: E402
+
+from distill.tracking import git_commit  # noqa: E402
 
 ONE_RUN = """
-import hashlib, json, sys
+import json, sys
 from pathlib import Path
 import torch
 torch.set_num_threads(int(sys.argv[1]))
-from safetensors.torch import load_file
+from distill.checkpoint import read_metadata
 from distill.config import Paths, load_params
 from distill.stages.runner import run_stage
 out = Path(sys.argv[2]); paths = Paths(out)
@@ -39,8 +40,7 @@ out = Path(sys.argv[2]); paths = Paths(out)
 params = load_params("params.yaml")
 for stage in ("data", "teacher"):
     run_stage(stage, params, paths, dvc_yaml="dvc.yaml")
-w = load_file(str(paths.model("teacher")))
-digest = hashlib.sha256(b"".join(w[k].numpy().tobytes() for k in sorted(w))).hexdigest()
+digest = read_metadata(paths.model("teacher"))["weights_sha256"]  # what the checkpoint records of its weights
 rows = (out / "plots" / "teacher.csv").read_text().splitlines()
 print(json.dumps({"weights_sha256": digest, "first_epoch": rows[1], "last_epoch": rows[-1],
                   "val_top1": json.loads(paths.metrics("teacher").read_text())["val_acc"]}))
@@ -76,11 +76,10 @@ def main(argv: list[str] | None = None) -> int:
         distinct = len({h for hs in by_threads.values() for h in hs})
         print(f"distinct weights across thread counts: {distinct}")
     if args.out:
-        args.out.write_text(json.dumps({
+        write_json(args.out, {
             "command": "python bench/reproducibility.py " + " ".join(sys.argv[1:] if argv is None else argv),
-            "machine": f"{platform.platform()}, {platform.processor() or platform.machine()}",
-            "code": hashlib.sha256((ROOT / "params.yaml").read_bytes()).hexdigest()[:12] + " (params.yaml)",
-            "runs": runs, "identical_for_same_threads": same}, indent=2) + "\n")
+            "machine": machine(1, "see runs"), "commit": git_commit(ROOT),
+            "runs": runs, "identical_for_same_threads": same})
     return 0 if all(same.values()) else 1
 
 
