@@ -54,8 +54,8 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -65,7 +65,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import Model
 
 from distill.serving import servable_checkpoint, servable_spec
-from distill.tracking import Tracker
+from distill.tracking import Tracker, using_tracking_uri
 
 __all__ = ["CANDIDATE", "CHAMPION", "RegistryError", "Score", "dataset_alias", "gate_verdict",
            "log_and_register_model", "log_and_register_student", "promotion_note", "register_student"]
@@ -242,7 +242,7 @@ def log_and_register_model(tracker: Tracker, spec: Callable[[], AbstractContextM
 
     def log_and_register(client: Any) -> dict[str, Any]:
         # The global URI too: Model.log takes none, and MLflow's SQL registry resolves a models:/ source with it.
-        with spec() as kwargs, _tracking_uri(uri):
+        with spec() as kwargs, using_tracking_uri(uri):
             model_id = _new_logged_model(client, run_id, name)
             info = Model.log(artifact_path=None, name=name, flavor=flavor, run_id=run_id, model_id=model_id, **kwargs)
             return _register(client, source=info.model_uri, run_id=run_id, model_id=info.model_id,
@@ -280,20 +280,6 @@ def _new_logged_model(client: Any, run_id: str, name: str) -> str:
     run = client.get_run(run_id)
     return client.create_logged_model(run.info.experiment_id, name=name, source_run_id=run_id,
                                       params=dict(run.data.params)).model_id
-
-
-@contextmanager
-def _tracking_uri(uri: str) -> Iterator[None]:
-    """Point MLflow's global tracking URI at ``uri`` for the block."""
-    previous = mlflow.get_tracking_uri()
-    if previous == uri:
-        yield
-        return
-    mlflow.set_tracking_uri(uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(previous)
 
 
 def _check_source(client: Any, run_id: str, artifact_path: str) -> None:

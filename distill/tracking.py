@@ -58,7 +58,7 @@ from distill.io import file_md5
 __all__ = ["Tracker", "NullTracker", "NO_TRACKING", "MlflowTracker", "TrackingUnavailableError", "tracking_uri",
            "check_tracking_server", "open_experiment", "create_pipeline_run", "stage_run", "git_commit",
            "dvc_input_hashes", "mlflow_experiment_name", "log_headline", "runs_url", "system_metrics_monitor",
-           "PARENT_RUN_METRICS",
+           "PARENT_RUN_METRICS", "tracking_uri_state", "restore_tracking_uri", "using_tracking_uri",
            "EXPERIMENT_KIND", "LOCAL_UI"]
 
 #: The experiment's kind: model training, not GenAI (MLflow 3.17's UI switch overrides it: see :func:`runs_url`).
@@ -470,6 +470,44 @@ def pipeline_key(project_root: Path) -> str:
     h.update(params.read_bytes() if params.is_file() else b"")
     h.update(os.environ.get("DVC_EXP_NAME", "").encode())
     return h.hexdigest()[:16]
+
+
+def tracking_uri_state() -> tuple[Optional[str], Optional[str]]:
+    """MLflow's process-wide tracking URI as set in code (``None`` when only the environment names the store) and
+    ``MLFLOW_TRACKING_URI``: what :func:`restore_tracking_uri` puts back.
+
+    ``mlflow.get_tracking_uri()`` cannot be used to save it: it returns the resolved URI, and setting that back pins
+    the process to it for good (a URI set in code wins over the environment variable, and ``set_tracking_uri`` also
+    writes the variable), so a later ``MLFLOW_TRACKING_URI`` would be ignored.
+    """
+    from mlflow.tracking._tracking_service import utils
+
+    return utils._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
+
+
+def restore_tracking_uri(state: tuple[Optional[str], Optional[str]]) -> None:
+    """Put back the state :func:`tracking_uri_state` saved (``set_tracking_uri(None)`` unsets the code's URI)."""
+    import mlflow
+
+    in_code, env = state
+    mlflow.set_tracking_uri(in_code)
+    if env is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = env
+
+
+@contextmanager
+def using_tracking_uri(uri: str) -> Iterator[None]:
+    """Point MLflow's process-wide tracking URI at ``uri`` for the block, then restore exactly what was there."""
+    import mlflow
+
+    state = tracking_uri_state()
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        restore_tracking_uri(state)
 
 
 def open_experiment(project_root: str | Path = ".") -> tuple[Any, str]:

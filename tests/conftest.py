@@ -26,6 +26,8 @@ from typing import Iterator, Optional
 
 import pytest
 
+from distill.tracking import restore_tracking_uri, tracking_uri_state
+
 from helpers import (
     GIT_IDENTITY,
     REPO,
@@ -153,6 +155,16 @@ def _test_process_mlflow_store(tmp_path_factory: pytest.TempPathFactory) -> Iter
         os.environ.pop("MLFLOW_TRACKING_URI", None)
     else:
         os.environ["MLFLOW_TRACKING_URI"] = previous
+
+
+@pytest.fixture(autouse=True)
+def _mlflow_uri_restored() -> Iterator[None]:
+    """Each test leaves MLflow's process-wide tracking URI as it found it: the product's ``open_experiment`` sets it
+    in code, and a URI set in code overrides every later test's ``MLFLOW_TRACKING_URI`` (CI ran the whole suite in
+    one process and a model load went to another test's store)."""
+    state = tracking_uri_state()
+    yield
+    restore_tracking_uri(state)
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ from test_serving import CLASSES, raw_images, student_checkpoint
 
 from distill.registry import RegistryError, Score, dataset_alias, log_and_register_student, register_student
 from distill.serving import save_servable
-from distill.tracking import MlflowTracker, NullTracker
+from distill.tracking import MlflowTracker, NullTracker, restore_tracking_uri, tracking_uri_state, using_tracking_uri
 
 MODEL = "deit-student-test"
 LOGGED = "deit-student-logged"
@@ -20,7 +20,7 @@ DIGITS, CIFAR = "digits-fingerprint:test", "cifar-fingerprint:test"
 def store(tmp_path_factory):
     """One SQLite store for the module (MLflow's schema migration takes seconds); URI restored afterwards."""
     root = tmp_path_factory.mktemp("mlflow")
-    previous = mlflow.get_tracking_uri()
+    previous = tracking_uri_state()
     mlflow.set_tracking_uri(f"sqlite:///{root}/mlflow.db")
     client = MlflowClient()
     experiment_id = client.create_experiment("registry-test", artifact_location=root.as_uri() + "/artifacts")
@@ -28,7 +28,7 @@ def store(tmp_path_factory):
     model_dir.mkdir()
     (model_dir / "student.safetensors").write_bytes(b"not really weights")
     yield client, experiment_id, model_dir
-    mlflow.set_tracking_uri(previous)
+    restore_tracking_uri(previous)
 
 
 def _register(store, metric, dataset_key, *, baseline=None, model_name=MODEL):
@@ -119,13 +119,8 @@ def test_quality_gate_a_student_must_beat_its_own_baseline(store):
 def test_unusable_store_names_the_uri(store, tmp_path):
     (tmp_path / "a_file").write_text("")
     bad = f"sqlite:///{tmp_path}/a_file/mlflow.db"  # a database inside a regular file cannot be created
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(bad)
-    try:
-        with pytest.raises(RegistryError, match="a_file/mlflow.db"):
-            register_student(run_id="0" * 32, artifact_path="student_model", model_name=MODEL, score=Score(0.5, DIGITS))
-    finally:
-        mlflow.set_tracking_uri(previous)
+    with using_tracking_uri(bad), pytest.raises(RegistryError, match="a_file/mlflow.db"):
+        register_student(run_id="0" * 32, artifact_path="student_model", model_name=MODEL, score=Score(0.5, DIGITS))
 
 
 def test_missing_run_or_artifact_is_refused(store):

@@ -227,3 +227,20 @@ def test_plain_dvc_repro_stage_runs_carry_the_tags_with_current_hashes(tiny_proj
     assert [d.dataset.name for d in runs[-1].inputs.dataset_inputs] == ["digits"]
     parent = mlflow_client(project).get_run(tags["mlflow.parentRunId"])
     assert parent.data.tags["distill.role"] == "pipeline" and parent.data.tags["git_commit"] == commit
+
+
+def test_a_borrowed_tracking_uri_leaves_the_environment_in_charge(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """After the registry borrows MLflow's process-wide URI (and after a test's ``open_experiment``, through the
+    conftest's restore), a later ``MLFLOW_TRACKING_URI`` still decides where MLflow goes. Saving
+    ``mlflow.get_tracking_uri()`` and setting it back pinned the process to the old store: CI loaded a model from
+    another test's store."""
+    first, borrowed, later = (f"sqlite:///{tmp_path / name}/mlflow.db" for name in ("first", "borrowed", "later"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", first)
+    state = tracking.tracking_uri_state()
+    with tracking.using_tracking_uri(borrowed):
+        assert mlflow.get_tracking_uri() == borrowed
+    assert tracking.tracking_uri_state() == state
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", later)
+    assert mlflow.get_tracking_uri() == later
+    mlflow.set_tracking_uri(borrowed)  # what open_experiment does; the conftest puts the state back after each test
