@@ -167,6 +167,14 @@ def _mlflow_uri_restored() -> Iterator[None]:
     restore_tracking_uri(state)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _mlflow_uri_restored_per_module() -> Iterator[None]:
+    """The same for a module's own fixtures (a module-scoped store stays set for its tests, and goes with them)."""
+    state = tracking_uri_state()
+    yield
+    restore_tracking_uri(state)
+
+
 @pytest.fixture(scope="session")
 def committed_project(tiny_project: Path, run_cmd: RunCmd, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A clone of ``tiny_project`` after one ``dvc repro`` (on the session's Prefect server), its results committed:
