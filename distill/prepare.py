@@ -245,11 +245,30 @@ def _assign(train: _Pool, *, val: _Pool | None, test: _Pool | None, extra: _Pool
 
 
 def _digits_pool() -> tuple[_Pool, list[str]]:
+    pixels, target = _digits_arrays()
+    images = np.rint(pixels.reshape(-1, 1, 8, 8) * (255.0 / 16.0)).astype(np.uint8)  # (1797, 1, 8, 8), 0..255
+    return _Pool(folder="", labels=target, images=images), [str(n) for n in range(10)]
+
+
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's ``load_digits()``: ``(data, target)``, 1797 x 64 pixels in 0..16 and their labels.
+
+    Read from the file the function reads (``sklearn/datasets/data/digits.csv.gz``: 64 pixels and the label per
+    row), found without importing scikit-learn: its import takes seconds (SciPy with it), and the data stage, DVC's
+    ``check_params`` of every run and every variant, and the commands' pre-flight all plan digits. Any other layout
+    of the package falls back to ``load_digits`` itself (tests/test_data.py compares the two).
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("sklearn")
+    csv = Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz" if spec and spec.origin else None
+    if csv is not None and csv.is_file():
+        data = np.loadtxt(csv, delimiter=",")
+        return data[:, :-1], data[:, -1].astype(np.int64)
     from sklearn.datasets import load_digits
 
     d = load_digits()
-    images = np.rint(d.images * (255.0 / 16.0)).astype(np.uint8)[:, None]  # (1797, 1, 8, 8), 0..16 -> 0..255
-    return _Pool(folder="", labels=d.target.astype(np.int64), images=images), [str(n) for n in d.target_names]
+    return d.data, d.target.astype(np.int64)
 
 
 def _torchvision_root(name: str, root: str | Path | None) -> Path:
