@@ -15,9 +15,10 @@
   recipe) marks it Crashed; the sweep then submits it again, and a live worker runs it. Without a pool, the
   variants run here, ``--jobs`` at a time (Prefect tasks on a thread pool, each calling the pipeline flow).
 * **Shared stages once.** Variants that agree on every param a stage and its upstream stages read share that stage.
-  Before the variants fan out, each teacher that two or more variants share is computed by one ``dvc exp run --temp
-  ... teacher`` (wave 1), then each shared soft-label store and baseline (wave 2); the variants then find them in
-  DVC's run-cache (``Stage 'teacher' is cached - skipping run``), so no two runs ever compute the same stage. With a
+  Before the variants fan out, each teacher, soft-label store and baseline that two or more variants share is
+  computed once, by one ``dvc exp run --temp ... teacher soft_labels baseline`` per first variant that shares them
+  (an alpha sweep: one run; wave 2 only for a store on a teacher another run computes); the variants then find them
+  in DVC's run-cache (``Stage 'teacher' is cached - skipping run``), so no two runs ever compute the same stage. With a
   DVC remote (``--remote``), every run fetches the run-cache first and pushes it after, for workers elsewhere.
 * **Gathered in one place.** The sweep id (``sweep-<hash>`` of the grid, the seeds, the base overrides, the commit
   and ``params.yaml``; or ``--id``) is the tag ``distill.sweep`` on every run of the sweep, all under one MLflow
@@ -212,24 +213,34 @@ def make_plan(root: Path, axes: list[tuple[str, list[str]]], seeds: list[int], b
 
 
 def _plan_shared(plan: Plan, keys: list[dict[str, str]]) -> None:
-    """Wave 1: each teacher two or more variants share; wave 2: each shared store and baseline."""
+    """The shared runs: each stage result that two or more variants share, computed once, in as few runs as can be.
+
+    A shared result's run is that of its first variant (in grid order): the teacher, store and baseline that one
+    variant shares with others are one DVC run (an alpha sweep's whole shared work is one run, not three). Wave 1:
+    the runs that compute their own teacher, or need none (a baseline reads no teacher); wave 2: a store on a
+    teacher that a wave-1 run computes (a sweep over the store's own params).
+    """
+    groups: dict[tuple[str, str], list[int]] = {}
+    for i, k in enumerate(keys):
+        for stage in SHARED_STAGES:
+            groups.setdefault((stage, k[stage]), []).append(i)
+    by_first: dict[int, list[tuple[str, str]]] = {}
+    for group, members in groups.items():
+        if len(members) > 1:
+            by_first.setdefault(members[0], []).append(group)
     needs: dict[str, list[str]] = {v.name: [] for v in plan.variants}
-    for stages in (("teacher",), ("soft_labels", "baseline")):
-        jobs = []
-        for stage in stages:
-            groups: dict[str, list[int]] = {}
-            for i, k in enumerate(keys):
-                groups.setdefault(k[stage], []).append(i)
-            for n, members in enumerate(g for g in groups.values() if len(g) > 1):
-                first = plan.variants[members[0]]
-                job = Job(f"{plan.sweep_id}-{stage.replace('_', '')}{n + 1}", first.overrides, first.config,
-                          first.seed, targets=(stage,))
-                jobs.append(job)
-                for i in members:
-                    needs[plan.variants[i].name].append(job.name)
-        if jobs:
-            plan.waves.append(jobs)
-    plan.variants = [Job(v.name, v.overrides, v.config, v.seed, v.targets, tuple(needs[v.name])) for v in plan.variants]
+    waves: list[list[Job]] = [[], []]
+    for n, (first, shared) in enumerate(sorted(by_first.items()), 1):
+        rep = plan.variants[first]
+        stages = tuple(stage for stage, _ in shared)
+        job = Job(f"{plan.sweep_id}-shared{n}", rep.overrides, rep.config, rep.seed, targets=stages)
+        waves["soft_labels" in stages and "teacher" not in stages].append(job)
+        for group in shared:
+            for i in groups[group]:
+                needs[plan.variants[i].name].append(job.name)
+    plan.waves = [wave for wave in waves if wave]
+    plan.variants = [Job(v.name, v.overrides, v.config, v.seed, v.targets, tuple(dict.fromkeys(needs[v.name])))
+                     for v in plan.variants]
 
 
 def _upstream(stages: dict[str, dict[str, Any]], stage: str) -> list[str]:

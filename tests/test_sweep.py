@@ -70,9 +70,10 @@ def test_seeds() -> None:
 def test_variants_that_change_only_the_student_share_teacher_store_and_baseline(project: Path) -> None:
     plan = plan_from_cli(project, ["student.alpha=0.5,0.7", "student.tau=1,2", "student.train.epochs=30"], "100")
     assert len(plan.variants) == 4 and plan.seeds == [100]
-    assert [[j.targets for j in wave] for wave in plan.waves] == [[("teacher",)], [("soft_labels",), ("baseline",)]]
+    # one run computes the teacher, the store and the baseline they all share
+    assert [[j.targets for j in wave] for wave in plan.waves] == [[("teacher", "soft_labels", "baseline")]]
     shared = {j.name for wave in plan.waves for j in wave}
-    assert all(set(v.needs) == shared for v in plan.variants)
+    assert all(v.needs == (f"{plan.sweep_id}-shared1",) for v in plan.variants) and len(shared) == 1
     assert all(v.targets == ("student", "baseline") for v in plan.variants)  # no variant reads the test split
     assert all("student.train.epochs=30" in v.overrides and "seed=100" in v.overrides for v in plan.variants)
     assert {v.config for v in plan.variants} == {"student.alpha=0.5 student.tau=1", "student.alpha=0.5 student.tau=2",
@@ -83,16 +84,33 @@ def test_variants_that_change_only_the_student_share_teacher_store_and_baseline(
 def test_what_the_baseline_reads_splits_it_and_seeds_split_everything(project: Path) -> None:
     # the baseline reads student.distillation (dvc.yaml), the store does not; every seed has its own data
     plan = plan_from_cli(project, ["student.alpha=0.5,0.7", "student.distillation=soft,hard"], "100-101")
-    waves = [[j.targets[0] for j in wave] for wave in plan.waves]
-    assert waves == [["teacher"] * 2, ["soft_labels"] * 2 + ["baseline"] * 4], waves
+    # per seed: one run for its teacher, store and first baseline (soft), one for the other baseline (hard); a
+    # baseline reads no teacher, so all four go in wave 1
+    assert [[j.targets for j in wave] for wave in plan.waves] == [
+        [("teacher", "soft_labels", "baseline")] * 2 + [("baseline",)] * 2]
     for v in plan.variants:  # each variant needs its seed's teacher and store and its own baseline
         needed = [j for wave in plan.waves for j in wave if j.name in v.needs]
-        assert {j.seed for j in needed} == {v.seed} and len(needed) == 3
-        baseline = next(j for j in needed if j.targets == ("baseline",))
-        assert baseline.config.split()[1] == v.config.split()[1]  # the same distillation
+        assert {j.seed for j in needed} == {v.seed}
+        assert {t for j in needed for t in j.targets} == {"baseline", "soft_labels", "teacher"}
+        own = [j for j in needed if "baseline" in j.targets and j.config.split()[1] == v.config.split()[1]]
+        assert len(own) == 1  # the run that computes its baseline (the same distillation)
     assert plan.waves_for([]) == []
     one = plan.variants[0]
-    assert [len(w) for w in plan.waves_for([one])] == [1, 2]
+    assert [len(w) for w in plan.waves_for([one])] == [1]
+    hard = next(v for v in plan.variants if "hard" in v.config)
+    assert [[j.targets for j in w] for w in plan.waves_for([hard])] == [[("teacher", "soft_labels", "baseline"),
+                                                                           ("baseline",)]]
+
+
+def test_a_store_on_a_shared_teacher_waits_for_it(project: Path) -> None:
+    # soft_labels.views splits the store, not the teacher: the second store runs after the teacher's run
+    plan = plan_from_cli(project, ["soft_labels.views=2,3", "student.alpha=0.5,0.7"], "100")
+    assert [[j.targets for j in wave] for wave in plan.waves] == [[("teacher", "soft_labels", "baseline")],
+                                                                  [("soft_labels",)]]
+    late = plan.waves[1][0]
+    assert "soft_labels.views=3" in late.overrides
+    first = plan.waves[0][0].name
+    assert all({late.name, first} <= set(v.needs) for v in plan.variants if "views=3" in v.config)
 
 
 def test_a_sweep_over_seeds_shares_nothing(project: Path) -> None:

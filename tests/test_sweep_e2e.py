@@ -190,8 +190,8 @@ def test_a_sweep_on_a_work_pool_survives_a_killed_worker(project: Path, run_cmd:
     runs = sweep_runs(project, sweep_id)
     assert stage_count(runs, "teacher") == 1 and stage_count(runs, "soft_labels") == 1, context
     assert stage_count(runs, "student") >= 4
-    teachers = [name for name in dvc_experiments(project, run_cmd) if name.startswith(f"{sweep_id}-teacher")]
-    assert len(teachers) == 1  # DVC: one experiment computed the teacher, the variants restored it
+    shared = [name for name in dvc_experiments(project, run_cmd) if name.startswith(f"{sweep_id}-shared")]
+    assert len(shared) == 1  # DVC: one experiment computed teacher, store and baseline; the variants restored them
 
     again = sweep(run_cmd, project, *args[4:], env={"DISTILL_SWEEP_ZOMBIE_S": "60"})
     logged = again.stdout + again.stderr
