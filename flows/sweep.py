@@ -19,7 +19,8 @@
   computed once, by one ``dvc exp run --temp ... teacher soft_labels baseline`` per first variant that shares them
   (an alpha sweep: one run; wave 2 only for a store on a teacher another run computes); the variants then find them
   in DVC's run-cache (``Stage 'teacher' is cached - skipping run``), so no two runs ever compute the same stage. With a
-  DVC remote (``--remote``), every run fetches the run-cache first and pushes it after, for workers elsewhere.
+  DVC remote (``--remote``, the project's default remote), every run pulls what it can restore from it (``dvc exp
+  run --pull``: run-cache entries and their outputs) and pushes its outputs and the run-cache after.
 * **Gathered in one place.** The sweep id (``sweep-<hash>`` of the grid, the seeds, the base overrides, the commit
   and ``params.yaml``; or ``--id``) is the tag ``distill.sweep`` on every run of the sweep, all under one MLflow
   parent run. Results come from MLflow, not from Prefect's result API (unreliable there: #14397, #17557): each
@@ -54,6 +55,7 @@ from distill.config import ParamsError, apply_overrides, dvc_stages, load_raw, p
 from flows.pipeline import (
     SWEEP_TAG,
     VARIANT_TAG,
+    check_remote,
     flow_run_holder,
     interrupt_dvc,
     pipeline_flow,
@@ -183,6 +185,13 @@ def sweep_id_of(root: Path, configs: list[tuple[str, ...]], seeds: list[int], ba
     return f"sweep-{h.hexdigest()[:8]}"
 
 
+def variant_name(sweep_id: str, overrides: list[str], seed: int) -> str:
+    """``<sweep>-<6 hex of the overrides>-s<seed>``: named by what it runs, not by its place in the grid, so a sweep
+    given the same ``--id`` with values added or removed finds its finished variants and no other (a grid index
+    would name another grid point after the change)."""
+    return f"{sweep_id}-{hashlib.sha256(' '.join(overrides).encode()).hexdigest()[:6]}-s{seed}"
+
+
 def make_plan(root: Path, axes: list[tuple[str, list[str]]], seeds: list[int], base: Optional[list[str]] = None,
               sweep_id: Optional[str] = None, targets: tuple[str, ...] = VARIANT_TARGETS) -> Plan:
     """The variants of ``axes`` x ``seeds`` (every one validated) and the shared runs they need.
@@ -201,12 +210,13 @@ def make_plan(root: Path, axes: list[tuple[str, list[str]]], seeds: list[int], b
     raw = load_raw(root / "params.yaml")
     stages = dvc_stages(root / "dvc.yaml")
     variants, keys = [], []
-    for (i, config), seed in itertools.product(enumerate(configs, 1), seeds):
+    for config, seed in itertools.product(configs, seeds):
         overrides = (*base, *config, f"seed={seed}")
         resolved = apply_overrides(raw, list(overrides))
         parse_params(resolved, source=f"params.yaml with -S {' -S '.join(overrides)}")
         keys.append(stage_keys(stages, resolved))
-        variants.append(Job(f"{sweep_id}-c{i}-s{seed}", overrides, " ".join(config), seed, targets=targets))
+        variants.append(Job(variant_name(sweep_id, [*base, *config], seed), overrides, " ".join(config), seed,
+                            targets=targets))
     plan = Plan(sweep_id, configs, seeds, variants, base=base)
     _plan_shared(plan, keys)
     return plan
@@ -597,6 +607,8 @@ def run_sweep(plan: Plan, *, project_root: str = ".", pool: Optional[str] = None
 
     if jobs < 1 or window < 1:
         raise SweepError(f"--jobs and --window must be at least 1 (got {jobs} and {window})")
+    if remote:
+        check_remote(Path(project_root).resolve(), remote)
     runner = sweep_flow.with_options(task_runner=ThreadPoolTaskRunner(max_workers=jobs),
                                      flow_run_name=plan.sweep_id)
     return runner(plan=plan, project_root=project_root, pool=pool, remote=remote, window=window)

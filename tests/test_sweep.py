@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -126,7 +127,12 @@ def test_the_same_sweep_has_the_same_id_and_another_one_another(project: Path) -
     assert plan_from_cli(project, ["student.alpha=0.5,0.8"], "1-2").sweep_id != first.sweep_id
     (project / "params.yaml").write_text((project / "params.yaml").read_text().replace("tau: 1.0", "tau: 2.0"))
     assert plan_from_cli(project, ["student.alpha=0.5,0.7"], "1-2").sweep_id != first.sweep_id
-    assert plan_from_cli(project, ["student.alpha=0.5,0.7"], "1-2", sweep_id="mine").variants[0].name == "mine-c1-s1"
+    mine = plan_from_cli(project, ["student.alpha=0.5,0.7"], "1-2", sweep_id="mine").variants
+    assert re.fullmatch(r"mine-[0-9a-f]{6}-s1", mine[0].name)
+    # the same --id with a value added in front: the finished variants keep their names, the new one has its own
+    grown = plan_from_cli(project, ["student.alpha=0.3,0.5,0.7"], "1-2", sweep_id="mine").variants
+    assert {v.name for v in mine} < {v.name for v in grown} and len({v.name for v in grown}) == 6
+    assert {v.name: v.config for v in mine}.items() <= {v.name: v.config for v in grown}.items()
 
 
 @pytest.mark.parametrize("sets, match", [(["seed=1,2"], "--seeds"), (["student.alpha=0.5,0.7", "student.alpha=0.9,1"],
