@@ -35,6 +35,7 @@ from flows.stage import PARENT_ENV, publish_report
 from flows.workspace import apply_to_params_file, workspace_lock
 
 __all__ = ["pipeline_flow", "StageFailed", "run_dvc", "experiment_name", "flow_run_holder", "check_committed",
+           "check_remote",
            "applied", "experiment_metrics", "experiment_files", "where_to_look", "sweep_tags", "finished_variant",
            "SWEEP_TAG", "VARIANT_TAG", "CONFIG_TAG", "SEED_TAG", "VALIDATION_FILES", "interrupt_dvc"]
 
@@ -130,7 +131,8 @@ def pipeline_flow(overrides: Optional[list[str]] = None, project_root: str = "."
         committed: refuse to run unless ``params.yaml`` is the committed one (the ``default`` deployment).
         sweep: this run's place in a sweep (:mod:`flows.sweep`): ``id``, ``variant``, ``parent`` (the sweep's
             MLflow run), ``config``, ``seed``, and optionally ``targets`` (the stages to run: a shared stage) and
-            ``remote`` (a DVC remote to fetch the run-cache from and push it to). Always in a temporary copy,
+            ``remote`` (the default DVC remote: ``dvc exp run --pull`` restores from it what other machines
+            computed, and the run's outputs and run-cache are pushed to it). Always in a temporary copy,
             holding the workspace lock shared; a variant that already finished in MLflow is not run again.
 
     Returns:
@@ -210,12 +212,12 @@ def _pipeline(root: Path, overrides: list[str], resolved: dict[str, Any], *, exp
     # In the workspace the values are in params.yaml already (--apply): DVC's -S would rewrite the file its own way.
     cmd = (["dvc", "exp", "run", "--name", exp_name] + (["--temp"] if temp else [])
            + [a for o in (overrides if temp else []) for a in ("-S", o)] + (["-f"] if force else [])
-           + list(sweep.get("targets") or []))
+           + (["--pull"] if sweep.get("remote") else []) + list(sweep.get("targets") or []))
     logger.info("DVC experiment %s: %s (MLflow parent run %s)", exp_name, " ".join(cmd), parent)
     parent_run = MlflowTracker(parent, uri=tracking_uri(root))  # an outage must not fail finished stages
     status = "FAILED"
     try:
-        with _shared_cache(root, env, sweep.get("remote")):
+        with _shared_cache(root, env, sweep.get("remote"), exp_name):
             run_dvc(cmd, cwd=root, env=env)
         if sweep:
             _log_sweep_metrics(parent_run, root, exp_name)
@@ -313,21 +315,60 @@ def _log_sweep_metrics(parent_run: MlflowTracker, root: Path, exp_name: str) -> 
 
 
 @contextmanager
-def _shared_cache(root: Path, env: dict[str, str], remote: Optional[str]) -> Iterator[None]:
-    """With a DVC remote: its run-cache fetched before the run, and this run's pushed after (other machines' runs
-    restore the shared stages from it). A remote that fails is a warning: the stages then run here."""
-    if remote:
-        _dvc_quietly(["dvc", "fetch", "--run-cache", "-r", remote], root, env)
+def _shared_cache(root: Path, env: dict[str, str], remote: Optional[str], exp_name: str) -> Iterator[None]:
+    """With a DVC remote: after the run, the run-cache and every file its entries name pushed to it, so that other
+    machines' runs restore those stages instead of computing them. (``dvc push --run-cache`` moves the entries
+    only, not the outputs they name, and ``dvc push`` of the experiment's commit skips the ``cache: false`` metrics
+    that an entry also needs; the pulling side is ``dvc exp run --pull``, which takes both from the default remote:
+    :func:`check_remote`.) A push that fails is a warning: the results are in this machine's cache, and other
+    machines compute the stages themselves."""
     yield
-    if remote:
-        _dvc_quietly(["dvc", "push", "--run-cache", "-r", remote], root, env)
+    if not remote:
+        return
+    try:
+        from dvc.repo import Repo
+
+        with Repo(str(root)) as repo:
+            entries = repo.stage_cache.push(remote)
+            for objs in repo.stage_cache.get_used_objs(entries).values():
+                failed = repo.cloud.push(objs, remote=remote).failed
+                if failed:
+                    raise OSError(f"{len(failed)} file(s) could not be pushed")
+    except Exception as err:  # noqa: BLE001 - DVC's errors have no common base that covers its remotes' ones
+        print(f"WARNING: pushing {exp_name}'s stages to the DVC remote {remote!r} failed ({type(err).__name__}: "
+              f"{err}); other machines will compute them again", file=sys.stderr, flush=True)
 
 
-def _dvc_quietly(cmd: list[str], root: Path, env: dict[str, str]) -> None:
-    res = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, check=False)
-    if res.returncode != 0:
-        print(f"WARNING: `{' '.join(cmd)}` exited with status {res.returncode}: {res.stderr.strip()[-500:]}",
-              file=sys.stderr, flush=True)
+def check_remote(root: Path, remote: str) -> None:
+    """``remote`` must be the project's default DVC remote: ``dvc exp run --pull`` restores what other machines
+    computed from that one (DVC has no option to pull from another).
+
+    Raises:
+        ParamsError: naming the remote the project has as default (if any) and the fix.
+    """
+    from distill.config import ParamsError
+
+    res = subprocess.run(["dvc", "remote", "default"], cwd=root, capture_output=True, text=True, check=False)
+    default = res.stdout.strip() if res.returncode == 0 else ""
+    listed = subprocess.run(["dvc", "remote", "list"], cwd=root, capture_output=True, text=True, check=False)
+    names = [line.split()[0] for line in listed.stdout.splitlines() if line.strip()]
+    if remote not in names:
+        raise ParamsError(f"--remote {remote}: the project has no DVC remote of that name (it has: "
+                          f"{', '.join(names) or 'none'}); add it with `dvc remote add -d {remote} <url>` and commit "
+                          ".dvc/config, on every machine's checkout")
+    if default != remote:
+        raise ParamsError(f"--remote {remote}: DVC pulls the shared stages from the project's default remote, which "
+                          f"is {default or 'not set'}; make it the default with `dvc remote default {remote}` and "
+                          "commit .dvc/config, so every machine's checkout has it")
+
+
+def _experiment_ref(root: Path, exp_name: str) -> Optional[str]:
+    """The git ref of the named DVC experiment of this commit (``refs/exps/<commit[:2]>/<commit[2:]>/<name>``)."""
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=False)
+    if head.returncode != 0:
+        return None
+    sha = head.stdout.strip()
+    return f"refs/exps/{sha[:2]}/{sha[2:]}/{exp_name}"
 
 
 def _drop_if_empty(client: Any, experiment_id: str, run_id: str) -> None:
@@ -386,13 +427,11 @@ def experiment_files(root: Path, names: list[str], files: list[str]) -> dict[str
     (DVC's documented layout: "experiments are custom Git references"), with ``git show``: milliseconds, where
     ``dvc exp show --json`` takes seconds in a repository with many experiments (each variant of a sweep reads it).
     """
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=False)
-    if head.returncode != 0:
-        raise StageFailed(f"`git rev-parse HEAD` failed in {root}: {head.stderr.strip()}")
-    sha = head.stdout.strip()
     found: dict[str, dict[str, dict[str, Any]]] = {}
     for name in names:
-        ref = f"refs/exps/{sha[:2]}/{sha[2:]}/{name}"
+        ref = _experiment_ref(root, name)
+        if ref is None:
+            raise StageFailed(f"`git rev-parse HEAD` failed in {root}: no commit to find experiment {name} under")
         for path in files:
             res = subprocess.run(["git", "show", f"{ref}:{path}"], cwd=root, capture_output=True, text=True,
                                  check=False)

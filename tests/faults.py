@@ -17,6 +17,9 @@ their engine callbacks (:class:`distill.engine.Callback`) to that call:
 * ``nan``: write NaN into the model's weights (the next loss is NaN);
 * ``wait``: touch ``$DISTILL_TEST_FAULT_FILE.waiting``, then block until ``$DISTILL_TEST_FAULT_FILE`` exists.
 
+With ``DISTILL_TEST_FAULT_ONCE=<path>`` the fault fires in one process of the whole test only, the first to reach
+it (it creates ``<path>``): a retry in a new process then goes on.
+
 With ``DISTILL_TEST_STEPS_FILE`` every process also keeps ``<stage> <starts> <last global step>`` up to date in
 ``$DISTILL_TEST_STEPS_FILE.<pid>`` after each step, where ``<starts>`` lists the first global step of each training
 the process ran (a Prefect retry trains again in the same process), so a test can prove a resume happened (the
@@ -61,6 +64,12 @@ class Fault:
         if self.action is None or self.fired or info.global_step != self.step:
             return
         self.fired = True
+        once = os.environ.get("DISTILL_TEST_FAULT_ONCE")
+        if once:  # once for the whole test, not once per process: the first process to get here creates the file
+            try:
+                os.close(os.open(once, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:
+                return
         print(f"[{self.stage}] injected fault: {self.action} after {self.step} steps", file=sys.stderr, flush=True)
         if self.action == "kill":
             os.kill(os.getpid(), signal.SIGKILL)

@@ -76,7 +76,7 @@ def test_a_sweep_here_computes_shared_stages_once_and_runs_only_what_is_missing(
         == {"data": 1, "teacher": 1, "soft_labels": 1, "baseline": 1, "student": 2}, proc.stdout
     assert stage_count(runs, "evaluate") == 0  # a variant never reads the test split
     [parent] = [r for r in runs if r.data.tags.get("distill.role") == "sweep"]
-    variants = [r for r in runs if r.data.tags.get("distill.variant", "").startswith(f"{sweep_id}-c")
+    variants = [r for r in runs if not r.data.tags.get("distill.variant", "").startswith(f"{sweep_id}-shared")
                 and r.data.tags.get("distill.role") == "pipeline"]
     assert len(variants) == 2 and all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in variants)
     assert all(0 <= r.data.metrics["val.student"] <= 1 and "val.gain" in r.data.metrics for r in variants)
@@ -196,3 +196,67 @@ def test_a_sweep_on_a_work_pool_survives_a_killed_worker(project: Path, run_cmd:
     again = sweep(run_cmd, project, *args[4:], env={"DISTILL_SWEEP_ZOMBIE_S": "60"})
     logged = again.stdout + again.stderr
     assert "4 finished before, 0 to run" in logged and "(attempt" not in logged, describe(again)
+
+
+def _student_trainings(steps_file: Path) -> list[list[int]]:
+    """Per student process of the test (tests/faults.py's steps files): its trainings' first global steps, and its
+    last step at the end: ``[first, ..., last]``."""
+    out = []
+    for path in sorted(steps_file.parent.glob(f"{steps_file.name}.*")):
+        stage, starts, last = path.read_text().split()
+        if stage == "student":
+            out.append([*map(int, starts.split(",")), int(last)])
+    return out
+
+
+def test_a_failed_variant_is_retried_from_its_last_epoch_and_one_that_keeps_failing_is_reported(
+        project: Path, run_cmd: Any, fault_plugin: dict[str, str], tmp_path: Path) -> None:
+    steps = tmp_path / "steps" / "s"
+    steps.parent.mkdir()
+    # 120 images in full batches of 32: 3 steps per epoch, 2 epochs; the first student dies in its second epoch
+    env = {**fault_plugin, "DISTILL_TEST_FAULT": "student:kill@5", "DISTILL_TEST_FAULT_ONCE": str(tmp_path / "once"),
+           "DISTILL_TEST_STEPS_FILE": str(steps)}
+    proc = sweep(run_cmd, project, "-S", "student.alpha=0.5,0.7", "--seeds", "100", "--jobs", "1", "--id", "faults",
+                 env=env)
+    assert (tmp_path / "once").exists(), describe(proc)  # the fault fired
+    rows = report(project)["ranking"]
+    assert len(rows) == 2 and not any(r["failed"] for r in rows), rows
+    trainings = _student_trainings(steps)
+    assert sorted(trainings) == [[1, 5], [1, 6], [4, 6]], trainings  # killed at 5; attempt 2 began at epoch 2
+    assert not list((project / ".state" / "sweeps").glob("*/*/*"))
+
+    # the same sweep with another value, and a student that always crashes: both attempts of the new variant fail,
+    # the finished one is not run again, the report names the failure
+    env = {**fault_plugin, "DISTILL_TEST_FAULT": "student:kill@2"}
+    failed = run_cmd([sys.executable, "-m", "flows", "sweep", "-S", "student.alpha=0.5,0.9", "--seeds", "100",
+                      "--jobs", "1", "--id", "faults"], project, timeout=1500, check=False, env=env)
+    assert failed.returncode == 1, describe(failed)
+    rows = {r["config"]: r for r in report(project)["ranking"]}
+    assert rows["student.alpha=0.9"]["failed"] and "student" not in rows["student.alpha=0.9"], rows
+    assert not rows["student.alpha=0.5"]["failed"] and rows["student.alpha=0.5"]["student"]["mean"] > 0, rows
+    assert "alpha=0.9" in (project / "reports" / "sweep.md").read_text()
+
+
+def test_a_dvc_remote_gives_another_machine_the_shared_stages(project: Path, run_cmd: Any, tmp_path: Path) -> None:
+    """Two checkouts with caches of their own ("machines") and one local-directory DVC remote: what the first
+    computed, the second restores (its MLflow store shows only its student trained)."""
+    other_remote = run_cmd([sys.executable, "-m", "flows", "sweep", "-S", "student.alpha=0.5", "--seeds", "100",
+                            "--remote", "shared"], project, check=False)
+    assert other_remote.returncode != 0 and "dvc remote add -d shared" in other_remote.stderr, describe(other_remote)
+    run_cmd(["dvc", "remote", "add", "shared", str(tmp_path / "remote")], project)
+    not_default = run_cmd([sys.executable, "-m", "flows", "sweep", "-S", "student.alpha=0.5", "--seeds", "100",
+                           "--remote", "shared"], project, check=False)
+    assert not_default.returncode != 0 and "dvc remote default shared" in not_default.stderr, describe(not_default)
+    run_cmd(["dvc", "remote", "default", "shared"], project)
+    run_cmd(["git", "commit", "-qam", "a shared DVC remote"], project)
+    other = tmp_path / "other"
+    run_cmd(["git", "clone", "-q", str(project), str(other)], tmp_path)
+    assert not (other / ".dvc" / "cache").exists()
+
+    sweep(run_cmd, project, "-S", "student.alpha=0.5", "--seeds", "100", "--remote", "shared", "--id", "machine-a")
+    assert any((tmp_path / "remote").rglob("*")), "nothing was pushed to the remote"
+    proc = sweep(run_cmd, other, "-S", "student.alpha=0.7", "--seeds", "100", "--remote", "shared", "--id", "machine-b")
+    runs = sweep_runs(other, "machine-b")
+    counts = {stage: stage_count(runs, stage) for stage in ("data", "teacher", "soft_labels", "baseline", "student")}
+    assert counts == {"data": 0, "teacher": 0, "soft_labels": 0, "baseline": 0, "student": 1}, describe(proc)
+    assert report(other)["ranking"][0]["student"]["mean"] > 0
