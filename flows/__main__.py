@@ -95,8 +95,8 @@ def _parser() -> argparse.ArgumentParser:
     sw.add_argument("--seeds", default="100-102", help="seeds: 100-104, or 1,3,5 (default 100-102)")
     sw.add_argument("--id", default=None, help="the sweep's id (default: sweep-<hash> of the grid, seeds, commit, "
                                                "params.yaml: the same sweep again runs only what is missing)")
-    sw.add_argument("--remote", default=None, help="a DVC remote for the shared stages' run-cache (workers on other "
-                                                   "machines)")
+    sw.add_argument("--remote", default=None, help="the project's default DVC remote: every run pulls the stages "
+                                                   "other machines computed from it and pushes its own")
     sw.add_argument("--window", type=int, default=50, help="with --pool: flow runs submitted and not finished at "
                                                            "most (default 50)")
     _fan_out_arguments(sw)
