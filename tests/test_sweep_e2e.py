@@ -260,3 +260,49 @@ def test_a_dvc_remote_gives_another_machine_the_shared_stages(project: Path, run
     counts = {stage: stage_count(runs, stage) for stage in ("data", "teacher", "soft_labels", "baseline", "student")}
     assert counts == {"data": 0, "teacher": 0, "soft_labels": 0, "baseline": 0, "student": 1}, describe(proc)
     assert report(other)["ranking"][0]["student"]["mean"] > 0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def test_stopping_a_sweep_here_stops_its_variants(project: Path, sub_env: dict[str, str], fault_plugin: dict[str, str],
+                                                  tmp_path: Path) -> None:
+    """SIGTERM (as Ctrl-C) to a sweep whose two variants train: it ends, their students' processes end with it, no
+    variant is recorded as finished, and no retry starts a variant after the stop."""
+    steps = tmp_path / "steps" / "s"
+    steps.parent.mkdir()
+    release = tmp_path / "release"
+    env = {**sub_env, **fault_plugin, "DISTILL_TEST_FAULT": "student:wait@1", "DISTILL_TEST_FAULT_FILE": str(release),
+           "DISTILL_TEST_STEPS_FILE": str(steps)}
+    log = tmp_path / "sweep.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "flows", "sweep", "-S", "student.alpha=0.5,0.7", "--seeds",
+                                 "100", "--jobs", "2", "--id", "stopped"], cwd=project, env=env, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 900
+        students: set[int] = set()
+        while len(students) < 2 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(1)
+            students = {int(p.name.rsplit(".", 1)[1]) for p in steps.parent.glob("s.*")
+                        if p.read_text().startswith("student")}
+        assert len(students) == 2, log.read_text()[-4000:]
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=180)
+        time.sleep(5)  # what a retry would start, it starts now
+        started_after = {int(p.name.rsplit(".", 1)[1]) for p in steps.parent.glob("s.*")
+                         if p.read_text().startswith("student")} - students
+    finally:
+        stop_process_group(proc)
+    output = log.read_text()
+    assert rc != 0, output[-4000:]
+    assert not [pid for pid in students if _alive(pid)], output[-4000:]
+    assert not started_after, output[-4000:]
+    finished = [r for r in sweep_runs(project, "stopped") if r.data.tags.get("distill.role") == "pipeline"
+                and r.info.status == "FINISHED" and not r.data.tags.get("distill.variant", "").endswith("-shared1")]
+    assert not [r for r in finished if "val.student" in r.data.metrics], output[-4000:]
