@@ -8,9 +8,7 @@ seeds from :data:`HELD_OUT` on are for confirming a claim, once, on the test spl
 
 from __future__ import annotations
 
-import concurrent.futures
 import json
-import multiprocessing
 import os
 import platform
 import signal
@@ -144,19 +142,34 @@ def _init_worker(threads: int, die_with_parent: bool = True) -> None:
 
 def run_jobs(fn: Callable[..., Any], jobs: list[tuple], *, workers: int, threads: int,
              on_result: Callable[[tuple, Any], None]) -> None:
-    """``fn(*job)`` for every job, ``workers`` at a time in fresh processes (one in this process when 1), calling
-    ``on_result(job, result)`` as each finishes. A failure stops the benchmark (its finished jobs are kept)."""
+    """``fn(*job)`` for every job, ``workers`` at a time, calling ``on_result(job, result)`` as each finishes. A
+    failure stops the benchmark (its finished jobs are kept).
+
+    One worker: in this process. More: a Prefect flow run (``bench-<script>``) whose task runs are the jobs, on
+    Prefect's ``ProcessPoolTaskRunner`` (fresh spawned interpreters, each set up by :func:`_init_worker`: torch
+    threads, and the end of the worker when the benchmark dies), so a benchmark's jobs show in the Prefect UI like
+    the pipeline's stages. Without ``PREFECT_API_URL`` Prefect starts a temporary server for the run.
+    """
     if workers <= 1:
         _init_worker(threads, die_with_parent=False)
         for job in jobs:
             on_result(job, fn(*job))
         return
-    ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no forked torch thread pools
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
-                                                initargs=(threads,)) as pool:
-        futures = {pool.submit(fn, *job): job for job in jobs}
-        for fut in concurrent.futures.as_completed(futures):
+    from prefect import flow, task
+    from prefect.cache_policies import NO_CACHE
+    from prefect.futures import as_completed
+    from prefect.task_runners import ProcessPoolTaskRunner
+
+    job_task = task(fn, name=fn.__name__, persist_result=False, cache_policy=NO_CACHE)
+    runner = ProcessPoolTaskRunner(max_workers=workers, initializer=_init_worker, initargs=(threads,))
+
+    @flow(name=f"bench-{Path(sys.argv[0]).stem}", task_runner=runner, persist_result=False, log_prints=True)
+    def bench_flow() -> None:
+        futures = {job_task.submit(*job): job for job in jobs}
+        for fut in as_completed(list(futures)):
             on_result(futures[fut], fut.result())
+
+    bench_flow()
 
 
 def write_json(path: str | Path, data: dict[str, Any]) -> None:

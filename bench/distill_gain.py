@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--out", default=None, help="write all per-seed metrics and the summary as JSON")
     ap.add_argument("--workdir", default=None, help="keep each seed's outputs here (default: a temp dir)")
-    ap.add_argument("--jobs", type=int, default=1, help="seeds run at once, in separate processes")
+    ap.add_argument("--jobs", type=int, default=1, help="seeds run at once (above 1: Prefect task runs, own processes)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads per job (default: cores / jobs)")
     args = ap.parse_args(argv)
     why = check_seeds(args.split, args.seeds)

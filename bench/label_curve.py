@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[1000, 1001, 1002, 1003, 1004])
     ap.add_argument("--labels", type=int, nargs="+", default=None, help="only these labels per class")
     ap.add_argument("--split", choices=("val", "test"), default="test")
-    ap.add_argument("--jobs", type=int, default=2, help="points at once, in separate processes")
+    ap.add_argument("--jobs", type=int, default=2, help="points at once (above 1: Prefect task runs, own processes)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads per job (default: cores / jobs)")
     ap.add_argument("--workdir", type=Path, default=ROOT / "bench" / "work" / "label_curve")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "label_curve.json")

@@ -182,7 +182,7 @@ def print_table(summary: dict[str, Any], split: str, reference: str | None) -> N
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("grid", type=Path)
-    ap.add_argument("--jobs", type=int, default=2, help="seeds at once, in separate processes")
+    ap.add_argument("--jobs", type=int, default=2, help="seeds at once (above 1: Prefect task runs, own processes)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads per job (default: cores / jobs)")
     ap.add_argument("--workdir", type=Path, default=None, help="default: bench/work/variants/<grid name>")
     ap.add_argument("--out", type=Path, default=None, help="default: bench/results/<grid name>.json")
