@@ -52,12 +52,9 @@ def set_params(project: Path, values: dict[str, object], env: dict[str, str]) ->
     subprocess.run(["git", "commit", "-qam", "params"], cwd=project, env=env, check=True, capture_output=True)
 
 
-CONFIG = ["tiny"]  # --config: "tiny" (QUICK and SMALLER) or "default" (params.yaml as shipped)
-
-
-def new_project(here: Path, env: dict[str, str]) -> Path:
+def new_project(here: Path, env: dict[str, str], tiny: bool) -> Path:
+    """A fresh project: the tests' tiny configuration (QUICK and SMALLER), or ``params.yaml`` as shipped."""
     here.mkdir(parents=True)
-    tiny = CONFIG[0] == "tiny"
     project = make_project(here, tiny, env)
     if tiny:
         set_params(project, SMALLER, env)
@@ -68,9 +65,9 @@ def sweep_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "flows", "sweep", *args]
 
 
-def fixed_cost(tmp: Path, env: dict[str, str], rounds: int) -> list[dict[str, float]]:
+def fixed_cost(tmp: Path, env: dict[str, str], rounds: int, tiny: bool) -> list[dict[str, float]]:
     """Part 1: per round, one variant alone and one sweep of one variant, in a project with warm shared stages."""
-    project = new_project(tmp / "fixed", env)
+    project = new_project(tmp / "fixed", env, tiny)
     run(sweep_cmd("-S", "student.alpha=0.55", "--seeds", str(SEED), "--id", "warm"), project, env, tmp / "warm.log")
     out = []
     for r in range(rounds):
@@ -103,17 +100,17 @@ def variant_flow_s(log: str) -> float:
     return at(end) - at(lines[start])
 
 
-def four_variants(tmp: Path, env: dict[str, str], sweep_first: bool) -> dict[str, float]:
+def four_variants(tmp: Path, env: dict[str, str], sweep_first: bool, tiny: bool) -> dict[str, float]:
     """Part 2: a sweep of 4 alphas against its distinct stages run directly, each in a fresh project."""
     alphas = ["0.5", "0.6", "0.7", "0.8"]
 
     def sweep() -> float:
-        project = new_project(tmp / "sweep4", env)
+        project = new_project(tmp / "sweep4", env, tiny)
         return run(sweep_cmd("-S", f"student.alpha={','.join(alphas)}", "--seeds", str(SEED), "--jobs", "1"),
                    project, env, tmp / "sweep4.log")[0]
 
     def direct() -> float:
-        project = new_project(tmp / "direct", env)
+        project = new_project(tmp / "direct", env, tiny)
         set_params(project, {"seed": SEED}, env)
         total = run(["dvc", "repro", "soft_labels", "baseline"], project, env, tmp / "direct-shared.log")[0]
         for alpha in alphas:
@@ -143,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", choices=("tiny", "default"), default="tiny",
                     help="tiny: the tests' configuration (the worst case); default: params.yaml as shipped")
     args = ap.parse_args(argv)
-    CONFIG[0] = args.config
+    tiny = args.config == "tiny"
     env = _env()
     before = load()
     print(f"load before: {before}", flush=True)
@@ -153,8 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         env = {**env, "PREFECT_API_URL": api, "PREFECT_HOME": str(tmp / "prefect-client")}
         try:
             t0 = time.perf_counter()
-            fixed = fixed_cost(tmp, env, args.rounds) if args.only != "four" else []
-            four = four_variants(tmp, env, sweep_first=args.rounds % 2 == 1) if args.only != "fixed" else {}
+            fixed = fixed_cost(tmp, env, args.rounds, tiny) if args.only != "four" else []
+            four = four_variants(tmp, env, args.rounds % 2 == 1, tiny) if args.only != "fixed" else {}
             wall = time.perf_counter() - t0
         finally:
             server.terminate()
@@ -175,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
             "command": " ".join(["python", "bench/sweep_overhead.py", *(argv if argv is not None else sys.argv[1:])]),
             "machine": f"{platform.platform()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
             "load_before": before, "load_after": after, "config": args.config,
-            "params": {**QUICK, **SMALLER, "seed": SEED} if args.config == "tiny" else {"seed": SEED},
+            "params": {**QUICK, **SMALLER, "seed": SEED} if tiny else {"seed": SEED},
             "fixed_cost_rounds": fixed, "fixed_cost_median_s": median, "four_variants": four}, indent=2) + "\n")
     return 0
 

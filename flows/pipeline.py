@@ -217,8 +217,9 @@ def _pipeline(root: Path, overrides: list[str], resolved: dict[str, Any], *, exp
     parent_run = MlflowTracker(parent, uri=tracking_uri(root))  # an outage must not fail finished stages
     status = "FAILED"
     try:
-        with _shared_cache(root, env, sweep.get("remote"), exp_name):
-            run_dvc(cmd, cwd=root, env=env)
+        run_dvc(cmd, cwd=root, env=env)
+        if sweep.get("remote"):
+            _push_shared(root, sweep["remote"], exp_name)
         if sweep:
             _log_sweep_metrics(parent_run, root, exp_name)
         status = "FINISHED"
@@ -314,17 +315,13 @@ def _log_sweep_metrics(parent_run: MlflowTracker, root: Path, exp_name: str) -> 
     parent_run.log_metrics({k: v for k, v in val.items() if isinstance(v, (int, float))})
 
 
-@contextmanager
-def _shared_cache(root: Path, env: dict[str, str], remote: Optional[str], exp_name: str) -> Iterator[None]:
-    """With a DVC remote: after the run, the run-cache and every file its entries name pushed to it, so that other
-    machines' runs restore those stages instead of computing them. (``dvc push --run-cache`` moves the entries
-    only, not the outputs they name, and ``dvc push`` of the experiment's commit skips the ``cache: false`` metrics
-    that an entry also needs; the pulling side is ``dvc exp run --pull``, which takes both from the default remote:
+def _push_shared(root: Path, remote: str, exp_name: str) -> None:
+    """After a run: the run-cache and every file its entries name pushed to ``remote``, so that other machines'
+    runs restore those stages instead of computing them. (``dvc push --run-cache`` moves the entries only, not the
+    outputs they name, and ``dvc push`` of the experiment's commit skips the ``cache: false`` metrics that an entry
+    also needs; the pulling side is ``dvc exp run --pull``, which takes both from the default remote:
     :func:`check_remote`.) A push that fails is a warning: the results are in this machine's cache, and other
     machines compute the stages themselves."""
-    yield
-    if not remote:
-        return
     try:
         from dvc.repo import Repo
 
@@ -346,12 +343,13 @@ def check_remote(root: Path, remote: str) -> None:
     Raises:
         ParamsError: naming the remote the project has as default (if any) and the fix.
     """
+    from dvc.repo import Repo
+
     from distill.config import ParamsError
 
-    res = subprocess.run(["dvc", "remote", "default"], cwd=root, capture_output=True, text=True, check=False)
-    default = res.stdout.strip() if res.returncode == 0 else ""
-    listed = subprocess.run(["dvc", "remote", "list"], cwd=root, capture_output=True, text=True, check=False)
-    names = [line.split()[0] for line in listed.stdout.splitlines() if line.strip()]
+    with Repo(str(root)) as repo:  # every config level merged, as `dvc remote list` / `dvc remote default` read it
+        names = list(repo.config["remote"])
+        default = repo.config["core"].get("remote") or ""
     if remote not in names:
         raise ParamsError(f"--remote {remote}: the project has no DVC remote of that name (it has: "
                           f"{', '.join(names) or 'none'}); add it with `dvc remote add -d {remote} <url>` and commit "
@@ -360,15 +358,6 @@ def check_remote(root: Path, remote: str) -> None:
         raise ParamsError(f"--remote {remote}: DVC pulls the shared stages from the project's default remote, which "
                           f"is {default or 'not set'}; make it the default with `dvc remote default {remote}` and "
                           "commit .dvc/config, so every machine's checkout has it")
-
-
-def _experiment_ref(root: Path, exp_name: str) -> Optional[str]:
-    """The git ref of the named DVC experiment of this commit (``refs/exps/<commit[:2]>/<commit[2:]>/<name>``)."""
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=False)
-    if head.returncode != 0:
-        return None
-    sha = head.stdout.strip()
-    return f"refs/exps/{sha[:2]}/{sha[2:]}/{exp_name}"
 
 
 def _drop_if_empty(client: Any, experiment_id: str, run_id: str) -> None:
@@ -427,11 +416,13 @@ def experiment_files(root: Path, names: list[str], files: list[str]) -> dict[str
     (DVC's documented layout: "experiments are custom Git references"), with ``git show``: milliseconds, where
     ``dvc exp show --json`` takes seconds in a repository with many experiments (each variant of a sweep reads it).
     """
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=False)
+    if head.returncode != 0:
+        raise StageFailed(f"`git rev-parse HEAD` failed in {root}: {head.stderr.strip()}")
+    sha = head.stdout.strip()
     found: dict[str, dict[str, dict[str, Any]]] = {}
     for name in names:
-        ref = _experiment_ref(root, name)
-        if ref is None:
-            raise StageFailed(f"`git rev-parse HEAD` failed in {root}: no commit to find experiment {name} under")
+        ref = f"refs/exps/{sha[:2]}/{sha[2:]}/{name}"
         for path in files:
             res = subprocess.run(["git", "show", f"{ref}:{path}"], cwd=root, capture_output=True, text=True,
                                  check=False)
