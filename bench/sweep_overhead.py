@@ -7,10 +7,11 @@
    alphas, so both train a student. The sides alternate which goes first. Goal: the sweep's extra time, median over
    rounds, at most 10 s.
 2. **A sweep of 4 alpha variants against the distinct stages it needs**, each side in a fresh project of its own
-   (no cache shared): ``python -m flows sweep -S student.alpha=a,b,c,d --seeds S --jobs 1`` against ``dvc repro
+   (no cache shared): ``python -m flows sweep -S student.alpha=a,b,c,d --seeds S --jobs J`` for each ``--jobs``
+   value J (default 1 and 2: one variant at a time, and two side by side with a core each) against ``dvc repro
    soft_labels baseline`` (data, teacher, store, baseline) and then ``dvc repro student`` once per alpha
-   (``params.yaml`` edited in place). A sweep's variant stops at the student and the baseline (no variant reads
-   the test split), so neither side evaluates. Goal: at most 1.15x.
+   (``params.yaml`` edited in place; one workspace runs one stage at a time). A sweep's variant stops at the
+   student and the baseline (no variant reads the test split), so neither side evaluates. Goal: at most 1.15x.
 
 Params: ``--config tiny`` (the default) is the tests' tiny configuration, where the fixed costs weigh the most: the
 worst case for both figures. ``--config default`` is the shipped ``params.yaml`` (the 4-minute digits pipeline):
@@ -18,7 +19,8 @@ what a sweep of the default costs. Say the machine's load with the figures (``up
 printed).
 
 Usage:
-    python bench/sweep_overhead.py [--rounds 2] [--config tiny|default] [--out bench/results/sweep_overhead.json]
+    python bench/sweep_overhead.py [--rounds 2] [--config tiny|default] [--jobs 1 2]
+                                   [--out bench/results/sweep_overhead.json]
 """
 
 from __future__ import annotations
@@ -100,14 +102,16 @@ def variant_flow_s(log: str) -> float:
     return at(end) - at(lines[start])
 
 
-def four_variants(tmp: Path, env: dict[str, str], sweep_first: bool, tiny: bool) -> dict[str, float]:
-    """Part 2: a sweep of 4 alphas against its distinct stages run directly, each in a fresh project."""
+def four_variants(tmp: Path, env: dict[str, str], sweep_first: bool, tiny: bool,
+                  jobs: list[int]) -> dict[str, float]:
+    """Part 2: sweeps of 4 alphas (one per ``jobs`` value) against their distinct stages run directly, each in a
+    fresh project."""
     alphas = ["0.5", "0.6", "0.7", "0.8"]
 
-    def sweep() -> float:
-        project = new_project(tmp / "sweep4", env, tiny)
-        return run(sweep_cmd("-S", f"student.alpha={','.join(alphas)}", "--seeds", str(SEED), "--jobs", "1"),
-                   project, env, tmp / "sweep4.log")[0]
+    def sweep(n: int) -> float:
+        project = new_project(tmp / f"sweep4-j{n}", env, tiny)
+        return run(sweep_cmd("-S", f"student.alpha={','.join(alphas)}", "--seeds", str(SEED), "--jobs", str(n)),
+                   project, env, tmp / f"sweep4-j{n}.log")[0]
 
     def direct() -> float:
         project = new_project(tmp / "direct", env, tiny)
@@ -120,12 +124,12 @@ def four_variants(tmp: Path, env: dict[str, str], sweep_first: bool, tiny: bool)
             total += time.perf_counter() - t0
         return total
 
+    sweeps = [(f"sweep_jobs{n}", lambda n=n: sweep(n)) for n in jobs]
     times = {}
-    for name, side in ((("sweep", sweep), ("direct", direct)) if sweep_first else
-                       (("direct", direct), ("sweep", sweep))):
+    for name, side in ([*sweeps, ("direct", direct)] if sweep_first else [("direct", direct), *sweeps]):
         times[name] = side()
         print(f"4 variants, {name}: {times[name]:.1f} s", flush=True)
-    return {**times, "ratio": times["sweep"] / times["direct"]}
+    return {**times, **{f"ratio_jobs{n}": times[f"sweep_jobs{n}"] / times["direct"] for n in jobs}}
 
 
 def load() -> str:
@@ -139,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", choices=("fixed", "four"), default=None, help="run one part only")
     ap.add_argument("--config", choices=("tiny", "default"), default="tiny",
                     help="tiny: the tests' configuration (the worst case); default: params.yaml as shipped")
+    ap.add_argument("--jobs", type=int, nargs="+", default=[1, 2], help="part 2: one sweep per --jobs value")
     args = ap.parse_args(argv)
     tiny = args.config == "tiny"
     env = _env()
@@ -151,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             t0 = time.perf_counter()
             fixed = fixed_cost(tmp, env, args.rounds, tiny) if args.only != "four" else []
-            four = four_variants(tmp, env, args.rounds % 2 == 1, tiny) if args.only != "fixed" else {}
+            four = four_variants(tmp, env, args.rounds % 2 == 1, tiny, args.jobs) if args.only != "fixed" else {}
             wall = time.perf_counter() - t0
         finally:
             server.terminate()
@@ -162,9 +167,9 @@ def main(argv: list[str] | None = None) -> int:
         outside = statistics.median(r["outside_variant_flow_s"] for r in fixed)
         print(f"\nfixed cost a sweep adds per variant: median {median:+.1f} s over {len(fixed)} round(s) "
               f"(goal <= 10 s); the sweep outside its variant's flow: median {outside:.1f} s")
-    if four:
-        print(f"4 alpha variants: sweep {four['sweep']:.1f} s, distinct stages directly {four['direct']:.1f} s, "
-              f"{four['ratio']:.3f}x (goal <= 1.15x)")
+    for n in args.jobs if four else []:
+        print(f"4 alpha variants: sweep --jobs {n} {four[f'sweep_jobs{n}']:.1f} s, distinct stages directly "
+              f"{four['direct']:.1f} s, {four[f'ratio_jobs{n}']:.3f}x (goal <= 1.15x)")
     print(f"load after: {after}; wall {wall:.0f} s")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

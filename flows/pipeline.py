@@ -130,7 +130,8 @@ def pipeline_flow(overrides: Optional[list[str]] = None, project_root: str = "."
             put back as it was if the run fails.
         committed: refuse to run unless ``params.yaml`` is the committed one (the ``default`` deployment).
         sweep: this run's place in a sweep (:mod:`flows.sweep`): ``id``, ``variant``, ``parent`` (the sweep's
-            MLflow run), ``config``, ``seed``, and optionally ``targets`` (the stages to run: a shared stage) and
+            MLflow run), ``config``, ``seed``, and optionally ``targets`` (the stages to run: a shared stage),
+            ``threads`` (``OMP_NUM_THREADS`` of its stages, unless set: variants side by side here) and
             ``remote`` (the default DVC remote: ``dvc exp run --pull`` restores from it what other machines
             computed, and the run's outputs and run-cache are pushed to it). Always in a temporary copy,
             holding the workspace lock shared; a variant that already finished in MLflow is not run again.
@@ -264,6 +265,8 @@ def _stage_env(root: Path, parent: str, sweep: dict[str, Any]) -> dict[str, str]
         env[PARENT_ENV] = str(flow_run.id)
     if sweep:  # the resume state outlives the temporary copy, which DVC deletes when the run fails
         env["DISTILL_STATE_DIR"] = str(root / ".state" / "sweeps" / str(sweep["variant"]))
+    if sweep.get("threads") and "OMP_NUM_THREADS" not in os.environ:  # variants side by side share the cores
+        env["OMP_NUM_THREADS"] = str(sweep["threads"])
     return env
 
 

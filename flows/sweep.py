@@ -18,7 +18,9 @@
   Before the variants fan out, each teacher, soft-label store and baseline that two or more variants share is
   computed once, by one ``dvc exp run --temp ... teacher soft_labels baseline`` per first variant that shares them
   (an alpha sweep: one run; wave 2 only for a store on a teacher another run computes); the variants then find them
-  in DVC's run-cache (``Stage 'teacher' is cached - skipping run``), so no two runs ever compute the same stage. With a
+  in DVC's run-cache (``Stage 'teacher' is cached - skipping run``), so no two runs ever compute the same stage.
+  One variant at a time here (``--jobs 1``, no pool) needs no shared runs: nothing runs beside a variant, so the
+  first that needs a shared stage computes it and the later ones restore it (one DVC run fewer per shared run). With a
   DVC remote (``--remote``, the project's default remote), every run pulls what it can restore from it (``dvc exp
   run --pull``: run-cache entries and their outputs) and pushes its outputs and the run-cache after.
 * **Gathered in one place.** The sweep id (``sweep-<hash>`` of the grid, the seeds, the base overrides, the commit
@@ -299,8 +301,18 @@ def variant_task(name: str, parameters: dict[str, Any]) -> dict[str, Any]:
     return pipeline_flow(**parameters)
 
 
-def run_here(jobs: list[Job], parameters: Callable[[Job, int], dict[str, Any]]) -> dict[str, str]:
-    """Run ``jobs`` in this process, as many at once as the flow's task runner allows (``--jobs``).
+def _threads_each(at_once: int) -> Optional[int]:
+    """The CPU threads of each of ``at_once`` variants side by side here: the cores shared out, so that two
+    variants on a 2-core machine do not run 2 torch threads each (``None``: one at a time, torch's default)."""
+    if at_once <= 1:
+        return None
+    return max(1, len(os.sched_getaffinity(0)) // at_once)
+
+
+def run_here(jobs: list[Job], parameters: Callable[[Job, int], dict[str, Any]],
+             threads: Optional[int] = None) -> dict[str, str]:
+    """Run ``jobs`` in this process, as many at once as the flow's task runner allows (``--jobs``); with
+    ``threads``, each job's stages run with that many CPU threads (``OMP_NUM_THREADS``, unless it is set).
 
     Returns:
         ``{name: why}`` for the jobs that failed on their last attempt.
@@ -308,12 +320,17 @@ def run_here(jobs: list[Job], parameters: Callable[[Job, int], dict[str, Any]]) 
     from prefect.futures import wait
 
     try:
-        futures = {job.name: variant_task.submit(job.name, parameters(job, 1)) for job in jobs}
+        futures = {job.name: variant_task.submit(job.name, _with_threads(parameters(job, 1), threads))
+                   for job in jobs}
         wait(list(futures.values()))
     except BaseException:
         interrupt_dvc()  # Ctrl-C or SIGTERM: the variants' DVC commands stop as on Ctrl-C
         raise
     return {name: f.state.message or f.state.name for name, f in futures.items() if not f.state.is_completed()}
+
+
+def _with_threads(params: dict[str, Any], threads: Optional[int]) -> dict[str, Any]:
+    return {**params, "sweep": {**params["sweep"], "threads": threads}} if threads else params
 
 
 def run_on_pool(jobs: list[Job], parameters: Callable[[Job, int], dict[str, Any]], *, window: int,
@@ -535,8 +552,9 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
 # ------------------------------------------------------------------------- the flow
 @flow(name="distill-sweep", log_prints=True, persist_result=False)
 def sweep_flow(plan: Plan, project_root: str = ".", pool: Optional[str] = None, remote: Optional[str] = None,
-               window: int = 50) -> dict[str, Any]:
-    """Run a sweep's shared stages, then its variants, here (the flow's task runner) or on ``pool``; report.
+               window: int = 50, jobs: int = 1) -> dict[str, Any]:
+    """Run a sweep's shared stages, then its variants, here (the flow's task runner, ``jobs`` at once) or on
+    ``pool``; report.
 
     Returns:
         ``{"sweep", "ranking", "failed", "ran"}``: ``ran`` the jobs this call started.
@@ -551,7 +569,7 @@ def sweep_flow(plan: Plan, project_root: str = ".", pool: Optional[str] = None, 
         print(f"{plan.sweep_id}: {len(plan.variants)} variants, {len(plan.variants) - len(pending)} finished before, "
               f"{len(pending)} to run", flush=True)
         failures, ran = _run_all(plan, pending, lambda job, attempt: job.parameters(
-            plan.sweep_id, parent, remote, attempt), pool=pool, window=window)
+            plan.sweep_id, parent, remote, attempt), pool=pool, window=window, jobs=jobs)
         found = gather(client, experiment_id, plan)
         rows = rank(plan, found, failures)
         text = write_report(root / "reports", plan, rows)
@@ -566,16 +584,23 @@ def sweep_flow(plan: Plan, project_root: str = ".", pool: Optional[str] = None, 
 
 
 def _run_all(plan: Plan, pending: list[Job], parameters: Callable[[Job, int], dict[str, Any]], *,
-             pool: Optional[str], window: int) -> tuple[dict[str, str], list[str]]:
-    """The shared waves the pending variants need, then those variants whose shared runs all finished."""
+             pool: Optional[str], window: int, jobs: int = 1) -> tuple[dict[str, str], list[str]]:
+    """The shared waves the pending variants need, then those variants whose shared runs all finished.
+
+    One variant at a time here (``jobs`` 1, no pool): no shared runs. Nothing runs beside a variant, so none can race
+    another to a stage: the first variant that needs a shared stage computes it, and the later ones find it in
+    DVC's run-cache, with one DVC run fewer per shared run (each costs a temporary copy, its pre-flight, its
+    commit and its Prefect and MLflow bookkeeping).
+    """
     if pool:
         check_deployment(pool)
         ensure_zombie_automation(int(os.environ.get("DISTILL_SWEEP_ZOMBIE_S", 3 * HEARTBEAT_S)))
-    run = (lambda jobs: run_on_pool(jobs, parameters, window=window)) if pool else (
-        lambda jobs: run_here(jobs, parameters))
+    serial = not pool and jobs == 1
+    run = (lambda batch: run_on_pool(batch, parameters, window=window)) if pool else (
+        lambda batch: run_here(batch, parameters, threads=_threads_each(min(jobs, len(batch)))))
     failures: dict[str, str] = {}
     ran: list[str] = []
-    for wave in plan.waves_for(pending):
+    for wave in ([] if serial else plan.waves_for(pending)):
         ran += [j.name for j in wave]
         failures.update(run(wave))
     ready = [v for v in pending if not set(v.needs) & set(failures)]
@@ -611,7 +636,7 @@ def run_sweep(plan: Plan, *, project_root: str = ".", pool: Optional[str] = None
         check_remote(Path(project_root).resolve(), remote)
     runner = sweep_flow.with_options(task_runner=ThreadPoolTaskRunner(max_workers=jobs),
                                      flow_run_name=plan.sweep_id)
-    return runner(plan=plan, project_root=project_root, pool=pool, remote=remote, window=window)
+    return runner(plan=plan, project_root=project_root, pool=pool, remote=remote, window=window, jobs=jobs)
 
 
 def best_overrides(report: Path) -> list[str]:

@@ -234,3 +234,36 @@ def test_temporary_experiments_share_the_workspace_and_a_workspace_pipeline_is_r
         with pytest.raises(WorkspaceBusy, match="cannot run inside it"):
             with workspace_lock(project, "a workspace pipeline inside the sweep"):
                 pass
+
+
+def test_one_variant_at_a_time_needs_no_shared_runs_and_side_by_side_variants_share_the_cores(
+        project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import flows.sweep as sweep
+
+    plan = plan_from_cli(project, ["student.alpha=0.5,0.6,0.7,0.8"], "100")
+    calls: list[tuple[list[str], object]] = []
+    monkeypatch.setattr(sweep, "run_here", lambda jobs, parameters, threads=None: calls.append(
+        ([j.name for j in jobs], threads)) or {})
+    monkeypatch.setattr(sweep.os, "sched_getaffinity", lambda pid: set(range(4)))
+    names = [v.name for v in plan.variants]
+    failures, ran = sweep._run_all(plan, plan.variants, lambda job, attempt: {}, pool=None, window=50, jobs=1)
+    # serial: the first variant computes teacher, store and baseline, the others restore them; no shared run
+    assert calls == [(names, None)] and ran == names and failures == {}
+    calls.clear()
+    failures, ran = sweep._run_all(plan, plan.variants, lambda job, attempt: {}, pool=None, window=50, jobs=2)
+    # side by side: the shared run alone first (all cores), then the variants with half the cores each
+    assert calls == [([f"{plan.sweep_id}-shared1"], None), (names, 2)]
+    assert ran == [f"{plan.sweep_id}-shared1", *names]
+    assert sweep._with_threads({"sweep": {"id": "s"}}, 2) == {"sweep": {"id": "s", "threads": 2}}
+    assert sweep._with_threads({"sweep": {"id": "s"}}, None) == {"sweep": {"id": "s"}}
+
+
+def test_a_variant_side_by_side_gets_its_share_of_threads_unless_the_user_set_them(
+        project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from flows.pipeline import _stage_env
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert _stage_env(project, "run", {"variant": "v", "threads": 1})["OMP_NUM_THREADS"] == "1"
+    assert "OMP_NUM_THREADS" not in _stage_env(project, "run", {"variant": "v"})
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert _stage_env(project, "run", {"variant": "v", "threads": 1})["OMP_NUM_THREADS"] == "3"
