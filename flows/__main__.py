@@ -11,6 +11,7 @@ import argparse
 import atexit
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -196,12 +197,15 @@ def _orchestrate(args: argparse.Namespace, params: Any) -> int:
     The lock comes first: a second command stops at once naming the first, whatever its params; then what a
     stage would reject, before DVC deletes any stage's outputs.
     """
-    from distill.preflight import preflight
     from flows.workspace import WorkspaceBusy, command_line, workspace_lock
 
     _exit_on_hangup_and_term()
     try:  # a sweep's variants (seeds too) run in temporary copies: they share the workspace (flows/workspace.py)
         with workspace_lock(".", command_line(), shared=args.cmd in ("sweep", "seeds")):
+            if args.cmd == "sweep":  # the same check, in a process of its own beside the sweep's start-up
+                return _orchestrate_locked(args, _start_preflight(args.params))
+            from distill.preflight import preflight
+
             preflight(params, ".", source=args.params)
             return _orchestrate_locked(args)
     except WorkspaceBusy as err:
@@ -209,7 +213,23 @@ def _orchestrate(args: argparse.Namespace, params: Any) -> int:
         return 2
 
 
-def _orchestrate_locked(args: argparse.Namespace) -> int:
+def _start_preflight(params_file: str) -> subprocess.Popen[str]:
+    """``python -m distill.preflight`` started now: it imports torch (about 2.5 s), which the sweep's own process
+    never needs, so on another core it costs the sweep's start-up nothing; the sweep waits for it before any
+    variant runs (:func:`_preflight_failed`)."""
+    return subprocess.Popen([sys.executable, "-m", "distill.preflight", params_file], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _preflight_failed(check: subprocess.Popen[str]) -> bool:
+    """Wait for :func:`_start_preflight`'s check; print what it found wrong (``error: ...``), if anything."""
+    _, err = check.communicate()
+    if check.returncode:
+        print(err.strip() or f"error: the pre-flight check of the params exited {check.returncode}", file=sys.stderr)
+    return check.returncode != 0
+
+
+def _orchestrate_locked(args: argparse.Namespace, preflight_check: Any = None) -> int:
     from flows.prefect_api import PrivateServer, use_local_server
 
     # Started now, so that it comes up while this imports. It stops at exit, after Prefect's own exit hooks have
@@ -229,6 +249,8 @@ def _orchestrate_locked(args: argparse.Namespace) -> int:
             from flows.sweep import plan_from_cli, run_sweep
 
             plan = plan_from_cli(Path(".").resolve(), args.axes, args.seeds, args.id)
+            if preflight_check is not None and _preflight_failed(preflight_check):
+                return 2
             done = run_sweep(plan, pool=args.pool, jobs=args.jobs, remote=args.remote, window=args.window)
             return 1 if done["failed"] else 0
     return 0

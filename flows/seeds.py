@@ -32,10 +32,10 @@ HEADLINE = ("distillation_gain", "gap_to_teacher", "teacher.top1", "baseline.top
 
 def summarise(per_seed: dict[int, dict[str, Any]], out_dir: Path) -> dict[str, Any]:
     """Aggregate per-seed evaluate metrics; write ``seeds.json``, ``seeds.md`` and a plot. Returns the summary."""
-    from distill.evaluation import aggregate_runs
     from distill.io import atomic_write_json, atomic_write_text
     from distill.plots import plot_seed_summary
     from distill.report import per_seed_lines, seed_table
+    from distill.stats import aggregate_runs
 
     agg = aggregate_runs(list(per_seed.values()))
     keys = [k for k in HEADLINE if k in agg] + sorted(k for k in agg if k not in HEADLINE)

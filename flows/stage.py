@@ -29,7 +29,6 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from distill.config import Paths, load_params
-from distill.engine import NonFiniteLossError
 from distill.stages.runner import run_stage, stage_view
 from distill.tracking import NullTracker, TrackingUnavailableError, log_headline, stage_run
 from flows.launch import is_main_process, world_size
@@ -40,11 +39,11 @@ __all__ = ["stage_flow", "run_stage_flow", "is_main_process", "run_tracked", "re
 PARENT_ENV = "DISTILL_PREFECT_PARENT"  # the pipeline's flow run id, set by flows/pipeline.py
 
 #: Faults that a retry in the same process cannot mend: bad input (ParamsError, BadImageError, CheckpointError,
-#: SoftLabelStoreError and LaunchError are ValueErrors; DatasetNotFoundError a FileNotFoundError), a loss that
-#: a resume would make NaN again, a tracking server that is down, and programming errors.
+#: SoftLabelStoreError and LaunchError are ValueErrors; DatasetNotFoundError a FileNotFoundError), a tracking
+#: server that is down, and programming errors; and (:func:`retryable`) a loss that a resume would make NaN again.
 DETERMINISTIC = (ValueError, LookupError, TypeError, AttributeError, NameError, AssertionError, NotImplementedError,
                  ImportError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
-                 NonFiniteLossError, TrackingUnavailableError)
+                 TrackingUnavailableError)
 
 
 #: The stages whose work this process finished (outputs written, MLflow run closed), with their results: a
@@ -54,7 +53,10 @@ COMPLETED: dict[str, dict[str, Any]] = {}
 
 def retryable(err: BaseException) -> bool:
     """True for a fault that can pass (an I/O or network error, a crashed collective, memory), false for the rest."""
-    return isinstance(err, Exception) and not isinstance(err, DETERMINISTIC)
+    # imported here: torch comes with it, which a stage's process has loaded and a sweep's process never needs
+    from distill.engine import NonFiniteLossError
+
+    return isinstance(err, Exception) and not isinstance(err, (*DETERMINISTIC, NonFiniteLossError))
 
 
 def _can_pass(_task: Any, _task_run: Any, state: Any) -> bool:

@@ -471,7 +471,7 @@ def gather(client: Any, experiment_id: str, plan: Plan) -> dict[str, dict[str, A
 
 def rank(plan: Plan, found: dict[str, dict[str, Any]], failures: dict[str, str]) -> list[dict[str, Any]]:
     """The grid points, best first by the student's mean validation accuracy over their finished seeds."""
-    from distill.evaluation import aggregate_runs
+    from distill.stats import aggregate_runs
 
     rows = []
     for grid_point in plan.configs:

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -267,3 +268,19 @@ def test_a_variant_side_by_side_gets_its_share_of_threads_unless_the_user_set_th
     assert "OMP_NUM_THREADS" not in _stage_env(project, "run", {"variant": "v"})
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert _stage_env(project, "run", {"variant": "v", "threads": 1})["OMP_NUM_THREADS"] == "3"
+
+
+def test_a_sweep_on_params_a_stage_would_reject_stops_before_any_variant(
+        tiny_project: Path, run_cmd: Any, tmp_path: Path) -> None:
+    """The sweep's pre-flight (its own process, beside the sweep's start-up) still stops it before anything runs."""
+    from helpers import set_param
+
+    project = tmp_path / "project"
+    run_cmd(["git", "clone", "-q", str(tiny_project), str(project)], tmp_path)
+    set_param(project, "data.name", "fashion_mnist")
+    set_param(project, "data.root", str(tmp_path / "no-such-folder"))
+    proc = run_cmd([sys.executable, "-m", "flows", "sweep", "-S", "student.alpha=0.5,0.7", "--seeds", "100"],
+                   project, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "would reject" in proc.stderr and "set data.root" in proc.stderr, proc.stderr
+    assert not (project / "mlflow.db").exists() and not (project / "reports" / "sweep.json").exists()
