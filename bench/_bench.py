@@ -155,6 +155,8 @@ def run_jobs(fn: Callable[..., Any], jobs: list[tuple], *, workers: int, threads
         for job in jobs:
             on_result(job, fn(*job))
         return
+    # Prefect's temporary server otherwise tries to send telemetry, which this offline machine logs as errors
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from prefect import flow, task
     from prefect.cache_policies import NO_CACHE
     from prefect.futures import as_completed
