@@ -12,6 +12,8 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Mapping, Sequence
 
+from distill.stats import is_number
+
 __all__ = ["results_table", "results_report", "distillation_summary", "training_summary", "seed_table",
            "per_seed_lines", "format_count"]
 
@@ -52,10 +54,6 @@ COLUMNS: tuple[tuple[str, str, Callable[[float], str]], ...] = (
 )
 
 
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
 def _markdown(header: Sequence[str], body: Sequence[Sequence[str]], align: Sequence[str]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in body]
@@ -74,20 +72,20 @@ def results_table(rows: Sequence[Mapping[str, Any]]) -> str:
         The table; accuracies in % with 2 decimals, counts as K/M/G, a missing value as an en dash.
         Columns no row has are left out.
     """
-    cols = [c for c in COLUMNS if any(_is_number(r.get(c[0])) for r in rows)]
+    cols = [c for c in COLUMNS if any(is_number(r.get(c[0])) for r in rows)]
     header = ["model"] + [h for _, h, _ in cols]
-    body = [[str(r["name"])] + [fmt(r[k]) if _is_number(r.get(k)) else DASH for k, _, fmt in cols] for r in rows]
+    body = [[str(r["name"])] + [fmt(r[k]) if is_number(r.get(k)) else DASH for k, _, fmt in cols] for r in rows]
     return _markdown(header, body, [":---"] + ["---:"] * len(cols))
 
 
 def _top1(metrics: Mapping[str, Any], name: str) -> float | None:
     v = metrics.get(name, {}).get("top1")
-    return float(v) if _is_number(v) else None
+    return float(v) if is_number(v) else None
 
 
 def _interval(ci: Any) -> str:
     """``95 % CI +0.28 to +2.51`` for an interval of a difference in fractions, or nothing."""
-    if isinstance(ci, (list, tuple)) and len(ci) == 2 and all(_is_number(v) for v in ci):
+    if isinstance(ci, (list, tuple)) and len(ci) == 2 and all(is_number(v) for v in ci):
         return f"95 % CI {100 * ci[0]:+.2f} to {100 * ci[1]:+.2f}"
     return ""
 
@@ -100,7 +98,7 @@ def _aside(*parts: str) -> str:
 
 def _ratio(metrics: Mapping[str, Any], key: str, num: str, den: str) -> float | None:
     a, b = metrics.get(num, {}).get(key), metrics.get(den, {}).get(key)
-    return a / b if _is_number(a) and _is_number(b) and b > 0 and a > 0 else None
+    return a / b if is_number(a) and is_number(b) and b > 0 and a > 0 else None
 
 
 def _cost_clause(metrics: Mapping[str, Any]) -> str:
@@ -110,9 +108,9 @@ def _cost_clause(metrics: Mapping[str, Any]) -> str:
         parts.append(f"{size:.1f}x fewer parameters" if size >= 1 else f"{1 / size:.1f}x more parameters")
     student = metrics.get("student", {})
     speed = student.get("speedup_vs_teacher")
-    if _is_number(speed):  # median of interleaved rounds, with its spread
+    if is_number(speed):  # median of interleaved rounds, with its spread
         lo, hi = student.get("speedup_vs_teacher_min"), student.get("speedup_vs_teacher_max")
-        spread = f", {lo:.1f}x to {hi:.1f}x over the rounds" if _is_number(lo) and _is_number(hi) else ""
+        spread = f", {lo:.1f}x to {hi:.1f}x over the rounds" if is_number(lo) and is_number(hi) else ""
         parts.append(f"{speed:.1f}x the teacher's throughput (median{spread})")
     else:
         speed = _ratio(metrics, "images_per_sec", "student", "teacher")
@@ -136,18 +134,18 @@ def distillation_summary(metrics: Mapping[str, Any]) -> str:
     """
     teacher, baseline, student = (_top1(metrics, n) for n in ("teacher", "baseline", "student"))
     gain = metrics.get("distillation_gain")
-    if not _is_number(gain) and student is not None and baseline is not None:
+    if not is_number(gain) and student is not None and baseline is not None:
         gain = student - baseline
     gap = metrics.get("gap_to_teacher")
-    if not _is_number(gap) and student is not None and teacher is not None:
+    if not is_number(gap) and student is not None and teacher is not None:
         gap = teacher - student
     sentences = []
-    if _is_number(gain):
+    if is_number(gain):
         both = None not in (student, baseline)
         detail = f"student {_pct(student)} % vs baseline {_pct(baseline)} %" if both else ""
         change = f"bought {100 * gain:+.2f} points top-1" if gain > 0 else f"changed top-1 by {100 * gain:+.2f} points"
         sentences.append(f"Distillation {change}{_aside(detail, _interval(metrics.get('distillation_gain_ci95')))}.")
-    if _is_number(gap):
+    if is_number(gap):
         where = ("behind" if gap > 0 else "ahead of") if gap != 0 else "level with"
         amount = f"{abs(100 * gap):.2f} points " if gap != 0 else ""
         ref = f"{_pct(teacher)} %" if teacher is not None else ""
@@ -230,7 +228,7 @@ def seed_table(aggregated: Mapping[str, Mapping[str, Any]], keys: Sequence[str] 
         unit = " (%)" if key.rsplit(".", 1)[-1].startswith(PERCENT_KEYS) else ""
         ci = agg.get("ci95") or [math.nan, math.nan]
         shown = (f"{_format_stat(key, ci[0])} to {_format_stat(key, ci[1])}"
-                 if all(_is_number(v) for v in ci) else DASH)
+                 if all(is_number(v) for v in ci) else DASH)
         body.append([f"{key}{unit}", f"{_format_stat(key, agg['mean'])} ± {_format_stat(key, agg['std'])}", shown,
                      str(agg["n"])])
     return _markdown(["metric", "mean ± std", "95 % CI of the mean", "n"], body, [":---", "---:", "---:", "---:"])

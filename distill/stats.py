@@ -10,7 +10,7 @@ from typing import Any, Mapping, Sequence
 
 from distill.config import flatten
 
-__all__ = ["t_interval", "wilson_interval", "newcombe_paired_interval", "mean_std", "aggregate_runs"]
+__all__ = ["t_interval", "wilson_interval", "newcombe_paired_interval", "mean_std", "is_number", "aggregate_runs"]
 
 
 def _t_quantile(confidence: float, dof: int) -> float:
@@ -97,7 +97,8 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
 
 
-def _is_number(v: Any) -> bool:
+def is_number(v: Any) -> bool:
+    """A real, finite number (not a bool): what a metric table or an aggregate counts."""
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
@@ -118,7 +119,7 @@ def aggregate_runs(runs: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any
     values: dict[str, list[float]] = {}
     for run in runs:
         for key, v in flatten(dict(run)).items():
-            if _is_number(v):
+            if is_number(v):
                 values.setdefault(key, []).append(float(v))
     out: dict[str, dict[str, Any]] = {}
     for key, vals in values.items():

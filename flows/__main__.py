@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, Optional
 
 
 def _defaults() -> None:
@@ -229,7 +229,8 @@ def _preflight_failed(check: subprocess.Popen[str]) -> bool:
     return check.returncode != 0
 
 
-def _orchestrate_locked(args: argparse.Namespace, preflight_check: Any = None) -> int:
+def _orchestrate_locked(args: argparse.Namespace,
+                        preflight_check: Optional[subprocess.Popen[str]] = None) -> int:
     from flows.prefect_api import PrivateServer, use_local_server
 
     # Started now, so that it comes up while this imports. It stops at exit, after Prefect's own exit hooks have
